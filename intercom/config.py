@@ -1,0 +1,408 @@
+"""The station's TOML configuration, parsed into typed, validated settings.
+
+Every model refuses unknown keys and documents each field; ``intercom check-config``
+prints one line per problem, naming the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from intercom.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/intercom/intercom.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/intercom")
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
+Pin = Annotated[int, Field(ge=0, le=27, description="BCM GPIO number (0-27).")]
+
+
+class Model(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class StationConfig(Model):
+    """Who this station is and where it keeps its state."""
+
+    id: Name = Field(description="Station id; the audience of signed commands, in MQTT topics.")
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR,
+        description="Keys, the event log, principals and the control socket live here.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level written to stderr/journald."
+    )
+
+
+class ButtonConfig(Model):
+    """A doorbell button and the flat it rings."""
+
+    name: Name = Field(default="bell", description="Button name, as it appears in events.")
+    pin: Pin
+    flat: Name = Field(description="The flat whose residents this button rings.")
+    active_low: bool = Field(
+        default=True,
+        description="True when a press connects the pin to ground (internal pull-up).",
+    )
+    debounce_ms: float = Field(
+        default=30, ge=1, le=500, description="Edges closer than this are contact bounce."
+    )
+    coalesce_s: float = Field(
+        default=3.0, ge=0, le=60, description="Presses within this time of the last make one."
+    )
+
+
+class RelayConfig(Model):
+    """The lock relay: which pin, which polarity, how long it may stay energised."""
+
+    pin: Pin
+    door: Name = Field(default="front", description="Door name in commands and events.")
+    active_high: bool = Field(default=True, description="True when a high pin energises the relay.")
+    pulse_s: float = Field(
+        default=3.0, ge=0.2, le=30, description="How long a granted unlock energises it."
+    )
+    max_open_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=30,
+        description="Hard limit: a guard releases the relay after this, whatever the caller does.",
+    )
+
+    @model_validator(mode="after")
+    def _pulse_within_max(self) -> Self:
+        if self.pulse_s > self.max_open_s:
+            raise ValueError(
+                f"pulse_s ({self.pulse_s}) must not exceed max_open_s ({self.max_open_s})"
+            )
+        return self
+
+
+class DoorContactConfig(Model):
+    """An optional reed switch that reports the door open or closed."""
+
+    pin: Pin
+    open_when_high: bool = Field(
+        default=True,
+        description="True when the pin reads high with the door open (switch to ground, "
+        "closed by the magnet, internal pull-up).",
+    )
+    held_open_s: float = Field(
+        default=60, ge=1, le=3600, description="DoorHeldOpen after the door is open this long."
+    )
+    grant_window_s: float = Field(
+        default=15,
+        ge=1,
+        le=300,
+        description="An opening within this time of an unlock is not DoorForcedOpen.",
+    )
+
+
+class TamperConfig(Model):
+    """An optional tamper switch on the station's cover."""
+
+    pin: Pin
+    active_low: bool = Field(
+        default=False,
+        description="False when the switch is normally closed to ground and opens on tamper "
+        "(the pin goes high, internal pull-up).",
+    )
+
+
+class HardwareConfig(Model):
+    """GPIO wiring of buttons, relay and sensors."""
+
+    pin_factory: Literal["lgpio", "mock"] = Field(
+        default="lgpio",
+        description="gpiozero pin backend: lgpio on a Pi, mock for a simulated station.",
+    )
+    buttons: list[ButtonConfig] = Field(min_length=1, description="Doorbell buttons.")
+    relay: RelayConfig
+    door_contact: DoorContactConfig | None = None
+    tamper: TamperConfig | None = None
+
+    @model_validator(mode="after")
+    def _pins_unique(self) -> Self:
+        used: dict[int, str] = {}
+        places: list[tuple[str, int]] = [
+            (f"buttons[{i}].pin", b.pin) for i, b in enumerate(self.buttons)
+        ]
+        places.append(("relay.pin", self.relay.pin))
+        if self.door_contact:
+            places.append(("door_contact.pin", self.door_contact.pin))
+        if self.tamper:
+            places.append(("tamper.pin", self.tamper.pin))
+        for where, pin in places:
+            if pin in used:
+                raise ValueError(f"{where}: pin {pin} is already used by {used[pin]}")
+            used[pin] = where
+        names = [b.name for b in self.buttons]
+        if len(set(names)) != len(names):
+            raise ValueError("buttons: every button needs a distinct name")
+        return self
+
+
+class CameraConfig(Model):
+    """Where video comes from."""
+
+    source: Literal["synthetic", "picamera2", "v4l2", "file"] = Field(
+        default="picamera2",
+        description="picamera2 on a Pi (hardware H.264), a V4L2 device or a video file "
+        "through PyAV, or a synthetic test pattern with a running clock.",
+    )
+    device: str | None = Field(
+        default=None, description="V4L2 device (e.g. /dev/video0) or video file path."
+    )
+    width: int = Field(default=640, ge=160, le=1920)
+    height: int = Field(default=480, ge=120, le=1080)
+    fps: int = Field(default=15, ge=1, le=30)
+
+    @model_validator(mode="after")
+    def _device_when_needed(self) -> Self:
+        if self.source in {"v4l2", "file"} and not self.device:
+            raise ValueError(f"device: required when source is {self.source!r}")
+        return self
+
+
+class AudioConfig(Model):
+    """Microphone and speaker at the door."""
+
+    input: Literal["synthetic", "pyaudio"] = Field(
+        default="pyaudio", description="Door microphone: pyaudio on a Pi, or a synthetic tone."
+    )
+    output: Literal["levels", "pyaudio"] = Field(
+        default="pyaudio",
+        description="Door speaker: pyaudio on a Pi, or a sink that records levels.",
+    )
+    input_device: int | None = Field(default=None, description="pyaudio input device index.")
+    output_device: int | None = Field(default=None, description="pyaudio output device index.")
+
+
+class MediaConfig(Model):
+    """Camera and audio sources."""
+
+    camera: CameraConfig = CameraConfig()
+    audio: AudioConfig = AudioConfig()
+
+
+class EventLogConfig(Model):
+    """The encrypted, tamper-evident event log."""
+
+    retention_hours: float = Field(
+        default=168, ge=1, le=24 * 366, description="Events older than this are shredded."
+    )
+    checkpoint_every: int = Field(
+        default=100, ge=1, le=100_000, description="Sign a checkpoint after this many records."
+    )
+    checkpoint_minutes: float = Field(
+        default=10, gt=0, le=1440, description="...or after this many minutes, if any record."
+    )
+
+
+class MqttConfig(Model):
+    """The building's MQTT broker: state, events, Home Assistant discovery, signed commands."""
+
+    host: str = Field(min_length=1, description="Broker host name or address.")
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Broker port (default 1883, 8883 with TLS)."
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT version: auto tries 5 and falls back to 3.1.1 when refused.",
+    )
+    client_id: str | None = Field(
+        default=None, max_length=64, description="Client id (default intercom-<station id>)."
+    )
+    topic_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[^#+$/][^#+]*[^#+/]$|^[^#+$/]$",
+        description="Prefix of every topic (default intercom/<station id>).",
+    )
+    username: str | None = Field(default=None, description="User name at the broker.")
+    password: SecretStr | None = Field(
+        default=None, description="Password (prefer password_file or password_credential)."
+    )
+    password_file: Path | None = Field(
+        default=None, description="File holding the password (first line)."
+    )
+    password_credential: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of a systemd credential ($CREDENTIALS_DIRECTORY/NAME) with the password.",
+    )
+    tls: bool = Field(default=False, description="Connect with TLS (implied by ca_file).")
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate(s) that sign the broker's certificate."
+    )
+    client_cert: Path | None = Field(default=None, description="Client certificate (PEM).")
+    client_key: Path | None = Field(default=None, description="Client certificate's key (PEM).")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, le=60, description="First delay before reconnecting."
+    )
+    reconnect_max_s: float = Field(
+        default=4.0, gt=0, le=600, description="Cap of the doubling reconnect delay."
+    )
+    discovery: bool = Field(default=True, description="Publish Home Assistant discovery.")
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Home Assistant's discovery prefix.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        secrets = [self.password, self.password_file, self.password_credential]
+        if sum(s is not None for s in secrets) > 1:
+            raise ValueError(
+                "password: give at most one of password, password_file, password_credential"
+            )
+        if any(s is not None for s in secrets) and not self.username:
+            raise ValueError("username: required when a password is given")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert: client_cert and client_key go together")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s: must not exceed reconnect_max_s")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the link is encrypted."""
+        return self.tls or self.ca_file is not None or self.client_cert is not None
+
+    @property
+    def effective_port(self) -> int:
+        """The configured port, or the standard one for the transport."""
+        return self.port or (8883 if self.uses_tls else 1883)
+
+
+class Settings(Model):
+    """The whole station configuration."""
+
+    station: StationConfig
+    hardware: HardwareConfig
+    media: MediaConfig = MediaConfig()
+    eventlog: EventLogConfig = EventLogConfig()
+    mqtt: MqttConfig | None = None
+    simulated: bool = Field(
+        default=False,
+        description="Set by `intercom run --simulate`: mock pins and the simulator control.",
+    )
+
+    def with_state_dir(self, state_dir: Path) -> Settings:
+        """A copy whose state lives in ``state_dir``."""
+        station = self.station.model_copy(update={"state_dir": state_dir})
+        return self.model_copy(update={"station": station})
+
+
+def simulated_settings(state_dir: Path, base: Settings | None = None) -> Settings:
+    """Settings of a simulated station: gpiozero mock pins and synthetic media.
+
+    With ``base`` the wiring and the rest come from a real config file; only the pin
+    backend and the media sources change. Without it, a station with one button (flat
+    ``1``), a relay, a door contact and a tamper switch.
+    """
+    state_dir = state_dir.resolve()
+    media = {"camera": {"source": "synthetic"}, "audio": {"input": "synthetic", "output": "levels"}}
+    if base is not None:
+        data = base.model_dump(mode="json")
+        data["hardware"]["pin_factory"] = "mock"
+        camera = data["media"]["camera"]
+        data["media"] = media
+        data["media"]["camera"].update({k: camera[k] for k in ("width", "height", "fps")})
+        data["station"]["state_dir"] = str(state_dir)
+        data["simulated"] = True
+        return Settings.model_validate(data)
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:6]
+    return Settings.model_validate(
+        {
+            "station": {"id": f"sim-{digest}", "state_dir": str(state_dir)},
+            "hardware": {
+                "pin_factory": "mock",
+                "buttons": [{"name": "bell", "pin": 17, "flat": "1"}],
+                "relay": {"pin": 27, "door": "front"},
+                "door_contact": {"pin": 22},
+                "tamper": {"pin": 23},
+            },
+            "media": media,
+            "simulated": True,
+        }
+    )
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a config file; raise ConfigError naming every bad key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_settings(text, source=str(path))
+
+
+def parse_settings(text: str, source: str = "<config>") -> Settings:
+    """Validate TOML text; raise ConfigError naming every bad key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+    if "simulated" in data:
+        raise ConfigError(["simulated: set by `intercom run --simulate`, not in the file"])
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from exc
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = _key_path(err["loc"])
+        msg = _message(err)
+        if err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif err["type"] == "value_error":
+            text = msg.removeprefix("Value error, ")
+            # Model-level checks name their own sub-key ("relay.pin: ...").
+            sub, sep, rest = text.partition(": ")
+            if sep and re.fullmatch(r"[\w.\[\]]+", sub):
+                lines.append(f"{_join(path, sub)}: {rest}")
+            else:
+                lines.append(f"{path}: {text}")
+        else:
+            lines.append(f"{path}: {msg}, got {err['input']!r}")
+    return lines
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    ctx = err.get("ctx") or {}
+    if err["type"] in {"greater_than_equal", "less_than_equal"} and ctx:
+        return msg.replace("Input should be", "must be")
+    return msg.replace("Input should be", "must be")
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "<root>"
+
+
+def _join(path: str, sub: str) -> str:
+    return sub if path == "<root>" else f"{path}.{sub}"

@@ -1,0 +1,222 @@
+"""Typed domain events and the in-process bus they flow out on.
+
+Hardware, calls and the command verifier *publish* events; the event log, the MQTT
+bridge, the call manager and the status view *subscribe*. No component calls another
+to report something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Something that happened at the station.
+
+    ``personal_fields`` names the details that identify a person (a principal id, a
+    name); the event log encrypts them under a per-principal key so that erasing a
+    person is destroying one key.
+    """
+
+    personal_fields: ClassVar[tuple[str, ...]] = ()
+    at: float = field(default_factory=time.time)
+
+    @property
+    def type(self) -> str:
+        """The event's type name, as it appears in logs and on MQTT."""
+        return type(self).__name__
+
+    def details(self) -> dict[str, Any]:
+        """The event's fields other than its time, as plain JSON-able values."""
+        data = dataclasses.asdict(self)
+        data.pop("at", None)
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """Type, time and details in one JSON-able mapping."""
+        return {"type": self.type, "at": self.at, **self.details()}
+
+
+# --- station -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StationStarted(Event):
+    """The daemon finished starting and is ready."""
+
+    station: str
+    version: str
+    simulated: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class StationStopping(Event):
+    """The daemon is stopping (signal or fault)."""
+
+    reason: str
+
+
+# --- hardware ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoorbellPressed(Event):
+    """A doorbell button was pressed (after debouncing and coalescing)."""
+
+    button: str
+    flat: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LockStateChanged(Event):
+    """The lock relay was energised (``unlocked``) or released (``locked``)."""
+
+    door: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoorOpened(Event):
+    """The door contact reports the door open."""
+
+    door: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoorClosed(Event):
+    """The door contact reports the door closed."""
+
+    door: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoorHeldOpen(Event):
+    """The door has stayed open longer than the configured time."""
+
+    door: str
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoorForcedOpen(Event):
+    """The door opened without a preceding unlock grant."""
+
+    door: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TamperDetected(Event):
+    """The tamper switch tripped (the station's cover was opened)."""
+
+    sensor: str
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlockGranted(Event):
+    """A verified command opened a door."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    door: str
+    principal: str
+    via: str
+    jti: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlockDenied(Event):
+    """A command to open a door was refused; ``reason`` says which check failed."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    door: str
+    principal: str
+    via: str
+    reason: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+def register(cls: type[Event]) -> type[Event]:
+    """Make an event class known by its type name (for decoding stored events)."""
+    EVENT_TYPES[cls.__name__] = cls
+    return cls
+
+
+for _cls in (
+    StationStarted,
+    StationStopping,
+    DoorbellPressed,
+    LockStateChanged,
+    DoorOpened,
+    DoorClosed,
+    DoorHeldOpen,
+    DoorForcedOpen,
+    TamperDetected,
+    UnlockGranted,
+    UnlockDenied,
+):
+    register(_cls)
+
+
+Handler = Callable[[Event], None]
+
+
+class EventBus:
+    """Fan-out of events to subscribers, in publication order, on one event loop.
+
+    ``publish`` never blocks and never raises: each subscriber has its own queue, so a
+    slow subscriber cannot delay the hardware or another subscriber. Handlers
+    registered with ``on`` run synchronously at publication and must be quick.
+    """
+
+    def __init__(self, history: int = 50) -> None:
+        self._queues: list[asyncio.Queue[Event]] = []
+        self._handlers: list[Handler] = []
+        self.recent: deque[Event] = deque(maxlen=history)
+
+    def publish(self, event: Event) -> None:
+        """Send an event to every subscriber."""
+        log.info("event %s %s", event.type, _public_details(event))
+        self.recent.append(event)
+        for handler in list(self._handlers):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event handler %r failed on %s", handler, event.type)
+        for queue in self._queues:
+            queue.put_nowait(event)
+
+    def on(self, handler: Handler) -> Callable[[], None]:
+        """Call ``handler`` for each event; returns a function that unsubscribes."""
+        self._handlers.append(handler)
+        return lambda: self._handlers.remove(handler)
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        """Yield every event published from now on."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._queues.remove(queue)
+
+
+def _public_details(event: Event) -> str:
+    """Details for the text log, with personal fields left out."""
+    details = event.details()
+    return " ".join(f"{k}={v}" for k, v in details.items() if k not in event.personal_fields)

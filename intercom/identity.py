@@ -1,0 +1,92 @@
+"""The station's own Ed25519 identity key, made on first start and never shipped.
+
+It signs event-log checkpoints and other statements the station makes. The private key
+is kept in ``STATE_DIR/keys/station.key`` (PEM, PKCS#8, mode 0600).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from intercom.errors import IntercomError
+
+KEY_DIR = "keys"
+STATION_KEY = "station.key"
+
+
+def key_dir(state_dir: Path) -> Path:
+    """The folder of the station's secrets (mode 0700), created when missing."""
+    path = state_dir / KEY_DIR
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a new secret file with mode 0600, durably; never overwrite one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class StationIdentity:
+    """The station's signing key and its public half."""
+
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The public half, for verifiers."""
+        return self.private_key.public_key()
+
+    def public_bytes(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self.public_key.public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the raw public key, base64url without padding."""
+        digest = hashlib.sha256(self.public_bytes()).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def sign(self, data: bytes) -> bytes:
+        """An Ed25519 signature of ``data``."""
+        return self.private_key.sign(data)
+
+
+def load_or_create_identity(state_dir: Path) -> StationIdentity:
+    """Load the station key, making it on first start; a corrupt key is an error."""
+    path = key_dir(state_dir) / STATION_KEY
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_secret(path, pem)
+        return StationIdentity(key)
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as exc:
+        raise IntercomError(f"station key {path} is unreadable or corrupt: {exc}") from exc
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise IntercomError(f"station key {path} is not an Ed25519 key")
+    return StationIdentity(loaded)

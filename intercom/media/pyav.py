@@ -1,0 +1,99 @@
+"""A camera read through PyAV: a V4L2 device (a USB webcam) or a video file (looped)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from intercom.config import CameraConfig
+from intercom.errors import HardwareError
+
+log = logging.getLogger(__name__)
+
+
+class PyAVCamera:
+    """Decodes frames in a thread of its own; ``next`` returns the newest one."""
+
+    encoded = False
+
+    def __init__(self, device: str, v4l2: bool, config: CameraConfig) -> None:
+        self.device = device
+        self.v4l2 = v4l2
+        self.config = config
+        self.name = "v4l2" if v4l2 else "file"
+        self._container: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._latest: Any = None
+        self._fresh = asyncio.Event()
+
+    def _open_container(self) -> Any:
+        import av  # noqa: PLC0415
+
+        if self.v4l2:
+            size = f"{self.config.width}x{self.config.height}"
+            options = {"video_size": size, "framerate": str(self.config.fps)}
+            return av.open(self.device, format="v4l2", options=options)
+        return av.open(self.device)
+
+    async def open(self) -> None:
+        """Open the device or file; a missing one is a HardwareError naming it."""
+        import av  # noqa: PLC0415
+
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._container = await self._loop.run_in_executor(None, self._open_container)
+        except (av.FFmpegError, OSError) as exc:
+            raise HardwareError(f"media.camera.device: cannot open {self.device}: {exc}") from exc
+        if not self._container.streams.video:
+            self._container.close()
+            raise HardwareError(f"media.camera.device: {self.device} has no video stream")
+        self._thread = threading.Thread(target=self._decode, name=f"camera-{self.name}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _decode(self) -> None:
+        if self._loop is None:
+            return
+        interval = 1 / self.config.fps
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                for frame in self._container.decode(video=0):
+                    if self._stopping.is_set():
+                        return
+                    self._loop.call_soon_threadsafe(self._deliver, frame)
+                    if not self.v4l2:  # a file plays at the configured rate
+                        started += interval
+                        time.sleep(max(0.0, started - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - a device fault must not kill the station
+                log.warning("camera %s: decoding stopped: %s", self.device, exc)
+                return
+            if self.v4l2:
+                return
+            self._container.seek(0)
+
+    def _deliver(self, frame: Any) -> None:
+        self._latest = frame
+        self._fresh.set()
+
+    async def next(self) -> Any:
+        """The newest decoded frame (waits for one newer than the last returned)."""
+        await self._fresh.wait()
+        self._fresh.clear()
+        return self._latest
+
+    def request_keyframe(self) -> None:
+        """Frames are decoded here; the sender's encoder makes keyframes."""
+
+    async def close(self) -> None:
+        """Stop decoding and close the device."""
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 2)
+        if self._container is not None:
+            self._container.close()

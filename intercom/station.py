@@ -1,0 +1,251 @@
+"""The station: builds every component from the config and runs them on one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from intercom import __version__
+from intercom.config import Settings
+from intercom.control import ControlServer
+from intercom.errors import CommandRefusedError, IntercomError
+from intercom.events import EventBus, StationStarted, StationStopping
+from intercom.hardware.doorbell import Doorbell
+from intercom.hardware.lock import Lock
+from intercom.hardware.pins import make_pin_factory
+from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
+from intercom.identity import StationIdentity, load_or_create_identity
+from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
+from intercom.notify import Notifier
+from intercom.simulator import Simulator
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 4.0
+
+
+class Component(Protocol):
+    """A part of the station with its own life cycle (event log, MQTT bridge, ...)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Start; raise IntercomError to refuse start-up."""
+
+    async def stop(self) -> None:
+        """Stop and release what it holds."""
+
+    def status(self) -> dict[str, Any]:
+        """What ``intercom status`` shows of it."""
+
+
+class Station:
+    """One door station: hardware, media, control socket and the components on the bus."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir: Path = settings.station.state_dir
+        self.bus = EventBus()
+        self.control = ControlServer(self.state_dir)
+        self.started_at = time.time()
+        self.components: list[Component] = []
+        self.pin_factory: Any = None
+        self.lock: Lock | None = None
+        self.doorbells: list[Doorbell] = []
+        self.contact: DoorContact | None = None
+        self.tamper: TamperSwitch | None = None
+        self.simulator: Simulator | None = None
+        self.identity: StationIdentity | None = None
+        self.camera: CameraSource | None = None
+        self.microphone: AudioSource | None = None
+        self.speaker: AudioSink | None = None
+        self._closers: list[Any] = []
+
+    @property
+    def id(self) -> str:
+        """The station id."""
+        return self.settings.station.id
+
+    async def start(self) -> None:
+        """Build and start everything; on any failure undo what was done and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        hw = self.settings.hardware
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.identity = load_or_create_identity(self.state_dir)
+        self.pin_factory = make_pin_factory(hw.pin_factory)
+        self._closers.append(self.pin_factory.close)
+        # The relay first, so that it is driven off before anything else happens.
+        self.lock = Lock(hw.relay, self.pin_factory, self.bus, loop)
+        self._closers.append(self.lock.close)
+        for button in hw.buttons:
+            bell = Doorbell(button, self.pin_factory, self.bus)
+            self._closers.append(bell.close)
+            self.doorbells.append(bell)
+        lock = self.lock
+        if hw.door_contact:
+            self.contact = DoorContact(
+                hw.door_contact,
+                hw.relay.door,
+                self.pin_factory,
+                self.bus,
+                lambda: lock.last_unlocked_at,
+            )
+            self._closers.append(self.contact.close)
+        if hw.tamper:
+            self.tamper = TamperSwitch(hw.tamper, self.pin_factory, self.bus)
+            self._closers.append(self.tamper.close)
+        if self.settings.simulated:
+            self.simulator = Simulator(self.settings, self.pin_factory)
+            self.simulator.prepare()
+        self.camera = open_camera(self.settings.media.camera)
+        await self.camera.open()
+        self._closers.append(self.camera.close)
+        self.microphone, self.speaker = open_audio(self.settings.media.audio)
+        await self.microphone.open()
+        self._closers.append(self.microphone.close)
+        await self.speaker.open()
+        self._closers.append(self.speaker.close)
+
+        for bell in self.doorbells:
+            bell.start(loop)
+        if self.contact:
+            self.contact.start(loop)
+        if self.tamper:
+            self.tamper.start(loop)
+
+        self.components.extend(self._build_components())
+        for component in self.components:
+            await component.start()
+            self._closers.append(component.stop)
+
+        self.control.register("status", self._status_request)
+        self.control.register("sim", self._sim_request)
+        await self.control.start()
+        self._closers.append(self.control.stop)
+        self.started_at = time.time()
+        self.bus.publish(
+            StationStarted(station=self.id, version=__version__, simulated=self.settings.simulated)
+        )
+
+    def _build_components(self) -> list[Component]:
+        """The components that plug into the bus and the control socket."""
+        return []
+
+    async def stop(self, reason: str = "stop requested") -> None:
+        """Stop everything, relay de-energised first."""
+        if self.lock is not None:
+            self.lock.release("station stopping")
+        self.bus.publish(StationStopping(reason=reason))
+        await asyncio.sleep(0)  # let subscribers see the last events
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self.lock is not None:
+            self.lock.release("station stopping")
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, STOP_TIMEOUT_S / 2)
+            except Exception:
+                log.exception("error while stopping %r", closer)
+
+    def status(self) -> dict[str, Any]:
+        """Id, version, uptime, states and where the station listens."""
+        door = self.contact.state.value if self.contact else DoorState.UNKNOWN.value
+        info: dict[str, Any] = {
+            "station": self.id,
+            "version": __version__,
+            "simulated": self.settings.simulated,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "lock": self.lock.state.value if self.lock else "unknown",
+            "door": door,
+            "call": "idle",
+            "tamper": bool(self.tamper and self.tamper.tripped_at),
+            "listening": {"control": str(self.control.path)},
+            "recent_events": [e.to_dict() for e in self.bus.recent if not e.personal_fields],
+        }
+        for component in self.components:
+            info.update(component.status())
+        return info
+
+    async def _status_request(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "status": self.status()}
+
+    async def _sim_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.simulator is None:
+            raise CommandRefusedError("this station is not simulated")
+        button = request.get("button")
+        if button is not None and not isinstance(button, str):
+            raise CommandRefusedError("button must be a string")
+        await self.simulator.act(str(request.get("action")), button)
+        return {"ok": True}
+
+
+async def run_station(settings: Settings, notifier: Notifier | None = None) -> int:
+    """Run a station until SIGTERM or SIGINT; the exit code for the process."""
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reason = "stop requested"
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal reason
+        reason = f"signal {sig.name}"
+        log.info("received %s, stopping", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    station = Station(settings)
+    try:
+        await station.start()
+    except IntercomError:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        raise
+    watchdog = None
+    if notifier.watchdog_interval:
+        watchdog = asyncio.create_task(
+            _watchdog(notifier, notifier.watchdog_interval), name="systemd-watchdog"
+        )
+    log.info(
+        "station %s ready (%s), control socket %s",
+        station.id,
+        "simulated" if settings.simulated else "hardware",
+        station.control.path,
+    )
+    notifier.ready(f"station {station.id} ready")
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(station.stop(reason), STOP_TIMEOUT_S)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("station %s stopped", station.id)
+    return 0
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
