@@ -211,6 +211,13 @@ class EventLogConfig(Model):
     checkpoint_minutes: float = Field(
         default=10, gt=0, le=1440, description="...or after this many minutes, if any record."
     )
+    epoch_minutes: float = Field(
+        default=60,
+        ge=1,
+        le=1440,
+        description="Records of one epoch this long share a key; shredding removes whole "
+        "epochs, so a record lives at most retention plus one epoch.",
+    )
 
 
 class MqttConfig(Model):

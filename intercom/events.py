@@ -147,6 +147,31 @@ class UnlockDenied(Event):
     reason: str
 
 
+# --- event log -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogCheckpoint(Event):
+    """The event log signed its chain hash at ``seq``; keep it as a witness."""
+
+    seq: int
+    hash: str
+    signed_at: int
+    key: str
+    signature: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogPurged(Event):
+    """Whole epochs of the event log were shredded (retention or ``log purge``)."""
+
+    reason: str
+    older_than_hours: float
+    epochs: int
+    records: int
+    through_seq: int
+
+
 EVENT_TYPES: dict[str, type[Event]] = {}
 
 
@@ -168,6 +193,8 @@ for _cls in (
     TamperDetected,
     UnlockGranted,
     UnlockDenied,
+    LogCheckpoint,
+    LogPurged,
 ):
     register(_cls)
 
