@@ -147,6 +147,40 @@ class UnlockDenied(Event):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class UnlockDenialsSuppressed(Event):
+    """More commands were denied than are worth an event each; ``count`` were not raised."""
+
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalAdded(Event):
+    """A principal was registered (seen by the running station)."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    principal: str
+    role: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalRevoked(Event):
+    """A principal was revoked (seen by the running station)."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    principal: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalLockedOut(Event):
+    """A principal sent too many wrong TOTP codes and is locked out until reset."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    principal: str
+    failures: int
+
+
 # --- event log -----------------------------------------------------------------------
 
 
@@ -193,6 +227,10 @@ for _cls in (
     TamperDetected,
     UnlockGranted,
     UnlockDenied,
+    UnlockDenialsSuppressed,
+    PrincipalAdded,
+    PrincipalRevoked,
+    PrincipalLockedOut,
     LogCheckpoint,
     LogPurged,
 ):
