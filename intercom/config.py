@@ -333,6 +333,7 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["media"]["camera"].update({k: camera[k] for k in ("width", "height", "fps")})
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True
+        data["mqtt"] = base.mqtt  # as is: a JSON dump would mask its password
         return Settings.model_validate(data)
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:6]
     return Settings.model_validate(

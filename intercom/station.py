@@ -22,6 +22,7 @@ from intercom.hardware.pins import make_pin_factory
 from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
 from intercom.identity import StationIdentity, load_or_create_identity
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
+from intercom.mqtt.bridge import mqtt_bridge
 from intercom.notify import Notifier
 from intercom.simulator import Simulator
 
@@ -142,7 +143,10 @@ class Station:
 
     def _build_components(self) -> list[Component]:
         """The components that plug into the bus and the control socket."""
-        return []
+        components: list[Component] = []
+        if self.settings.mqtt is not None:  # last: it reads the event log, uses the verifier
+            components.append(mqtt_bridge(self))
+        return components
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop everything, relay de-energised first."""

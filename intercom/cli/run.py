@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="simulated station: mock pins, synthetic camera and audio",
     )
+    run.add_argument(
+        "--mqtt",
+        metavar="URL",
+        default=None,
+        help="connect to this MQTT broker (mqtt://HOST[:PORT] or mqtts://HOST[:PORT]); "
+        "other [mqtt] settings come from the config file",
+    )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     run.set_defaults(func=cmd_run)
 
@@ -51,6 +58,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def settings_for(args: argparse.Namespace) -> Settings:
     """The settings ``run`` uses, from the file and the flags."""
+    settings = _settings_for(args)
+    if getattr(args, "mqtt", None):
+        from intercom.mqtt.url import config_from_url  # noqa: PLC0415
+
+        mqtt = config_from_url(args.mqtt, settings.mqtt)
+        settings = settings.model_copy(update={"mqtt": mqtt})
+    return settings
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
     if args.simulate:
         base = load_settings(args.config) if args.config else None
         state_dir = args.state_dir or (base.station.state_dir if base else SIM_STATE_DIR)

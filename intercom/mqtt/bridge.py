@@ -1,0 +1,344 @@
+"""The MQTT bridge component: availability, state, events from the log, signed commands.
+
+It never blocks the station: bus handlers only note the latest state, and everything
+that talks to the broker runs in the link's own tasks. While the broker is away the lock,
+the log and calls carry on; the bridge catches up from its persisted cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from intercom.config import MqttConfig
+from intercom.errors import ConfigError
+from intercom.events import EVENT_TYPES, DoorbellPressed, Event, EventBus
+from intercom.mqtt.cursor import Cursor
+from intercom.mqtt.discovery import discovery_messages
+from intercom.mqtt.link import MqttLink
+from intercom.mqtt.topics import Topics, default_prefix
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # events read and published per round (QoS 1, pipelined)
+REPLAY_S = 10.0  # after losing the broker, re-publish what it acked this long before
+CURSOR_FILE = "mqtt.cursor"
+CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallEnded": "idle"}
+
+
+class LoggedEventLike(Protocol):
+    """What the bridge reads of a logged event."""
+
+    seq: int
+    type: str
+    at: float
+    details: dict[str, Any]
+
+
+class EventSource(Protocol):
+    """The part of the event log the bridge uses."""
+
+    @property
+    def last_seq(self) -> int:
+        """Highest durable seq."""
+
+    def read_after(self, seq: int, limit: int = 500) -> list[Any]:
+        """Events with seq above ``seq``, ascending."""
+
+    async def wait_for_after(self, seq: int) -> None:
+        """Return once an event above ``seq`` is durable."""
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The latest signed checkpoint as JSON."""
+
+
+class DecisionLike(Protocol):
+    """What the bridge reads of a verifier's decision."""
+
+    granted: bool
+    jti: str | None
+
+
+class CommandVerifier(Protocol):
+    """The one verifier every command goes through."""
+
+    async def submit(self, token: str | bytes, via: str) -> Any:
+        """Check a token; on grant pulse the lock. Never raises on bad input."""
+
+
+def event_json(event: LoggedEventLike) -> bytes:
+    """An event for ``<p>/events``: seq, type, time, and details without personal names.
+
+    Of the fields an event class marks personal only principal ids go out; any other
+    personal field (a display name, say) is left out.
+    """
+    cls = EVENT_TYPES.get(event.type)
+    personal = cls.personal_fields if cls is not None else ()
+    details = {
+        key: value
+        for key, value in event.details.items()
+        if key not in personal or key in {"principal", "principal_id"}
+    }
+    body = {"seq": event.seq, "type": event.type, "at": event.at, "details": details}
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+
+class MqttBridge:
+    """Connects the station to the building's broker (component ``mqtt``)."""
+
+    name = "mqtt"
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        station_id: str,
+        state_dir: Path,
+        bus: EventBus,
+        eventlog: EventSource | None,
+        verifier: CommandVerifier | None,
+        door: str,
+        initial_state: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(
+            config.topic_prefix or default_prefix(station_id),
+            station_id,
+            config.discovery_prefix,
+        )
+        self._bus = bus
+        self._log = eventlog
+        self._verifier = verifier
+        self._door = door
+        self._initial_state = initial_state
+        self.cursor = Cursor(state_dir / CURSOR_FILE)
+        self.link = MqttLink(
+            config, self.topics, config.client_id or f"intercom-{station_id}", self._session
+        )
+        self._state: dict[str, dict[str, Any]] = {}
+        self._state_changed = asyncio.Event()
+        self._doorbell: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._acks: collections.deque[tuple[float, int]] = collections.deque()
+        self._lost_at: float | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.published = 0
+        self.commands = 0
+
+    async def start(self) -> None:
+        """Check credentials and TLS files, then connect in the background."""
+        self.link.prepare()
+        self.cursor.load()
+        if self._log is not None and self.cursor.seq > self._log.last_seq:
+            log.warning("mqtt cursor %d is past the log's end; publishing from the start",
+                        self.cursor.seq)
+            self.cursor.save(0)
+        state = self._initial_state() if self._initial_state else {}
+        now = time.time()
+        self._state = {
+            "lock": {"state": state.get("lock", "locked"), "door": self._door, "at": now},
+            "door": {"state": state.get("door", "unknown"), "door": self._door, "at": now},
+            "call": {"state": state.get("call", "idle"), "at": now},
+        }
+        self._unsubscribe = self._bus.on(self._on_event)
+        self.link.start()
+
+    async def stop(self) -> None:
+        """Publish ``offline`` and disconnect."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.link.stop()
+
+    def status(self) -> dict[str, Any]:
+        """Link state, cursor and counters."""
+        return {
+            "mqtt": {
+                **self.link.status(),
+                "prefix": self.topics.prefix,
+                "cursor": self.cursor.seq,
+                "events_published": self.published,
+                "commands": self.commands,
+            }
+        }
+
+    # --- from the bus (runs at publication: must stay quick) -------------------------
+
+    def _on_event(self, event: Event) -> None:
+        kind = event.type
+        if kind == "LockStateChanged":
+            self._note("lock", {"state": getattr(event, "state", "unknown"), "door": self._door})
+        elif kind in {"DoorOpened", "DoorClosed"}:
+            self._note("door", {"state": "open" if kind == "DoorOpened" else "closed",
+                                "door": self._door})
+        elif kind in CALL_STATES:
+            self._note("call", {"state": CALL_STATES[kind]})
+        elif kind == "LogCheckpoint":
+            self._state_changed.set()
+        elif isinstance(event, DoorbellPressed):
+            press = {"event_type": "press", "button": event.button, "flat": event.flat}
+            self._doorbell.append(json.dumps(press).encode())
+            self._state_changed.set()
+
+    def _note(self, key: str, value: dict[str, Any]) -> None:
+        self._state[key] = {**value, "at": time.time()}
+        self._state_changed.set()
+
+    # --- one connected session -------------------------------------------------------
+
+    async def _session(self, client: aiomqtt.Client, protocol: aiomqtt.ProtocolVersion) -> None:
+        client.pending_calls_threshold = 1 << 30  # pipelined QoS 1 publishes are normal
+        self._rewind_after_loss()
+        await client.subscribe(self.topics.command, qos=1)
+        if self.config.discovery:
+            for topic, body in discovery_messages(self.topics, self._door).items():
+                await client.publish(topic, json.dumps(body), qos=1, retain=True)
+        v5 = protocol is aiomqtt.ProtocolVersion.V5
+        jobs: list[Coroutine[Any, Any, None]] = [
+            self._publish_state(client),
+            self._serve_commands(client, v5),
+        ]
+        if self._log is not None:
+            jobs.append(self._publish_events(client, self._log))
+        tasks = [asyncio.create_task(job, name=f"mqtt-{i}") for i, job in enumerate(jobs)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the first failure (usually the lost connection) goes up
+        except BaseException:
+            self._lost_at = time.monotonic()
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _rewind_after_loss(self) -> None:
+        """Re-publish what the broker acked just before it went away.
+
+        A broker killed mid-burst may have acknowledged events it never passed on.
+        """
+        if self._lost_at is None:
+            return
+        since = self._lost_at - REPLAY_S
+        earlier = [before for at, before in self._acks if at >= since]
+        if earlier and min(earlier) < self.cursor.seq:
+            log.info("mqtt: re-publishing events after seq %d", min(earlier))
+            self.cursor.seq = min(earlier)
+        self._acks.clear()
+        self._lost_at = None
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        sent: dict[str, dict[str, Any]] = {}
+        sent_checkpoint: dict[str, Any] | None = None
+        topics = {"lock": self.topics.state_lock, "door": self.topics.state_door,
+                  "call": self.topics.state_call}
+        while True:
+            self._state_changed.clear()
+            for key, value in list(self._state.items()):
+                if sent.get(key) != value:
+                    await client.publish(topics[key], json.dumps(value), qos=1, retain=True)
+                    sent[key] = value
+            while self._doorbell:
+                await client.publish(self.topics.doorbell, self._doorbell.popleft(), qos=1)
+            checkpoint = self._log.latest_checkpoint() if self._log is not None else None
+            if checkpoint is not None and checkpoint != sent_checkpoint:
+                await client.publish(self.topics.checkpoint, json.dumps(checkpoint, default=str),
+                                     qos=1, retain=True)
+                sent_checkpoint = checkpoint
+            await self._state_changed.wait()
+
+    async def _publish_events(self, client: aiomqtt.Client, source: EventSource) -> None:
+        while True:
+            batch = source.read_after(self.cursor.seq, BATCH)
+            if not batch:
+                await source.wait_for_after(self.cursor.seq)
+                continue
+            before = self.cursor.seq
+            await asyncio.gather(*(
+                client.publish(self.topics.events, event_json(e), qos=1) for e in batch
+            ))
+            self._acks.append((time.monotonic(), before))
+            while self._acks and self._acks[0][0] < time.monotonic() - 2 * REPLAY_S:
+                self._acks.popleft()
+            self.published += len(batch)
+            self.cursor.save(batch[-1].seq)
+
+    async def _serve_commands(self, client: aiomqtt.Client, v5: bool) -> None:
+        async for message in client.messages:
+            if message.topic.value != self.topics.command:
+                continue
+            self.commands += 1
+            payload = message.payload
+            token = payload if isinstance(payload, bytes | str) else str(payload or "")
+            granted, jti = await self._decide(token)
+            answer = json.dumps({"jti": jti, "result": "granted" if granted else "denied"})
+            topic, properties = self._reply_to(message.properties if v5 else None)
+            task = asyncio.create_task(self._reply(client, topic, answer, properties))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _decide(self, token: str | bytes) -> tuple[bool, str | None]:
+        if self._verifier is None:
+            log.warning("mqtt command refused: this station has no command verifier")
+            return False, None
+        try:
+            decision = await self._verifier.submit(token, "mqtt")
+        except Exception:
+            log.exception("the verifier failed on an MQTT command; denied")
+            return False, None
+        jti = decision.jti
+        return bool(decision.granted), jti if isinstance(jti, str) else None
+
+    def _reply_to(self, props: Properties | None) -> tuple[str, Properties | None]:
+        topic = self.topics.command_result
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        if not isinstance(response, str):
+            return topic, None
+        if not self.topics.response_topic_allowed(response):
+            log.debug("mqtt: response topic refused; answering on %s", topic)
+            return topic, None
+        out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        correlation = getattr(props, "CorrelationData", None)
+        if isinstance(correlation, bytes) and len(correlation) <= 256:
+            out.CorrelationData = correlation
+        return response, out
+
+    async def _reply(
+        self, client: aiomqtt.Client, topic: str, answer: str, props: Properties | None
+    ) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(topic, answer, qos=0, properties=props)
+
+
+def mqtt_bridge(station: Any) -> MqttBridge:
+    """The bridge for a station, with its event log and verifier (when it has them)."""
+    settings = station.settings
+    if settings.mqtt is None:
+        raise ConfigError(["mqtt: the section is missing"])
+
+    def initial_state() -> dict[str, str]:
+        door = station.contact.state.value if station.contact is not None else "unknown"
+        lock = station.lock.state.value if station.lock is not None else "locked"
+        return {"lock": lock, "door": door}
+
+    return MqttBridge(
+        settings.mqtt,
+        station.id,
+        station.state_dir,
+        station.bus,
+        getattr(station, "eventlog", None),
+        getattr(station, "verifier", None),
+        settings.hardware.relay.door,
+        initial_state,
+    )
