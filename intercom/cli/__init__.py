@@ -24,6 +24,7 @@ EXIT_USAGE = 2
 COMMAND_MODULES = (
     "intercom.cli.run",
     "intercom.cli.sim",
+    "intercom.cli.update",
 )
 
 EPILOG = """\

@@ -1,0 +1,1 @@
+"""Deployment: first-boot provisioning and signed update bundles."""
