@@ -201,7 +201,9 @@ class Station:
         return {"ok": True}
 
 
-async def run_station(settings: Settings, notifier: Notifier | None = None) -> int:
+async def run_station(
+    settings: Settings, notifier: Notifier | None = None, station: Station | None = None
+) -> int:
     """Run a station until SIGTERM or SIGINT; the exit code for the process."""
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
@@ -216,7 +218,7 @@ async def run_station(settings: Settings, notifier: Notifier | None = None) -> i
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    station = Station(settings)
+    station = station or Station(settings)
     try:
         await station.start()
     except IntercomError:

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from intercom import __version__
 from intercom.errors import ConfigError, IntercomError, StationNotRunningError
@@ -32,9 +33,17 @@ exit codes: 0 ok, 1 refused or failed, 2 usage or configuration error.
 Run 'intercom COMMAND --help' for a command's options."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the problem and where help is, then exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every command group registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="intercom",
         description="Privacy-first video intercom door station.",
         epilog=EPILOG,

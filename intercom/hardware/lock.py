@@ -172,12 +172,13 @@ class Lock:
             self._closed = True
             if self._timer is not None:
                 self._timer.cancel()
+            if self._guard is not None:
+                self._guard.cancel()
+            self._state = LockState.LOCKED
             try:
                 self.device.off()
-            finally:
-                if self._guard is not None:
-                    self._guard.cancel()
-                self._state = LockState.LOCKED
                 self.device.close()
+            except Exception:
+                log.exception("lock %s: cannot switch the relay off", self.door)
         atexit.unregister(self.close)
         log.info("lock %s: relay off, pin released", self.door)

@@ -66,8 +66,10 @@ class SyntheticCamera:
         self.frames = 0
         self._start = 0.0
         self._planes: list[bytes] = []
+        self._chroma: list[bytes] = []
         self._stride = 0
-        self._cell = max(2, self.height // 60)  # size of one grid unit of a digit
+        # One grid unit of a digit: 14 characters of 7 units fit across the frame.
+        self._cell = max(1, min(self.height // 60, self.width // (14 * 7 + 4)))
 
     async def open(self) -> None:
         """Prepare the colour bars."""
@@ -84,6 +86,15 @@ class SyntheticCamera:
                 row[x] = BARS[min(x * len(BARS) // width, len(BARS) - 1)][index]
             planes.append(bytes(row) * (plane.buffer_size // stride))
         self._planes = planes
+        # Grey chroma behind the clock, so that it reads well on every bar.
+        u = self._cell
+        rows = range((self.height - 13 * u) // 2, (self.height - u) // 2 + 1)
+        self._chroma = []
+        for stride, chroma in zip(strides[1:], planes[1:], strict=True):
+            grey = bytearray(chroma)
+            for line in rows:
+                grey[line * stride : line * stride + self.width // 2] = b"\x80" * (self.width // 2)
+            self._chroma.append(bytes(grey))
         self._start = time.monotonic()
 
     async def next(self) -> Any:
@@ -103,8 +114,8 @@ class SyntheticCamera:
         text = time.strftime("%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}"
         self._draw(luma, f"{text}-{self.frames % 10000:04d}")
         frame.planes[0].update(bytes(luma))
-        frame.planes[1].update(self._planes[1])
-        frame.planes[2].update(self._planes[2])
+        frame.planes[1].update(self._chroma[0])
+        frame.planes[2].update(self._chroma[1])
         frame.pts = int(self.frames * VIDEO_CLOCK_RATE / self.fps)
         frame.time_base = TIME_BASE
         self.frames += 1

@@ -1,0 +1,97 @@
+"""Camera and audio sources that run here: synthetic, PyAV file, level sink.
+
+picamera2 and pyaudio cannot run on this machine (no libcamera, no sound card); the
+tests check that choosing them gives a clear error rather than a half-started station.
+"""
+
+import asyncio
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+
+from intercom.config import AudioConfig, CameraConfig
+from intercom.errors import HardwareError
+from intercom.media import open_audio, open_camera
+from intercom.media.audio import LevelSink, ToneSource, rms_level
+
+
+async def test_synthetic_frames_have_size_clock_and_pace():
+    camera = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    await camera.open()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    frames = [await camera.next() for _ in range(10)]
+    elapsed = loop.time() - start
+    assert all((f.width, f.height) == (320, 240) for f in frames)
+    assert [f.pts for f in frames] == sorted({f.pts for f in frames})
+    lumas = [bytes(f.planes[0]) for f in frames]
+    assert len(set(lumas)) == 10  # the running clock changes every frame
+    assert 0.25 < elapsed < 1.0  # ~10 frames at 30 fps, not a burst
+    await camera.close()
+
+
+async def test_file_camera_plays_a_real_video(tmp_path: Path):
+    path = tmp_path / "visitor.mp4"
+    synth = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    await synth.open()
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(15):
+            frame = await synth.next()
+            frame.pts = i
+            frame.time_base = Fraction(1, 30)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    camera = open_camera(CameraConfig(source="file", device=str(path), fps=30))
+    await camera.open()
+    frames = [await asyncio.wait_for(camera.next(), 2) for _ in range(20)]  # loops past the end
+    assert {(f.width, f.height) for f in frames} == {(320, 240)}
+    await camera.close()
+
+
+async def test_missing_camera_device_names_it():
+    camera = open_camera(CameraConfig(source="v4l2", device="/dev/video-nope"))
+    with pytest.raises(HardwareError, match=r"media\.camera\.device: cannot open /dev/video-nope"):
+        await camera.open()
+
+
+async def test_picamera2_unavailable_here_is_clear():
+    camera = open_camera(CameraConfig(source="picamera2"))
+    with pytest.raises(HardwareError, match="picamera2"):
+        await camera.open()
+
+
+async def test_tone_is_audible_and_sink_records_levels():
+    source, sink = open_audio(AudioConfig(input="synthetic", output="levels"))
+    assert isinstance(source, ToneSource)
+    assert isinstance(sink, LevelSink)
+    await source.open()
+    await sink.open()
+    for _ in range(5):
+        frame = await source.next()
+        assert frame.samples == 960
+        assert frame.sample_rate == 48000
+        await sink.play(frame)
+    assert sink.frames == 5
+    assert sink.audible_frames == 5
+    assert sink.levels[0] == pytest.approx(0.25 / 2**0.5, rel=0.02)
+
+
+async def test_silence_is_not_audible():
+    sink = LevelSink()
+    frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+    frame.planes[0].update(bytes(1920))
+    await sink.play(frame)
+    assert rms_level(frame) == 0.0
+    assert sink.audible_frames == 0
+
+
+async def test_pyaudio_missing_is_clear():
+    source, _ = open_audio(AudioConfig(input="pyaudio", output="levels"))
+    with pytest.raises(HardwareError, match="pyaudio"):
+        await source.open()
