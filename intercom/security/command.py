@@ -1,0 +1,217 @@
+"""The unlock command: a compact JWS (RFC 7515), made and strictly parsed.
+
+Parsing here refuses, before any key is touched: oversized tokens, anything but three
+canonical base64url segments, JSON that is not an object or repeats a key, unknown
+header parameters or claims, and claims of the wrong type. Signature checking is left
+to joserfc with an allow-list of one algorithm (see ``verify_signature``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError, SecurityWarning
+from joserfc.jwk import ECKey, OKPKey
+
+from intercom.security.principals import ALL_ALGORITHMS, ID_PATTERN, PublicKey, key_kind
+
+MAX_TOKEN_BYTES = 4096
+MAX_LIFETIME_S = 60
+HEADER_KEYS = frozenset({"alg", "kid", "typ"})
+CLAIM_KEYS = frozenset({"aud", "cmd", "door", "iat", "exp", "jti", "totp"})
+JTI_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
+B64URL = re.compile(rb"^[A-Za-z0-9_-]*$")
+
+# We accept "EdDSA" on purpose (browsers' and older libraries' name); RFC 9864 prefers
+# "Ed25519", and joserfc warns on every use of the older name.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
+
+
+class CommandFormatError(ValueError):
+    """The token is not a well-formed unlock command; the message is the log reason."""
+
+
+@dataclass(frozen=True)
+class UnverifiedCommand:
+    """A parsed command whose signature has not been checked yet."""
+
+    token: bytes
+    alg: str
+    kid: str
+    aud: str
+    door: str
+    iat: float
+    exp: float
+    jti: str
+    totp: str
+
+
+def b64url_decode(segment: bytes) -> bytes:
+    """Strict base64url without padding: only canonical encodings are accepted."""
+    if not B64URL.match(segment) or len(segment) % 4 == 1:
+        raise CommandFormatError("malformed base64url")
+    try:
+        data = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise CommandFormatError("malformed base64url") from exc
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment:
+        raise CommandFormatError("non-canonical base64url")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise CommandFormatError(f"duplicate JSON member {key[:32]!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(name: str) -> Any:
+    raise CommandFormatError(f"JSON constant {name} not allowed")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant
+        )
+    except CommandFormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CommandFormatError(f"{what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise CommandFormatError(f"{what} is not a JSON object")
+    return value
+
+
+def _number(claims: dict[str, Any], name: str) -> float:
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CommandFormatError(f"claim {name} must be a number")
+    return float(value)
+
+
+def _string(mapping: dict[str, Any], name: str, where: str) -> str:
+    value = mapping.get(name)
+    if not isinstance(value, str):
+        raise CommandFormatError(f"{where} {name} must be a string")
+    return value
+
+
+def parse(token: str | bytes) -> UnverifiedCommand:
+    """Parse a compact JWS into an unverified command; CommandFormatError says why not."""
+    raw = token.encode("utf-8", "surrogatepass") if isinstance(token, str) else bytes(token)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise CommandFormatError("oversized")
+    raw = raw.strip(b" \t\r\n")
+    parts = raw.split(b".")
+    if len(parts) != 3:
+        raise CommandFormatError("not a compact JWS (three segments)")
+    header = _json_object(b64url_decode(parts[0]), "header")
+    claims = _json_object(b64url_decode(parts[1]), "payload")
+    b64url_decode(parts[2])
+    alg, kid = _check_header(header)
+    _check_claim_names(claims)
+    jti = _string(claims, "jti", "claim")
+    if not JTI_PATTERN.match(jti):
+        raise CommandFormatError("malformed jti")
+    return UnverifiedCommand(
+        token=raw,
+        alg=alg,
+        kid=kid,
+        aud=_string(claims, "aud", "claim"),
+        door=_string(claims, "door", "claim"),
+        iat=_number(claims, "iat"),
+        exp=_number(claims, "exp"),
+        jti=jti,
+        totp=_string(claims, "totp", "claim"),
+    )
+
+
+def _check_header(header: dict[str, Any]) -> tuple[str, str]:
+    if extra := set(header) - HEADER_KEYS:
+        raise CommandFormatError(f"header parameter not allowed: {min(extra)[:32]!r}")
+    alg = _string(header, "alg", "header")
+    if alg not in ALL_ALGORITHMS:
+        raise CommandFormatError(f"algorithm not allowed: {alg[:16]!r}")
+    kid = _string(header, "kid", "header")
+    if not ID_PATTERN.match(kid):
+        raise CommandFormatError("malformed kid")
+    if "typ" in header:
+        _string(header, "typ", "header")
+    return alg, kid
+
+
+def _check_claim_names(claims: dict[str, Any]) -> None:
+    if missing := CLAIM_KEYS - set(claims):
+        raise CommandFormatError(f"claim missing: {min(missing)}")
+    if extra := set(claims) - CLAIM_KEYS:
+        raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+    if claims["cmd"] != "unlock":
+        raise CommandFormatError("cmd is not 'unlock'")
+
+
+def verify_signature(command: UnverifiedCommand, key: PublicKey) -> bool:
+    """Whether the command's signature is valid for ``key`` under its (allowed) algorithm."""
+    try:
+        jws.deserialize_compact(command.token, key, algorithms=[command.alg])
+    except (JoseError, ValueError, TypeError):
+        return False
+    return True
+
+
+def load_private_key(pem: bytes) -> OKPKey | ECKey:
+    """An Ed25519 or P-256 private key from PEM (PKCS#8 or SEC1)."""
+    for cls in (OKPKey, ECKey):
+        try:
+            key = cls.import_key(pem)
+        except (JoseError, ValueError, TypeError):
+            continue
+        if not key.is_private:
+            raise CommandFormatError("the key file holds a public key; signing needs the private")
+        key_kind(key)
+        return key
+    raise CommandFormatError("not an Ed25519 or ECDSA P-256 private key (PEM)")
+
+
+def sign(
+    key: OKPKey | ECKey,
+    *,
+    kid: str,
+    station: str,
+    door: str,
+    totp: str,
+    lifetime: float = 30,
+    alg: str | None = None,
+    now: float | None = None,
+    jti: str | None = None,
+) -> str:
+    """A signed unlock command for ``station``'s ``door``."""
+    if not 0 < lifetime <= MAX_LIFETIME_S:
+        raise CommandFormatError(f"lifetime must be 1-{MAX_LIFETIME_S} s")
+    alg = alg or ("Ed25519" if key_kind(key) == "Ed25519" else "ES256")
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "aud": station,
+        "cmd": "unlock",
+        "door": door,
+        "iat": issued,
+        "exp": issued + int(lifetime),
+        "jti": jti or secrets.token_urlsafe(16),
+        "totp": totp,
+    }
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    return jws.serialize_compact({"alg": alg, "kid": kid}, payload, key, algorithms=[alg])

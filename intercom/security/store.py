@@ -1,0 +1,199 @@
+"""``STATE_DIR/principals.db``: principals, sealed TOTP secrets, seen command ids, guards.
+
+One SQLite file (WAL) shared by the running station and the ``intercom principals``
+command. The station notices the command's changes through ``PRAGMA data_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from intercom.errors import IntercomError
+from intercom.security.principals import Principal, PrincipalError, Role
+from intercom.security.secretbox import SecretBox, load_or_create_key
+
+DB_NAME = "principals.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS principals (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    flats TEXT NOT NULL,
+    doors TEXT NOT NULL,
+    jwk TEXT NOT NULL,
+    totp_sealed BLOB NOT NULL,
+    valid_from REAL NOT NULL,
+    valid_until REAL,
+    revoked_at REAL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS guards (
+    principal TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL DEFAULT 0,
+    blocked_until REAL NOT NULL DEFAULT 0,
+    last_step INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS seen_jti (
+    jti TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    keep_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_jti_keep ON seen_jti (keep_until);
+"""
+
+
+class StoreError(IntercomError):
+    """The principals database cannot be opened or changed as asked."""
+
+
+@dataclass
+class Guard:
+    """Per-principal defence state: consecutive TOTP failures, backoff, last used step."""
+
+    failures: int = 0
+    blocked_until: float = 0.0
+    last_step: int = -1
+
+
+class PrincipalStore:
+    """The principals database of one state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_NAME
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.box = SecretBox(load_or_create_key(state_dir))
+        old = os.umask(0o177)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        finally:
+            os.umask(old)
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def data_version(self) -> int:
+        """Changes when another connection (the CLI) has committed since the last call."""
+        row = self._db.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
+
+    # --- principals --------------------------------------------------------------------
+
+    def add(self, principal: Principal, totp_secret: str) -> None:
+        """Register a principal with its TOTP secret (sealed); refuse a taken id."""
+        sealed = self.box.seal(totp_secret.encode(), principal.id)
+        try:
+            self._db.execute(
+                "INSERT INTO principals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    principal.id,
+                    principal.role.value,
+                    json.dumps(list(principal.flats)),
+                    json.dumps(list(principal.doors)),
+                    json.dumps(principal.jwk, sort_keys=True),
+                    sealed,
+                    principal.valid_from,
+                    principal.valid_until,
+                    principal.revoked_at,
+                    principal.created_at or time.time(),
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"principal {principal.id!r} exists already") from exc
+
+    def principals(self) -> list[Principal]:
+        """Every principal, revoked ones included, by id."""
+        rows = self._db.execute(
+            "SELECT id, role, flats, doors, jwk, valid_from, valid_until, revoked_at, created_at"
+            " FROM principals ORDER BY id"
+        ).fetchall()
+        return [_principal(row) for row in rows]
+
+    def get(self, pid: str) -> Principal | None:
+        """One principal, or None."""
+        return next((p for p in self.principals() if p.id == pid), None)
+
+    def totp_secret(self, pid: str) -> str:
+        """The principal's TOTP secret, unsealed."""
+        row = self._db.execute(
+            "SELECT totp_sealed FROM principals WHERE id = ?", (pid,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no principal {pid!r}")
+        return self.box.open(bytes(row[0]), pid).decode()
+
+    def revoke(self, pid: str, now: float) -> bool:
+        """Mark a principal revoked; False when it was revoked already."""
+        if self.get(pid) is None:
+            raise StoreError(f"no principal {pid!r}")
+        cur = self._db.execute(
+            "UPDATE principals SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, pid)
+        )
+        return cur.rowcount == 1
+
+    # --- guards and seen command ids ----------------------------------------------------
+
+    def guards(self) -> dict[str, Guard]:
+        """The defence state of every principal that has one."""
+        rows = self._db.execute("SELECT principal, failures, blocked_until, last_step FROM guards")
+        return {r[0]: Guard(int(r[1]), float(r[2]), int(r[3])) for r in rows}
+
+    def reset_guard(self, pid: str) -> None:
+        """Clear a principal's failure count and backoff (after a lockout)."""
+        if self.get(pid) is None:
+            raise StoreError(f"no principal {pid!r}")
+        self._db.execute(
+            "UPDATE guards SET failures = 0, blocked_until = 0 WHERE principal = ?", (pid,)
+        )
+
+    def seen(self, jti: str) -> bool:
+        """Whether a command id was used before (and is still kept)."""
+        row = self._db.execute("SELECT 1 FROM seen_jti WHERE jti = ?", (jti,)).fetchone()
+        return row is not None
+
+    def record(self, pid: str, guard: Guard, jti: str, keep_until: float) -> None:
+        """Durably store a used command id and the principal's guard, in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR IGNORE INTO seen_jti VALUES (?, ?, ?)", (jti, pid, keep_until)
+            )
+            self._db.execute(
+                "INSERT INTO guards VALUES (?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET"
+                " failures = excluded.failures, blocked_until = excluded.blocked_until,"
+                " last_step = excluded.last_step",
+                (pid, guard.failures, guard.blocked_until, guard.last_step),
+            )
+
+    def purge(self, now: float) -> int:
+        """Forget command ids past their keeping time; how many were dropped."""
+        return self._db.execute("DELETE FROM seen_jti WHERE keep_until < ?", (now,)).rowcount
+
+
+def _principal(row: tuple[Any, ...]) -> Principal:
+    try:
+        return Principal(
+            id=row[0],
+            role=Role(row[1]),
+            flats=tuple(json.loads(row[2])),
+            doors=tuple(json.loads(row[3])),
+            jwk=json.loads(row[4]),
+            valid_from=row[5],
+            valid_until=row[6],
+            revoked_at=row[7],
+            created_at=row[8],
+        )
+    except (PrincipalError, ValueError) as exc:
+        raise StoreError(f"principal {row[0]!r} in the database is invalid: {exc}") from exc
