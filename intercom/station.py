@@ -24,6 +24,7 @@ from intercom.identity import StationIdentity, load_or_create_identity
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.mqtt.bridge import mqtt_bridge
 from intercom.notify import Notifier
+from intercom.security import Verifier
 from intercom.simulator import Simulator
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Station:
         self.tamper: TamperSwitch | None = None
         self.simulator: Simulator | None = None
         self.identity: StationIdentity | None = None
+        self.verifier: Verifier | None = None
         self.camera: CameraSource | None = None
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
@@ -144,6 +146,9 @@ class Station:
     def _build_components(self) -> list[Component]:
         """The components that plug into the bus and the control socket."""
         components: list[Component] = []
+        self.verifier = Verifier.for_station(self)  # every unlock, whatever the transport
+        self.control.register("unlock", self.verifier.control_request)
+        components.append(self.verifier)
         if self.settings.mqtt is not None:  # last: it reads the event log, uses the verifier
             components.append(mqtt_bridge(self))
         return components
