@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 COMMAND_MODULES = (
     "intercom.cli.run",
     "intercom.cli.sim",
+    "intercom.cli.log",
     "intercom.cli.update",
 )
 
