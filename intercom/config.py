@@ -414,3 +414,20 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
 
 def _join(path: str, sub: str) -> str:
     return sub if path == "<root>" else f"{path}.{sub}"
+
+
+def wiring_warnings(settings: Settings) -> list[str]:
+    """Wirings that are valid but unsafe when the daemon dies (see hw/wiring.md)."""
+    relay = settings.hardware.relay
+    warnings = []
+    if not relay.active_high:
+        warnings.append(
+            "hardware.relay.active_high: an active-low relay energises when the pin is "
+            "released (crash, boot) unless its input has an external pull-up; see hw/wiring.md"
+        )
+    elif relay.pin <= 8:
+        warnings.append(
+            f"hardware.relay.pin: GPIO{relay.pin} is pulled up at power-on, so the relay "
+            "energises when the pin is released; use GPIO9-27 (hw/wiring.md)"
+        )
+    return warnings

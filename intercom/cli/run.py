@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import sys
 from pathlib import Path
 
 from intercom.cli.common import SIM_STATE_DIR
-from intercom.config import DEFAULT_CONFIG, Settings, load_settings, simulated_settings
+from intercom.config import (
+    DEFAULT_CONFIG,
+    Settings,
+    load_settings,
+    simulated_settings,
+    wiring_warnings,
+)
 from intercom.logsetup import setup_logging
 
 
@@ -84,11 +92,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = settings_for(args)
     setup_logging(args.log_level or settings.station.log_level)
+    for warning in wiring_warnings(settings):
+        logging.getLogger("intercom.config").warning("%s", warning)
     return asyncio.run(run_station(settings))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file."""
     settings = load_settings(args.file)
+    for warning in wiring_warnings(settings):
+        print(f"intercom: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: valid (station {settings.station.id})")
     return 0

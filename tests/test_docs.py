@@ -1,0 +1,58 @@
+"""Documentation and data files that must stay true to the code."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from intercom.config import load_settings, parse_settings, wiring_warnings
+from intercom.configdoc import render
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = """
+[station]
+id = "t"
+[[hardware.buttons]]
+pin = 17
+flat = "1"
+"""
+
+
+def test_config_reference_is_current():
+    assert (ROOT / "docs" / "config.md").read_text() == render(), "run scripts/config-doc"
+
+
+def test_config_reference_names_every_section():
+    text = render()
+    for header in ("[station]", "[[hardware.buttons]]", "[hardware.relay]", "[media.camera]"):
+        assert f"`{header}`" in text
+
+
+def test_example_config_is_valid_and_safe():
+    settings = load_settings(ROOT / "docs" / "intercom.example.toml")
+    assert settings.station.id == "front-door"
+    assert wiring_warnings(settings) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "hw" / "pinmaps").glob("*.toml")), ids=str)
+def test_pin_maps_fit_the_config(path: Path):
+    data = tomllib.loads(path.read_text())
+    assert data["board"]["name"]
+    relay = data["hardware"]["relay"]
+    text = (
+        BASE
+        + "[hardware.relay]\n"
+        + "".join(
+            f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in relay.items()
+        )
+    )
+    settings = parse_settings(text)
+    assert settings.hardware.relay.pin == relay["pin"]
+    # An active-low board is valid but warned about (released pin energises it).
+    assert bool(wiring_warnings(settings)) == (not relay["active_high"])
+
+
+def test_relay_on_pulled_up_pin_is_warned():
+    settings = parse_settings(BASE + "[hardware.relay]\npin = 4\n")
+    (warning,) = wiring_warnings(settings)
+    assert warning.startswith("hardware.relay.pin: GPIO4 is pulled up at power-on")
