@@ -26,7 +26,10 @@ COMMAND_MODULES = (
     "intercom.cli.run",
     "intercom.cli.sim",
     "intercom.cli.log",
+    "intercom.cli.principals",
+    "intercom.cli.unlock",
     "intercom.cli.update",
+    "intercom.cli.firstboot",
 )
 
 EPILOG = """\

@@ -23,7 +23,13 @@ from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, OKPKey
 
-from intercom.security.principals import ALL_ALGORITHMS, ID_PATTERN, PublicKey, key_kind
+from intercom.security.principals import (
+    ALGORITHMS,
+    ALL_ALGORITHMS,
+    ID_PATTERN,
+    PublicKey,
+    key_kind,
+)
 
 MAX_TOKEN_BYTES = 4096
 MAX_LIFETIME_S = 60
@@ -202,7 +208,10 @@ def sign(
     """A signed unlock command for ``station``'s ``door``."""
     if not 0 < lifetime <= MAX_LIFETIME_S:
         raise CommandFormatError(f"lifetime must be 1-{MAX_LIFETIME_S} s")
-    alg = alg or ("Ed25519" if key_kind(key) == "Ed25519" else "ES256")
+    kind = key_kind(key)
+    alg = alg or ("Ed25519" if kind == "Ed25519" else "ES256")
+    if alg not in ALGORITHMS[kind]:
+        raise CommandFormatError(f"algorithm {alg} does not fit the {kind} key")
     issued = int(time.time() if now is None else now)
     claims = {
         "aud": station,
