@@ -35,6 +35,8 @@ from tests.test_security_kit import (
     sign_raw,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
+
 OPEN = Limits(shared_rate=1e6, shared_burst=1e6)
 
 
