@@ -1,0 +1,245 @@
+"""First boot: provision a station from the installer file on the boot partition.
+
+The installer writes ``intercom.toml`` to the FAT boot partition: a station config
+(``intercom check-config`` rules) plus two sections only first boot reads::
+
+    [wifi]        ssid, psk, country        -> wpa_supplicant (root-only), PSK hashed
+    [installer]   public_key, valid_days    -> a time-boxed installer principal
+
+Secrets leave the FAT partition: the Wi-Fi passphrase becomes a wpa_supplicant PSK,
+an ``mqtt.password`` becomes the root-only file ``credentials/mqtt-password`` that
+systemd hands to the daemon (``LoadCredential=``), and the installer file is
+overwritten and removed. Keys are made only when missing: running again never
+replaces one.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import tomli_w
+
+from intercom import __version__
+from intercom.config import parse_settings
+from intercom.deploy.tlscert import load_or_create_tls
+from intercom.errors import ConfigError, IntercomError
+from intercom.identity import load_or_create_identity
+from intercom.security.principals import Principal, Role, public_jwk_from_file
+from intercom.security.store import PrincipalStore
+from intercom.security.totp import enrolment_uri, new_secret
+
+INSTALLER_FILE = "intercom.toml"
+ERROR_FILE = "intercom-error.txt"
+CONFIG_FILE = "intercom.toml"
+CREDENTIALS = "credentials"
+MQTT_CRED_FILE = "mqtt-password"
+# LoadCredential=intercom:/etc/intercom/credentials names each file intercom_FILE.
+MQTT_CREDENTIAL = f"intercom_{MQTT_CRED_FILE}"
+DEFAULT_WIFI_CONF = Path("/etc/wpa_supplicant/wpa_supplicant-wlan0.conf")
+MARKER = "provisioned.json"
+INSTALLER_DAYS = 7
+MAX_INSTALLER_DAYS = 30
+
+
+@dataclass
+class Report:
+    """What one first-boot run did, for the console."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        """Add a line."""
+        self.lines.append(line)
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` atomically with a file of ``mode``, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def _scrub(path: Path) -> None:
+    """Overwrite a file with zeros, flush it, then remove it."""
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.write(b"\0" * size)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def wpa_psk(ssid: str, passphrase: str) -> str:
+    """The WPA2 pre-shared key wpa_supplicant derives from a passphrase (hex)."""
+    if not 8 <= len(passphrase) <= 63:
+        raise ConfigError(["wifi.psk: a WPA passphrase has 8 to 63 characters"])
+    return hashlib.pbkdf2_hmac("sha1", passphrase.encode(), ssid.encode(), 4096, 32).hex()
+
+
+def wifi_config(wifi: dict[str, Any]) -> bytes:
+    """A wpa_supplicant config for one network, without the passphrase itself."""
+    problems = [f"wifi.{k}: unknown key" for k in wifi if k not in {"ssid", "psk", "country"}]
+    ssid, psk, country = wifi.get("ssid"), wifi.get("psk"), wifi.get("country", "")
+    if not isinstance(ssid, str) or not 1 <= len(ssid.encode()) <= 32:
+        problems.append("wifi.ssid: required, 1 to 32 bytes")
+    if not isinstance(psk, str):
+        problems.append("wifi.psk: required (the WPA passphrase)")
+    if not isinstance(country, str) or (country and not re.fullmatch(r"[A-Z]{2}", country)):
+        problems.append("wifi.country: a two-letter code such as DE")
+    if problems or not isinstance(ssid, str) or not isinstance(psk, str):
+        raise ConfigError(problems)
+    lines = ["ctrl_interface=DIR=/run/wpa_supplicant GROUP=netdev", "update_config=0"]
+    if country:
+        lines.append(f"country={country}")
+    lines += ["network={", f"    ssid={ssid.encode().hex()}", f"    psk={wpa_psk(ssid, psk)}",
+              "    key_mgmt=WPA-PSK", "}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@dataclass
+class FirstBoot:
+    """One provisioning run over a boot partition, /etc/intercom and the state folder."""
+
+    boot_dir: Path
+    etc_dir: Path
+    state_dir: Path
+    owner: str | None = None
+    wifi_conf: Path = DEFAULT_WIFI_CONF
+    now: Callable[[], float] = time.time
+    report: Report = field(default_factory=Report)
+
+    def run(self) -> Report:
+        """Provision; raise ConfigError when the installer file is unusable."""
+        installer = self.boot_dir / INSTALLER_FILE
+        extra: dict[str, Any] = {}
+        if installer.exists():
+            extra = self._take_installer_file(installer)
+        config = self.etc_dir / CONFIG_FILE
+        if not config.exists():
+            raise IntercomError(
+                f"no {config} and no installer file {installer}: nothing to provision from"
+            )
+        settings = parse_settings(config.read_text(), source=str(config))
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        identity = load_or_create_identity(self.state_dir)
+        tls, made = load_or_create_tls(self.state_dir, settings.station.id)
+        self.report.add(f"station {settings.station.id}, intercom {__version__}")
+        self.report.add(f"station key fingerprint {identity.fingerprint}")
+        self.report.add(f"TLS certificate SHA-256 {tls.fingerprint}" + (" (new)" if made else ""))
+        if "installer" in extra:
+            self._installer_principal(extra["installer"], settings.station.id)
+        _write_private(
+            self.state_dir / MARKER,
+            json.dumps({"at": int(self.now()), "version": __version__}).encode(),
+        )
+        self._hand_over()
+        return self.report
+
+    def _take_installer_file(self, installer: Path) -> dict[str, Any]:
+        """Move the config to /etc, its secrets to root-only files; scrub the FAT copy."""
+        raw = installer.read_bytes()
+        self.etc_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data = tomllib.loads(raw.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            self._reject(installer, raw, [f"{installer}: not valid TOML: {exc}"])
+        extra: dict[str, Any] = {k: data.pop(k) for k in ("wifi", "installer") if k in data}
+        mqtt = data.get("mqtt")
+        password = mqtt.pop("password", None) if isinstance(mqtt, dict) else None
+        if password is not None and not isinstance(password, str):
+            self._reject(installer, raw, ["mqtt.password: must be a string"])
+        if isinstance(mqtt, dict) and password is not None:
+            mqtt["password_credential"] = MQTT_CREDENTIAL
+        text = tomli_w.dumps(data)
+        try:
+            parse_settings(text, source=str(installer))
+            wifi = wifi_config(extra["wifi"]) if "wifi" in extra else None
+        except ConfigError as exc:
+            self._reject(installer, raw, exc.problems)
+        if password is not None:
+            _write_private(self.etc_dir / CREDENTIALS / MQTT_CRED_FILE, password.encode() + b"\n")
+            (self.etc_dir / CREDENTIALS).chmod(0o700)
+            self.report.add("broker password moved to a root-only credential")
+        if wifi is not None:
+            _write_private(self.wifi_conf, wifi)
+            self.report.add(f"Wi-Fi {extra['wifi']['ssid']!r} configured (passphrase hashed)")
+        _write_private(self.etc_dir / CONFIG_FILE, text.encode(), 0o640)
+        _scrub(installer)
+        self.report.add(f"config moved to {self.etc_dir / CONFIG_FILE}; installer file removed")
+        return extra
+
+    def _reject(self, installer: Path, raw: bytes, problems: list[str]) -> NoReturn:
+        """Keep a bad installer file root-only, leave the reasons on the boot partition."""
+        _write_private(self.etc_dir / "installer-rejected.toml", raw)
+        _scrub(installer)
+        (self.boot_dir / ERROR_FILE).write_text(
+            "intercom first boot refused intercom.toml (moved off this partition):\n"
+            + "".join(f"  {p}\n" for p in problems)
+            + "Fix it and put a corrected intercom.toml here.\n"
+        )
+        raise ConfigError(problems)
+
+    def _installer_principal(self, section: Any, station_id: str) -> None:
+        """Register a time-boxed installer with a fresh TOTP secret; print its enrolment."""
+        if not isinstance(section, dict) or not isinstance(section.get("public_key"), str):
+            raise ConfigError(["installer.public_key: required (PEM or JWK of the installer)"])
+        days = section.get("valid_days", INSTALLER_DAYS)
+        if not isinstance(days, int) or not 1 <= days <= MAX_INSTALLER_DAYS:
+            raise ConfigError([f"installer.valid_days: 1 to {MAX_INSTALLER_DAYS}"])
+        now = self.now()
+        pid = f"installer-{time.strftime('%Y%m%d', time.gmtime(now))}"
+        store = PrincipalStore(self.state_dir)
+        try:
+            if store.get(pid) is not None:
+                self.report.add(f"installer principal {pid} exists already; unchanged")
+                return
+            principal = Principal(
+                id=pid, role=Role.INSTALLER,
+                jwk=public_jwk_from_file(section["public_key"].encode()),
+                valid_from=now, valid_until=now + days * 86400, created_at=now,
+            )
+            secret = new_secret()
+            store.add(principal, secret)
+        finally:
+            store.close()
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + days * 86400))
+        self.report.add(f"installer principal {pid}, valid until {until}")
+        self.report.add(f"enrol its TOTP: {enrolment_uri(secret, pid, f'intercom {station_id}')}")
+
+    def _hand_over(self) -> None:
+        """Give the state folder to the daemon's user and the config to its group."""
+        if self.owner is None:
+            return
+        try:
+            user = pwd.getpwnam(self.owner)
+            gid = grp.getgrnam(self.owner).gr_gid
+        except KeyError as exc:
+            raise IntercomError(f"user or group {self.owner!r} does not exist") from exc
+        for path in [self.state_dir, *self.state_dir.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        config = self.etc_dir / CONFIG_FILE
+        if config.exists():
+            os.chown(config, 0, gid)
