@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -185,7 +186,7 @@ class MqttLink:
             protocol=protocol,
             will=aiomqtt.Will(self.topics.availability, OFFLINE, qos=1, retain=True),
             clean_session=None if v5 else True,
-            clean_start=True,
+            clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self.config.keepalive_s,
             timeout=CONNECT_TIMEOUT_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,

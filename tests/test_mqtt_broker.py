@@ -1,0 +1,349 @@
+"""The MQTT bridge against a real Mosquitto: availability, will, state, TLS, ACL, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from intercom.config import MqttConfig, Settings
+from intercom.mqtt.bridge import MqttBridge
+from intercom.mqtt.link import LinkState
+from intercom.station import Station
+from tests.mosquitto import Broker, TlsFiles, make_tls_files
+
+INTERCOM = [sys.executable, "-m", "intercom"]
+PREFIX = "building/door-1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.kill()
+
+
+def mqtt_settings(settings: Settings, **mqtt: Any) -> Settings:
+    config = MqttConfig(host="127.0.0.1", topic_prefix=PREFIX, reconnect_min_s=0.05,
+                        reconnect_max_s=0.5, **mqtt)
+    return settings.model_copy(update={"mqtt": config})
+
+
+def bridge_of(station: Station) -> MqttBridge:
+    return next(c for c in station.components if isinstance(c, MqttBridge))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Station]:
+    station = Station(settings)
+    await station.start()
+    try:
+        yield station
+    finally:
+        await station.stop("test finished")
+
+
+async def retained(port: int, topic: str, quiet: float = 0.3, **kw: Any) -> dict[str, Any]:
+    """The retained messages under ``topic`` (payloads decoded as JSON where they are)."""
+    found: dict[str, Any] = {}
+    async with aiomqtt.Client("127.0.0.1", port, **kw) as client:
+        await client.subscribe(topic, qos=1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                message = await asyncio.wait_for(anext(client.messages), quiet)
+                payload = message.payload
+                assert isinstance(payload, bytes)
+                try:
+                    found[message.topic.value] = json.loads(payload)
+                except ValueError:
+                    found[message.topic.value] = payload.decode()
+    return found
+
+
+async def test_station_reports_availability_state_and_discovery(broker, sim_settings):
+    async with running(mqtt_settings(sim_settings, port=broker.port)) as station:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED, what="connected")
+        seen = await retained(broker.port, "#")
+        assert seen[f"{PREFIX}/availability"] == "online"
+        assert seen[f"{PREFIX}/state/lock"]["state"] == "locked"
+        assert seen[f"{PREFIX}/state/door"]["state"] == "closed"
+        assert seen[f"{PREFIX}/state/call"]["state"] == "idle"
+        discovery = {t: v for t, v in seen.items() if t.startswith("homeassistant/")}
+        kinds = sorted(t.split("/")[1] + "/" + t.split("/")[3] for t in discovery)
+        assert kinds == ["binary_sensor/door", "binary_sensor/lock", "binary_sensor/online",
+                         "event/doorbell", "sensor/call"]
+        for config in discovery.values():
+            assert config["state_topic"].startswith(PREFIX + "/")
+            assert config["unique_id"]
+        status = station.status()["mqtt"]
+        assert status["state"] == "connected"
+        assert status["protocol"] == "5"
+    seen = await retained(broker.port, f"{PREFIX}/availability")
+    assert seen[f"{PREFIX}/availability"] == "offline"
+
+
+async def test_state_topics_follow_the_bus(broker, sim_settings):
+    async with running(mqtt_settings(sim_settings, port=broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as watcher:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED)
+        await watcher.subscribe(f"{PREFIX}/state/#", qos=1)
+        await watcher.subscribe(f"{PREFIX}/doorbell", qos=1)
+        assert station.simulator is not None
+        assert station.lock is not None
+        await station.simulator.act("open-door")
+        station.lock.pulse(0.2)
+        await station.simulator.act("press")
+        wanted = {("door", "open"), ("lock", "unlocked"), ("lock", "locked"), ("doorbell", "press")}
+        got: set[tuple[str, str]] = set()
+        async with asyncio.timeout(5):
+            async for message in watcher.messages:
+                body = json.loads(message.payload)  # type: ignore[arg-type]
+                kind = message.topic.value.rsplit("/", 1)[1]
+                got.add((kind, body.get("state") or body.get("event_type")))
+                if wanted <= got:
+                    break
+    seen = await retained(broker.port, f"{PREFIX}/state/#")
+    assert seen[f"{PREFIX}/state/door"]["state"] == "open"
+    assert seen[f"{PREFIX}/state/lock"]["state"] == "locked"
+
+
+async def test_last_will_says_offline_when_the_station_dies(broker, tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        *INTERCOM, "run", "--simulate", "--state-dir", str(tmp_path / "st"),
+        "--mqtt", f"mqtt://127.0.0.1:{broker.port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port) as watcher:
+            await watcher.subscribe("intercom/+/availability", qos=1)
+            async with asyncio.timeout(20):
+                async for message in watcher.messages:
+                    if message.payload == b"online":
+                        break
+                proc.send_signal(signal.SIGKILL)
+                async for message in watcher.messages:
+                    if message.payload == b"offline":
+                        break
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def test_wrong_password_is_refused_and_never_reported_connected(tmp_path, sim_settings):
+    broker = Broker(tmp_path / "broker", users={"station": secrets.token_urlsafe(12)})
+    wrong = secrets.token_urlsafe(12)
+    broker.start()
+    try:
+        settings = mqtt_settings(sim_settings, port=broker.port, username="station",
+                                 password=wrong)
+        async with running(settings) as station:
+            bridge = bridge_of(station)
+            states: list[LinkState] = []
+            for _ in range(100):
+                states.append(bridge.link.state)
+                await asyncio.sleep(0.01)
+            await until(lambda: bridge.link.state is LinkState.REFUSED)
+            assert LinkState.CONNECTED not in states
+            assert bridge.link.connects == 0
+            status = station.status()["mqtt"]
+            assert status["state"] == "refused"
+            assert "refused" in status["last_error"]
+            assert wrong not in json.dumps(station.status())
+    finally:
+        broker.kill()
+
+
+ACL = f"""\
+user station
+topic readwrite {PREFIX}/#
+topic write homeassistant/#
+
+user manager
+topic write {PREFIX}/command
+topic read {PREFIX}/#
+
+user snoop
+topic read {PREFIX}/state/#
+topic write {PREFIX}/command/result
+"""
+USERS = {user: secrets.token_urlsafe(12) for user in ("station", "manager", "snoop")}
+CREDENTIAL = "mqtt-password"
+
+
+def tls_client(tls: TlsFiles, user: str) -> dict[str, Any]:
+    return {
+        "username": user,
+        "password": USERS[user],
+        "tls_params": aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca), certfile=str(tls.client_cert), keyfile=str(tls.client_key)
+        ),
+    }
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[Broker, TlsFiles]]:
+    tls = make_tls_files(tmp_path / "tls")
+    b = Broker(tmp_path / "broker", tls=tls, users=USERS, acl=ACL)
+    b.start()
+    yield b, tls
+    b.kill()
+
+
+async def test_tls_client_certificate_credential_and_acl(tls_broker, sim_settings, tmp_path,
+                                                         monkeypatch):
+    broker, tls = tls_broker
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / CREDENTIAL).write_text(USERS["station"] + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = mqtt_settings(
+        sim_settings, port=broker.port, username="station", password_credential=CREDENTIAL,
+        ca_file=tls.ca, client_cert=tls.client_cert, client_key=tls.client_key,
+    )
+    async with running(settings) as station:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED, what="TLS connection")
+        assert station.status()["mqtt"]["tls"] is True
+        seen = await retained(broker.port, f"{PREFIX}/#", **tls_client(tls, "manager"))
+        assert seen[f"{PREFIX}/availability"] == "online"
+        # Without a client certificate the broker refuses the TLS handshake.
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username="manager", password=USERS["manager"],
+                tls_params=aiomqtt.TLSParameters(ca_certs=str(tls.ca)), timeout=3,
+            ):
+                pass
+        # The ACL lets the manager send commands; the snoop's never reach the station.
+        async with aiomqtt.Client("127.0.0.1", broker.port, **tls_client(tls, "snoop")) as snoop:
+            for _ in range(5):  # QoS 0: mosquitto drops a v3.1.1 client denied at QoS 1
+                await snoop.publish(f"{PREFIX}/command", b"junk", qos=0)
+        async with aiomqtt.Client("127.0.0.1", broker.port, **tls_client(tls, "manager")) as mgr:
+            await mgr.subscribe(f"{PREFIX}/command/result", qos=1)
+            await mgr.publish(f"{PREFIX}/command", b"junk", qos=1)
+            async with asyncio.timeout(5):
+                message = await anext(mgr.messages)
+            assert json.loads(message.payload) == {"jti": None, "result": "denied"}  # type: ignore[arg-type]
+        assert bridge.commands == 1
+
+
+async def test_unknown_ca_never_connects(tls_broker, sim_settings):
+    broker, tls = tls_broker
+    settings = mqtt_settings(
+        sim_settings, port=broker.port, username="station", password=USERS["station"],
+        ca_file=tls.other_ca, client_cert=tls.client_cert, client_key=tls.client_key,
+    )
+    async with running(settings) as station:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.last_error is not None, what="an error")
+        await asyncio.sleep(0.3)
+        assert bridge.link.connects == 0
+        assert bridge.link.state is not LinkState.CONNECTED
+        assert "certificate" in (bridge.link.last_error or "").lower()
+
+
+class V311OnlyProxy:
+    """A broker front that speaks only MQTT 3.1.1: it refuses a v5 CONNECT like an old
+    broker does (CONNACK code 1) and passes 3.1.1 connections through to Mosquitto."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.refused_v5 = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(4096)  # the CONNECT; small enough to arrive in one read
+        # fixed header (1 byte + 1 length byte for a short CONNECT), "\0\4MQTT", level
+        level = first[2 + 6] if len(first) > 8 else 0
+        if level == 5:
+            self.refused_v5 += 1
+            writer.write(b"\x20\x02\x00\x01")  # CONNACK: unacceptable protocol version
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        up_writer.write(first)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(broker, sim_settings):
+    proxy = V311OnlyProxy(broker.port)
+    await proxy.start()
+    try:
+        async with running(mqtt_settings(sim_settings, port=proxy.port)) as station:
+            bridge = bridge_of(station)
+            await until(lambda: bridge.link.state is LinkState.CONNECTED, what="3.1.1")
+            assert proxy.refused_v5 >= 1
+            assert station.status()["mqtt"]["protocol"] == "3.1.1"
+            seen = await retained(broker.port, f"{PREFIX}/availability")
+            assert seen[f"{PREFIX}/availability"] == "online"
+    finally:
+        await proxy.stop()
+
+
+async def test_forced_311(broker, sim_settings):
+    async with running(mqtt_settings(sim_settings, port=broker.port, protocol="3.1.1")) as st:
+        bridge = bridge_of(st)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED)
+        assert st.status()["mqtt"]["protocol"] == "3.1.1"
+
+
+async def test_broker_away_never_delays_the_lock_and_the_link_comes_back(broker, sim_settings):
+    async with running(mqtt_settings(sim_settings, port=broker.port)) as station:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED)
+        broker.kill()
+        await until(lambda: bridge.link.state is not LinkState.CONNECTED, what="loss noticed")
+        assert station.lock is not None
+        pin = station.pin_factory.pin(station.settings.hardware.relay.pin)
+        started = time.perf_counter()
+        station.lock.pulse(0.1)
+        assert pin.state  # energised at once, broker or not
+        assert time.perf_counter() - started < 0.01
+        await asyncio.sleep(1.0)
+        broker.start()
+        returned = time.monotonic()
+        await until(lambda: bridge.link.state is LinkState.CONNECTED, what="reconnect")
+        assert time.monotonic() - returned < 5
+        assert bridge.link.connects == 2
+        seen = await retained(broker.port, f"{PREFIX}/#")
+        assert seen[f"{PREFIX}/availability"] == "online"
+        assert seen[f"{PREFIX}/state/lock"]["state"] == "locked"
