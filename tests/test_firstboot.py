@@ -121,7 +121,7 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
 
     # Keys exist, private, and the printed fingerprint is the certificate's.
     keys = dirs["state"] / "keys"
-    for name in ("station.key", "tls.key"):
+    for name in ("station.key", "tls.key", "eventlog.key"):
         assert (keys / name).stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate((keys / "tls.crt").read_bytes())
     assert cert.subject.rfc4514_string().startswith("O=intercom door station,CN=door-1")

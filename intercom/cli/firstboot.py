@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "firstboot",
         help="provision from the installer file on the boot partition (run by systemd)",
         description=f"Move BOOT_DIR/{INSTALLER_FILE} to ETC_DIR, its secrets to root-only "
-        "files, remove it from the boot partition, make the station key and TLS certificate "
-        "when missing (never replacing one), register the installer and print the "
-        "enrolment. Running it again is safe.",
+        "files, remove it from the boot partition, make the station key, TLS certificate and "
+        "event log master key when missing (never replacing one), register the installer "
+        "and print the enrolment. Running it again is safe.",
     )
     cmd.add_argument("--boot-dir", type=Path, default=Path("/boot/firmware"),
                      help="the mounted boot partition (default /boot/firmware)")

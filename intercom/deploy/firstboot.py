@@ -34,6 +34,7 @@ from intercom import __version__
 from intercom.config import parse_settings
 from intercom.deploy.tlscert import load_or_create_tls
 from intercom.errors import ConfigError, IntercomError
+from intercom.eventlog.keys import create_master_key, master_key_source
 from intercom.identity import load_or_create_identity
 from intercom.security.principals import Principal, Role, public_jwk_from_file
 from intercom.security.store import PrincipalStore
@@ -149,6 +150,10 @@ class FirstBoot:
         self.report.add(f"station {settings.station.id}, intercom {__version__}")
         self.report.add(f"station key fingerprint {identity.fingerprint}")
         self.report.add(f"TLS certificate SHA-256 {tls.fingerprint}" + (" (new)" if made else ""))
+        source = master_key_source(self.state_dir)
+        if not source.credential and not source.path.exists():
+            create_master_key(self.state_dir)
+            self.report.add("event log master key made")
         if "installer" in extra:
             self._installer_principal(extra["installer"], settings.station.id)
         _write_private(
