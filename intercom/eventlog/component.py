@@ -205,6 +205,7 @@ class EventLog:
                 "last_seq": self._last_seq,
                 "checkpoint_seq": self._latest.seq if self._latest else None,
                 "append_failures": self._thread.failures if self._thread else 0,
+                "transactions": self._thread.transactions if self._thread else 0,
                 "retention_hours": self.config.retention_hours,
                 "shredded_records": self._shredded,
             }

@@ -65,6 +65,7 @@ class WriterThread(threading.Thread):
         self.deliver = deliver
         self.queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
         self.failures = 0
+        self.transactions = 0
 
     def submit(self, op: Op) -> None:
         """Queue an operation (any thread)."""
@@ -119,8 +120,10 @@ class WriterThread(threading.Thread):
         except Exception as exc:
             self.failures += len(ops)
             log.exception("event log: %d records could not be appended", len(ops))
-            outcomes.extend(Outcome(op.token, error=exc) for op in ops)
+            error = EventLogError(f"the event could not be appended: {exc}")
+            outcomes.extend(Outcome(op.token, error=error) for op in ops)
             return
+        self.transactions += 1
         outcomes.extend(Outcome(op.token, seq) for op, seq in zip(ops, seqs, strict=True))
         if checkpoint is not None:
             signed.append(checkpoint)
@@ -142,7 +145,7 @@ class WriterThread(threading.Thread):
                 return Outcome(op.token)
         except Exception as exc:
             log.exception("event log: %s failed", op.kind.value)
-            return Outcome(op.token, error=exc)
+            return Outcome(op.token, error=EventLogError(f"{op.kind.value} failed: {exc}"))
         if isinstance(result, Checkpoint):
             signed.append(result)
         return Outcome(op.token, result)
