@@ -83,6 +83,8 @@ def read_master_key(source: MasterKeySource) -> bytes:
 def create_master_key(state_dir: Path) -> bytes:
     """Make a new master key file atomically (never over an existing one)."""
     path = key_dir(state_dir) / MASTER_KEY_FILE
+    for stale in path.parent.glob(f".{MASTER_KEY_FILE}.*.tmp"):  # left by a power cut
+        stale.unlink(missing_ok=True)
     key = os.urandom(KEY_BYTES)
     tmp = path.with_name(f".{MASTER_KEY_FILE}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
