@@ -250,7 +250,8 @@ class MqttLink:
                     await client.publish(
                         self.topics.availability, OFFLINE, qos=1, retain=True, timeout=1.0
                     )
-        self._set(LinkState.DISCONNECTED, "session ended")
+        if not self._stopping.is_set():
+            self._set(LinkState.DISCONNECTED, "session ended")
 
     def status(self) -> dict[str, Any]:
         """State, broker, protocol and the last error, for ``intercom status``."""

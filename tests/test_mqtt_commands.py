@@ -1,0 +1,224 @@
+"""Signed commands over a real Mosquitto into the real verifier and the relay's mock pin."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from intercom.config import Settings
+from intercom.mqtt.link import LinkState
+from intercom.security.store import PrincipalStore
+from intercom.station import Station
+from tests.mosquitto import Broker
+from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, until
+from tests.test_security_kit import STATION, Clock, Signer, add_principal
+from tests.test_verifier import ADVERSARIAL
+
+pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
+
+COMMAND = f"{PREFIX}/command"
+RESULT = f"{PREFIX}/command/result"
+INTERCOM = [sys.executable, "-m", "intercom"]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.kill()
+
+
+def command_settings(sim_settings: Settings, port: int, **mqtt: Any) -> Settings:
+    station = sim_settings.station.model_copy(update={"id": STATION})
+    return mqtt_settings(sim_settings.model_copy(update={"station": station}), port=port, **mqtt)
+
+
+@contextlib.asynccontextmanager
+async def connected_station(settings: Settings) -> AsyncIterator[Station]:
+    station = Station(settings)
+    await station.start()
+    try:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED, what="connected")
+        yield station
+    finally:
+        await station.stop("test finished")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def principals(station: Station, clock: Clock, *names: str) -> list[Signer]:
+    store = PrincipalStore(station.state_dir)
+    try:
+        return [add_principal(store, clock, name, flats=("1",)) for name in names]
+    finally:
+        store.close()
+
+
+def energised(station: Station) -> int:
+    """How many times the relay pin went high."""
+    pin = station.pin_factory.pin(station.settings.hardware.relay.pin)
+    return sum(1 for s in pin.states if s.state)
+
+
+async def results(client: aiomqtt.Client, count: int, timeout: float = 10) -> list[Any]:
+    out = []
+    async with asyncio.timeout(timeout):
+        while len(out) < count:
+            message = await anext(client.messages)
+            out.append(json.loads(message.payload))  # type: ignore[arg-type]
+    return out
+
+
+async def test_valid_command_pulses_the_relay_and_answers(broker, sim_settings, clock):
+    async with connected_station(command_settings(sim_settings, broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as manager:
+        (alice,) = principals(station, clock, "alice")
+        await manager.subscribe(RESULT, qos=1)
+        token = alice.token()
+        await manager.publish(COMMAND, token, qos=1)
+        (answer,) = await results(manager, 1)
+        assert answer["result"] == "granted"
+        assert answer["jti"] == json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))[
+            "jti"
+        ]
+        assert energised(station) == 1
+        # The same token again is a replay: denied, nothing pulses.
+        station.lock.release("test")  # type: ignore[union-attr]
+        await manager.publish(COMMAND, token, qos=1)
+        (again,) = await results(manager, 1)
+        assert again["result"] == "denied"
+        assert energised(station) == 1
+
+
+async def test_mqtt5_response_topic_and_correlation_data_are_honoured(
+    broker, sim_settings, clock
+):
+    async with connected_station(command_settings(sim_settings, broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port,
+                           protocol=aiomqtt.ProtocolVersion.V5) as manager:
+        alice, bob = principals(station, clock, "alice", "bob")
+        await manager.subscribe("replies/#", qos=1)
+        await manager.subscribe(f"{PREFIX}/#", qos=1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "replies/42"
+        props.CorrelationData = b"\x00corr\xff"
+        await manager.publish(COMMAND, alice.token(), qos=1, properties=props)
+        # A response topic inside the station's own tree is refused: the answer goes
+        # to the result topic, and the state stays the station's.
+        evil = Properties(PacketTypes.PUBLISH)
+        evil.ResponseTopic = f"{PREFIX}/state/lock"
+        await manager.publish(COMMAND, bob.token(), qos=1, properties=evil)
+        got: dict[str, Any] = {}
+        async with asyncio.timeout(5):
+            async for message in manager.messages:
+                topic = message.topic.value
+                if topic == "replies/42":
+                    got["reply"] = (json.loads(message.payload),  # type: ignore[arg-type]
+                                    message.properties.CorrelationData)  # type: ignore[union-attr]
+                elif topic == RESULT:
+                    got["result"] = json.loads(message.payload)  # type: ignore[arg-type]
+                elif topic == f"{PREFIX}/state/lock" and not message.retain:
+                    assert json.loads(message.payload)["state"] in {"locked", "unlocked"}  # type: ignore[arg-type]
+                if "reply" in got and "result" in got:
+                    break
+        assert got["reply"][0]["result"] == "granted"
+        assert got["reply"][1] == b"\x00corr\xff"
+        assert got["result"]["result"] == "granted"
+
+
+async def test_every_adversarial_class_over_mqtt_pulses_nothing(broker, sim_settings, clock):
+    async with connected_station(command_settings(sim_settings, broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as attacker:
+        alice, mallory, bob = principals(station, clock, "alice", "mallory", "bob")
+        await attacker.subscribe(RESULT, qos=1)
+        replayed = bob.token()
+        bob_first = alice.token(kid="bob", jti="never-sent-1")  # alice's key under bob's id
+        tokens = [make(alice, mallory) for make, _reason in ADVERSARIAL.values()]
+        tokens += [bob_first, replayed, replayed]  # the first 'replayed' is valid
+        for token in tokens:  # bytes: one class is not even valid UTF-8
+            await attacker.publish(COMMAND, token.encode("utf-8", "surrogateescape"), qos=1)
+        answers = await results(attacker, len(tokens))
+        assert [a["result"] for a in answers] == ["denied"] * (len(tokens) - 2) + [
+            "granted", "denied"
+        ]
+        assert energised(station) == 1  # only the one valid command
+        denied = [e for e in station.bus.recent if e.type == "UnlockDenied"]
+        assert denied
+        assert all(e.details()["via"] == "mqtt" for e in denied)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_junk_and_huge_messages_neither_crash_nor_stall(
+    broker, sim_settings, clock, protocol
+):
+    settings = command_settings(sim_settings, broker.port, protocol=protocol)
+    async with connected_station(settings) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as attacker:
+        (alice,) = principals(station, clock, "alice")
+        await attacker.subscribe(RESULT, qos=1)
+        junk = [b"", b"\x00", b"{", b"\xff\xfe" * 100, os.urandom(4096), b"a.b.c",
+                "é.€.😀".encode(), b"\x00" * 70_000, os.urandom(1 << 20), b"." * (1 << 20)]
+        for payload in junk:
+            await attacker.publish(COMMAND, payload, qos=1)
+        started = time.monotonic()
+        await attacker.publish(COMMAND, alice.token(), qos=1)
+        # MQTT 5 tells the broker the largest packet the station takes: it drops the
+        # three big ones. MQTT 3.1.1 cannot, so the station gets them and denies them.
+        expected = len(junk) + 1 if protocol == "3.1.1" else len(junk) - 2
+        answers = await results(attacker, expected, 10)
+        assert answers[-1]["result"] == "granted"
+        assert all(a["result"] == "denied" for a in answers[:-1])
+        assert time.monotonic() - started < 2
+        assert energised(station) == 1
+        assert bridge_of(station).link.state is LinkState.CONNECTED
+
+
+async def test_home_assistant_recipe_from_the_docs(broker, sim_settings, tmp_path):
+    """docs/mqtt.md: a manager principal for Home Assistant, a signed command published."""
+    async with connected_station(command_settings(sim_settings, broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as home_assistant:
+        key, pub = tmp_path / "ha.key", tmp_path / "ha.pub"
+        for args in (["genpkey", "-algorithm", "ed25519", "-out", str(key)],
+                     ["pkey", "-in", str(key), "-pubout", "-out", str(pub)]):
+            await asyncio.to_thread(subprocess.run, ["openssl", *args], check=True,
+                                    capture_output=True)
+        added = await asyncio.to_thread(
+            subprocess.run,
+            [*INTERCOM, "principals", "add", "--role", "manager", "--door", "front",
+             "--public-key", str(pub), "--id", "home-assistant", "--no-qr",
+             "--state-dir", str(station.state_dir)],
+            check=True, capture_output=True, text=True,
+        )
+        uri = next(w for w in added.stdout.split() if w.startswith("otpauth://"))
+        secret = tmp_path / "ha.totp"
+        secret.write_text(uri + "\n")
+        signed = await asyncio.to_thread(
+            subprocess.run,
+            [*INTERCOM, "sign-command", "--key", str(key), "--kid", "home-assistant",
+             "--station", STATION, "--door", "front", "--totp-secret-file", str(secret)],
+            check=True, capture_output=True, text=True,
+        )
+        await home_assistant.subscribe(RESULT, qos=1)
+        await home_assistant.publish(COMMAND, signed.stdout.strip(), qos=1)
+        (answer,) = await results(home_assistant, 1)
+        assert answer["result"] == "granted"
+        assert energised(station) == 1
