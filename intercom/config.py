@@ -297,6 +297,45 @@ class MqttConfig(Model):
         return self.port or (8883 if self.uses_tls else 1883)
 
 
+class IceServerConfig(Model):
+    """A STUN or TURN server for residents away from home."""
+
+    urls: list[Annotated[str, Field(pattern=r"^(stun|stuns|turn|turns):\S+$")]] = Field(
+        min_length=1, description="stun:/turn: URLs of one server."
+    )
+    username: str = Field(default="", description="TURN user name.")
+    credential: SecretStr = Field(default=SecretStr(""), description="TURN password.")
+
+
+class WebConfig(Model):
+    """The station's HTTPS server: the resident web client and call signalling."""
+
+    host: str = Field(default="0.0.0.0", min_length=1, description="Address to listen on.")  # noqa: S104
+    port: int = Field(
+        default=8443, ge=0, le=65535, description="TCP port (0: any free port, for tests)."
+    )
+    public_url: str = Field(
+        default="",
+        pattern=r"^(https://[^\s#?]+)?$",
+        description="URL residents use (default https://<host or hostname>:<port>/).",
+    )
+    ice_servers: list[IceServerConfig] = Field(
+        default_factory=list,
+        description="STUN/TURN servers given to both ends; none by default (home network).",
+    )
+
+
+class CallsConfig(Model):
+    """Ringing and calls."""
+
+    ring_timeout_s: float = Field(
+        default=30, ge=1, le=300, description="Unanswered for this long: the call is missed."
+    )
+    max_call_s: float = Field(
+        default=300, ge=5, le=3600, description="A call is ended after this long."
+    )
+
+
 class Settings(Model):
     """The whole station configuration."""
 
@@ -305,6 +344,8 @@ class Settings(Model):
     media: MediaConfig = MediaConfig()
     eventlog: EventLogConfig = EventLogConfig()
     mqtt: MqttConfig | None = None
+    web: WebConfig = WebConfig()
+    calls: CallsConfig = CallsConfig()
     simulated: bool = Field(
         default=False,
         description="Set by `intercom run --simulate`: mock pins and the simulator control.",
@@ -334,6 +375,7 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True
         data["mqtt"] = base.mqtt  # as is: a JSON dump would mask its password
+        data["web"] = base.web.model_copy(update={"host": "127.0.0.1", "port": 0})
         return Settings.model_validate(data)
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:6]
     return Settings.model_validate(
@@ -347,6 +389,7 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
                 "tamper": {"pin": 23},
             },
             "media": media,
+            "web": {"host": "127.0.0.1", "port": 0},
             "simulated": True,
         }
     )

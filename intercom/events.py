@@ -181,6 +181,62 @@ class PrincipalLockedOut(Event):
     failures: int
 
 
+# --- calls ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallRinging(Event):
+    """A press rings every online device of a flat; ``devices`` is how many."""
+
+    call: str
+    flat: str
+    devices: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallAnswered(Event):
+    """A device answered the call: two-way audio with the door."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    call: str
+    principal: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallDeclined(Event):
+    """A device declined the call (the others keep ringing)."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    call: str
+    principal: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallMissed(Event):
+    """Nobody answered in time (or every rung device declined)."""
+
+    call: str
+    flat: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallEnded(Event):
+    """An answered call ended; ``reason`` says how."""
+
+    call: str
+    reason: str
+    duration_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrincipalPaired(Event):
+    """A resident's device paired with a one-time code and became a principal."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    principal: str
+    flat: str
+
+
 # --- event log -----------------------------------------------------------------------
 
 
@@ -231,6 +287,12 @@ for _cls in (
     PrincipalAdded,
     PrincipalRevoked,
     PrincipalLockedOut,
+    CallRinging,
+    CallAnswered,
+    CallDeclined,
+    CallMissed,
+    CallEnded,
+    PrincipalPaired,
     LogCheckpoint,
     LogPurged,
 ):

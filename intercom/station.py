@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from intercom import __version__
+from intercom.calls import Calls
 from intercom.config import Settings
 from intercom.control import ControlServer
 from intercom.errors import CommandRefusedError, IntercomError
@@ -65,6 +66,7 @@ class Station:
         self.simulator: Simulator | None = None
         self.identity: StationIdentity | None = None
         self.verifier: Verifier | None = None
+        self.calls: Calls | None = None
         self.camera: CameraSource | None = None
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
@@ -149,6 +151,8 @@ class Station:
         self.verifier = Verifier.for_station(self)  # every unlock, whatever the transport
         self.control.register("unlock", self.verifier.control_request)
         components.append(self.verifier)
+        self.calls = Calls(self)  # rings residents on a press; unlocks through the verifier
+        components.append(self.calls)
         if self.settings.mqtt is not None:  # last: it reads the event log, uses the verifier
             components.append(mqtt_bridge(self))
         return components
@@ -184,11 +188,13 @@ class Station:
             "uptime_s": round(time.time() - self.started_at, 3),
             "lock": self.lock.state.value if self.lock else "unknown",
             "door": door,
-            "call": "idle",
+            "call": self.calls.state if self.calls else "idle",
             "tamper": bool(self.tamper and self.tamper.tripped_at),
             "listening": {"control": str(self.control.path)},
             "recent_events": [e.to_dict() for e in self.bus.recent if not e.personal_fields],
         }
+        if self.calls is not None and self.calls.url:
+            info["listening"]["web"] = self.calls.url
         for component in self.components:
             info.update(component.status())
         return info
@@ -236,10 +242,11 @@ async def run_station(
             _watchdog(notifier, notifier.watchdog_interval), name="systemd-watchdog"
         )
     log.info(
-        "station %s ready (%s), control socket %s",
+        "station %s ready (%s), control socket %s, web client %s",
         station.id,
         "simulated" if settings.simulated else "hardware",
         station.control.path,
+        station.calls.url if station.calls else "-",
     )
     notifier.ready(f"station {station.id} ready")
     try:

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "intercom.cli.log",
     "intercom.cli.principals",
     "intercom.cli.unlock",
+    "intercom.cli.pair",
     "intercom.cli.update",
     "intercom.cli.firstboot",
 )

@@ -1,0 +1,221 @@
+"""The station's HTTPS server: the resident web client, /api/info, /api/pair and /ws.
+
+Everything a resident's browser sends is hostile until verified: bodies are capped,
+pairing is rate limited per address and overall, errors carry a short reason and
+never a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import segno
+from aiohttp import web
+
+from intercom import __version__
+from intercom.calls.pairing import Pairing, PairingError
+from intercom.calls.tls import StationCert
+from intercom.security.limits import TokenBucket
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+MAX_BODY = 16 * 1024
+PAIR_RATE_PER_ADDRESS = (5 / 60, 5.0)  # tokens per second, burst
+PAIR_RATE_OVERALL = (1.0, 10.0)
+MAX_TRACKED_ADDRESSES = 1024
+CSP = (
+    "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+    "connect-src 'self' wss:; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Server": "intercom",
+}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+WsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, reason: str) -> web.Response:
+    """A JSON error answer."""
+    return web.json_response({"error": reason}, status=status)
+
+
+@web.middleware
+async def guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Security headers on every answer; no stack trace ever reaches a client."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = error(exc.status, exc.reason)
+    except Exception:
+        log.exception("web: %s %s failed", request.method, request.path)
+        response = error(500, "internal error")
+    if not response.prepared:  # a WebSocket has sent its headers already
+        response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+class WebServer:
+    """aiohttp on TLS: static client files, the info and pairing API, the signalling socket."""
+
+    def __init__(
+        self,
+        cert: StationCert,
+        pairing: Pairing,
+        info: dict[str, Any],
+        host: str,
+        port: int,
+        public_url: str = "",
+        web_dir: Path = WEB_DIR,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cert = cert
+        self.pairing = pairing
+        self.info = info
+        self.host = host
+        self.port = port
+        self.web_dir = web_dir
+        self._public_url = public_url
+        self._clock = clock
+        self.url = ""
+        self.ws_handler: WsHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self._overall = TokenBucket(*PAIR_RATE_OVERALL)
+        self._per_address: dict[str, TokenBucket] = {}
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[guard])
+        app.router.add_get("/api/info", self._info)
+        app.router.add_post("/api/pair", self._pair)
+        app.router.add_get("/ws", self._ws)
+        app.router.add_get("/", self._index)
+        app.router.add_get(
+            r"/{path:[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*}", self._static
+        )
+        return app
+
+    async def start(self) -> None:
+        """Listen on the configured address (port 0: any free port)."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.host, self.port, ssl_context=self.cert.server_context()
+        )
+        await site.start()
+        port = self._bound_port()
+        host = self.host if self.host not in {"0.0.0.0", "::", ""} else socket.gethostname()  # noqa: S104
+        if ":" in host:
+            host = f"[{host}]"
+        self.url = self._public_url or f"https://{host}:{port}/"
+        if not self.url.endswith("/"):
+            self.url += "/"
+        log.info("web: listening on %s:%d, residents use %s", self.host, port, self.url)
+
+    def _bound_port(self) -> int:
+        assert self._runner is not None  # noqa: S101 - only called after setup
+        for address in self._runner.addresses:
+            if isinstance(address, tuple) and len(address) >= 2:
+                return int(address[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Close every connection and stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- handlers --------------------------------------------------------------------------
+
+    async def _info(self, _request: web.Request) -> web.Response:
+        return web.json_response({**self.info, "version": __version__})
+
+    async def _pair(self, request: web.Request) -> web.Response:
+        address = request.remote or "?"
+        now = self._clock()
+        if not self._rate_ok(address, now):
+            log.warning("web: pairing attempt refused, rate limit (%s)", address)
+            return error(429, "too many pairing attempts; wait a minute")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return error(400, "body must be JSON")
+        if not isinstance(body, dict):
+            return error(400, "body must be a JSON object")
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > 64):
+            return error(400, "name must be a string of at most 64 characters")
+        try:
+            paired = self.pairing.redeem(body.get("code"), body.get("jwk"))
+        except PairingError as exc:
+            status = 403 if str(exc) == "pairing code invalid or expired" else 400
+            log.warning("web: pairing refused (%s): %s", address, exc)
+            return error(status, str(exc))
+        qr = segno.make(paired.totp_uri, error="m").svg_inline(scale=4)
+        return web.json_response(
+            {
+                "principal": paired.principal,
+                "station": self.info["station"],
+                "door": self.info["door"],
+                "flat": paired.flat,
+                "totp_uri": paired.totp_uri,
+                "totp_qr_svg": qr,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _rate_ok(self, address: str, now: float) -> bool:
+        bucket = self._per_address.get(address)
+        if bucket is None:
+            if len(self._per_address) >= MAX_TRACKED_ADDRESSES:
+                self._per_address.clear()
+            bucket = self._per_address[address] = TokenBucket(*PAIR_RATE_PER_ADDRESS)
+        return bucket.take(now) and self._overall.take(now)
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        if self.ws_handler is None:
+            return error(503, "signalling is not running")
+        return await self.ws_handler(request)
+
+    async def _index(self, _request: web.Request) -> web.StreamResponse:
+        return self._file(self.web_dir / "index.html")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        root = self.web_dir.resolve()
+        path = (root / request.match_info["path"]).resolve()
+        if root not in path.parents:
+            return error(404, "not found")
+        return self._file(path)
+
+    def _file(self, path: Path) -> web.StreamResponse:
+        if not path.is_file():
+            return error(404, "not found")
+        content_type = CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        return web.FileResponse(
+            path, headers={"Content-Type": content_type, "Cache-Control": "no-cache"}
+        )

@@ -1,0 +1,62 @@
+"""``intercom pair``: a one-time pairing code for a resident's device, with its QR code."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import segno
+
+from intercom.cli.common import add_state_dir, state_dir
+from intercom.control import request_sync
+from intercom.errors import IntercomError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``pair`` command."""
+    pair = sub.add_parser(
+        "pair",
+        help="make a one-time pairing code for a resident's device",
+        description="Ask the running station for a one-time pairing code (single use, "
+        "expires in 10 minutes) for a resident of FLAT, and print the code, the pairing "
+        "link and a QR code of the link. The link holds the station URL, the code and "
+        "the SHA-256 fingerprint of the station certificate.",
+    )
+    pair.add_argument("--flat", required=True, help="the flat whose resident pairs")
+    pair.add_argument(
+        "--name", help="a name for the device, shown here only (the station does not keep it)"
+    )
+    pair.add_argument("--png", type=Path, metavar="FILE", help="also write the QR code as PNG")
+    pair.add_argument("--svg", type=Path, metavar="FILE", help="also write the QR code as SVG")
+    pair.add_argument("--no-qr", action="store_true", help="do not print the QR code")
+    add_state_dir(pair)
+    pair.set_defaults(func=cmd_pair)
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    """Print a pairing code, its link and QR code."""
+    request = {"request": "pair", "flat": args.flat}
+    if args.name:
+        request["name"] = args.name
+    answer = request_sync(state_dir(args), request)
+    if not answer.get("ok"):
+        raise IntercomError(str(answer.get("error", "the station refused the request")))
+    link = str(answer["url"])
+    expires = dt.datetime.fromtimestamp(float(answer["expires_at"]), dt.UTC)
+    qr = segno.make(link, error="m")
+    for path, kind in ((args.png, "png"), (args.svg, "svg")):
+        if path is not None:
+            try:
+                qr.save(str(path), kind=kind, scale=8, border=4)
+            except OSError as exc:
+                raise IntercomError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    who = f" ({args.name})" if args.name else ""
+    print(f"pairing code for flat {args.flat}{who}: {answer['code']}")
+    print(f"expires:     {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
+    print(f"fingerprint: {answer['fingerprint']}")
+    print(f"link:        {link}")
+    if not args.no_qr:
+        qr.terminal(out=sys.stdout, compact=True)
+    return 0
