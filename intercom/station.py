@@ -16,6 +16,7 @@ from intercom.calls import Calls
 from intercom.config import Settings
 from intercom.control import ControlServer
 from intercom.errors import CommandRefusedError, IntercomError
+from intercom.eventlog import EventLog
 from intercom.events import EventBus, StationStarted, StationStopping
 from intercom.hardware.doorbell import Doorbell
 from intercom.hardware.lock import Lock
@@ -67,6 +68,7 @@ class Station:
         self.identity: StationIdentity | None = None
         self.verifier: Verifier | None = None
         self.calls: Calls | None = None
+        self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
@@ -148,6 +150,9 @@ class Station:
     def _build_components(self) -> list[Component]:
         """The components that plug into the bus and the control socket."""
         components: list[Component] = []
+        identity = self.identity or load_or_create_identity(self.state_dir)
+        self.eventlog = EventLog(self.state_dir, identity, self.bus, self.settings.eventlog)
+        components.append(self.eventlog)  # first: it records what the others do
         self.verifier = Verifier.for_station(self)  # every unlock, whatever the transport
         self.control.register("unlock", self.verifier.control_request)
         components.append(self.verifier)
