@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from intercom.calls.pairing import Pairing
+from intercom.calls.peer import DevicePeer, ice_servers
+from intercom.calls.ringgroup import RingGroup
 from intercom.calls.server import WebServer
+from intercom.calls.signalling import Session, Signalling
 from intercom.calls.tls import StationCert, load_station_cert
-from intercom.errors import CommandRefusedError
+from intercom.calls.tracks import MediaHub
+from intercom.errors import CommandRefusedError, IntercomError
+from intercom.security import command
+from intercom.security.principals import Principal
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from intercom.station import Station
 
 log = logging.getLogger(__name__)
+
+HOUSEKEEPING_S = 2.0
 
 
 class Calls:
@@ -25,12 +38,16 @@ class Calls:
         self.station = station
         settings = station.settings
         self.web_config = settings.web
-        self.calls_config = settings.calls
         self.door = settings.hardware.relay.door
         self.flats = frozenset(b.flat for b in settings.hardware.buttons)
         self.pairing = Pairing(station.state_dir, station.id, self.flats, station.bus)
+        self.ring_group = RingGroup(station.bus, settings.calls, self._is_active)
         self.cert: StationCert | None = None
         self.server: WebServer | None = None
+        self.media: MediaHub | None = None
+        self.signalling: Signalling | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -40,7 +57,7 @@ class Calls:
     @property
     def state(self) -> str:
         """``idle``, ``ringing`` or ``in_call``."""
-        return "idle"
+        return self.ring_group.state
 
     @property
     def fingerprint(self) -> str:
@@ -48,10 +65,28 @@ class Calls:
         return self.cert.fingerprint if self.cert else ""
 
     async def start(self) -> None:
-        """Load or make the certificate, open pairing, listen."""
+        """Load or make the certificate, open pairing, start the media, listen."""
         station = self.station
+        if station.camera is None or station.microphone is None or station.speaker is None:
+            raise IntercomError("calls: the camera and audio must be open first")
         self.cert = load_station_cert(station.state_dir, station.id)
         self.pairing.open()
+        self.media = MediaHub(station.camera, station.microphone, station.speaker)
+        self.media.start()
+        servers = [
+            {"urls": s.urls, "username": s.username, "credential": s.credential.get_secret_value()}
+            for s in self.web_config.ice_servers
+        ]
+        self.signalling = Signalling(
+            station.id,
+            self.door,
+            self.flats,
+            self._principal_of,
+            self.ring_group,
+            self.media,
+            self._make_peer,
+            servers,
+        )
         info = {"station": station.id, "door": self.door, "fingerprint": self.cert.fingerprint}
         self.server = WebServer(
             self.cert,
@@ -61,19 +96,113 @@ class Calls:
             self.web_config.port,
             self.web_config.public_url,
         )
+        self.server.ws_handler = self.signalling.handle
         await self.server.start()
+        self._unsubscribe = station.bus.on(self.ring_group.on_event)
         station.control.register("pair", self.pair_request)
+        station.control.register("hangup", self.hangup_request)
+        self._task = asyncio.create_task(self._housekeeping(), name="calls-housekeeping")
 
     async def stop(self) -> None:
-        """Stop listening and close pairing."""
+        """End the call, close every device, stop listening and the media."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.ring_group.close()
+        if self.signalling is not None:
+            await self.signalling.close()
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.media is not None:
+            self.media.close()
         self.pairing.close()
 
     def status(self) -> dict[str, Any]:
         """What ``intercom status`` shows (no principal ids)."""
-        return {"calls": {"url": self.url, "fingerprint": self.fingerprint}}
+        sessions = self.signalling.sessions if self.signalling else {}
+        return {
+            "calls": {
+                "url": self.url,
+                "fingerprint": self.fingerprint,
+                "state": self.state,
+                "devices_online": len(sessions),
+                "calls": self.ring_group.calls,
+                "last_call": self.last_call_timing(),
+            }
+        }
+
+    def last_call_timing(self) -> dict[str, Any] | None:
+        """Press, ring sent and first frame released, for benchmarks (unix times)."""
+        call = self.ring_group.last_call
+        if call is None:
+            return None
+        firsts = [
+            d.peer.video.first_frame_at
+            for d in call.rung
+            if isinstance(d, Session) and d.peer and d.peer.video.first_frame_at
+        ]
+        return {
+            "call": call.id,
+            "state": call.state.value,
+            "devices": len(call.rung),
+            "pressed_at": call.pressed_at,
+            "ring_sent_at": call.ring_sent_at,
+            "first_frame_at": min(firsts) if firsts else None,
+            "answered_at": call.answered_at,
+        }
+
+    # --- parts handed to the others -------------------------------------------------------
+
+    def _principal_of(self, pid: str) -> Principal | None:
+        try:
+            return self.pairing.store.get(pid)
+        except IntercomError:
+            log.exception("calls: cannot read the principals database")
+            return None
+
+    def _is_active(self, pid: str) -> bool:
+        principal = self._principal_of(pid)
+        return principal is not None and principal.inactive_reason(time.time()) is None
+
+    def _make_peer(self, media: MediaHub, session: Session) -> DevicePeer:
+        servers = ice_servers(self.web_config.ice_servers)
+
+        async def unlock(token: str) -> dict[str, Any]:
+            return await self._unlock(session, token)
+
+        def lost() -> None:
+            if self.signalling is not None:
+                self.signalling.lost(session)
+
+        return DevicePeer(media, servers, unlock, lost)
+
+    async def _unlock(self, session: Session, token: str) -> dict[str, Any]:
+        """An unlock command from a device's data channel: only from a rung or answering one."""
+        try:
+            cmd = command.parse(token)
+        except command.CommandFormatError:
+            cmd = None
+        jti = cmd.jti if cmd else None
+        denied = {"type": "unlock-result", "jti": jti, "result": "denied"}
+        verifier = self.station.verifier
+        if cmd is None or cmd.kid != session.principal:
+            log.warning("calls: unlock refused: malformed, or signed by another principal")
+            return denied
+        if not self.ring_group.may_unlock(session):
+            log.warning("calls: unlock refused: the device is not rung or in the call")
+            return denied
+        if verifier is None:
+            return denied
+        decision = await verifier.submit(token, "call")
+        result = "granted" if decision.granted else "denied"
+        return {"type": "unlock-result", "jti": decision.jti or jti, "result": result}
+
+    # --- control socket -------------------------------------------------------------------
 
     async def pair_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's ``pair`` request: a one-time code and the pairing link."""
@@ -90,3 +219,19 @@ class Calls:
             "fingerprint": self.fingerprint,
             "expires_at": expires_at,
         }
+
+    async def hangup_request(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's ``hangup`` request: end the call from the door side."""
+        return {"ok": True, "ended": self.ring_group.hangup_door()}
+
+    async def _housekeeping(self) -> None:
+        version = -1
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                current = self.pairing.store.data_version()
+                if current != version and self.signalling is not None:
+                    version = current
+                    self.signalling.revoke_check()
+            except Exception:
+                log.exception("calls: housekeeping failed")

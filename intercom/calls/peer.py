@@ -1,0 +1,158 @@
+"""One resident device's WebRTC connection, set up when it comes online and kept open.
+
+The station is the offerer: video sendonly (gated until this device is rung), audio
+sendrecv (door microphone gated until this device answers; its audio reaches the door
+speaker only while it is in the call) and a data channel ``control`` for unlocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+
+from intercom.calls.tracks import GatedTrack, MediaHub
+from intercom.config import IceServerConfig
+
+log = logging.getLogger(__name__)
+
+MAX_CHANNEL_MESSAGE = 8192
+MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
+
+Unlock = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+def ice_servers(config: list[IceServerConfig]) -> list[RTCIceServer]:
+    """The ICE servers of the config for aiortc (none by default: no public STUN server)."""
+    return [
+        RTCIceServer(
+            urls=list(server.urls),
+            username=server.username or None,
+            credential=server.credential.get_secret_value() or None,
+        )
+        for server in config
+    ]
+
+
+def without_mdns(sdp: str) -> str:
+    """The SDP without ``*.local`` candidates, which aioice would spend a second each on."""
+    return MDNS_CANDIDATE.sub("", sdp).replace("\r\n\r\n", "\r\n")
+
+
+class DevicePeer:
+    """The station's end of one device's peer connection."""
+
+    def __init__(
+        self,
+        media: MediaHub,
+        servers: list[RTCIceServer],
+        unlock: Unlock,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.media = media
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.video: GatedTrack = media.video_track()
+        self.audio: GatedTrack = media.audio_track()
+        self.to_door = False
+        self._unlock = unlock
+        self._on_lost = on_lost
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.video_sender = self.pc.addTransceiver(self.video, direction="sendonly").sender
+        if media.encoded:  # hardware H.264 packets go out as they are
+            transceiver = self.pc.getTransceivers()[0]
+            codecs = RTCRtpSender.getCapabilities("video").codecs
+            transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+        self.pc.addTransceiver(self.audio, direction="sendrecv")
+        self.channel: RTCDataChannel = self.pc.createDataChannel("control")
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+        self._answered = False
+
+    async def offer(self) -> str:
+        """The full offer SDP (non-trickle: every candidate gathered)."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def accept_answer(self, sdp: str) -> None:
+        """Apply the device's answer; ValueError when it is not acceptable."""
+        if self._answered:
+            raise ValueError("answer already given")
+        self._answered = True
+        await self.pc.setRemoteDescription(RTCSessionDescription(without_mdns(sdp), "answer"))
+
+    # --- gates -------------------------------------------------------------------------------
+
+    def start_video(self) -> None:
+        """Send the camera to this device, newest frame first, from a keyframe."""
+        self.video.open()
+        self.media.request_keyframe()
+        force = getattr(self.video_sender, "_send_keyframe", None)
+        if callable(force):  # a software encoder in use makes its next frame a keyframe
+            force()
+
+    def stop_video(self) -> None:
+        """Stop sending video."""
+        self.video.close()
+
+    def start_audio(self) -> None:
+        """Two-way audio: door microphone to the device, the device to the door speaker."""
+        self.audio.open()
+        self.to_door = True
+
+    def stop_audio(self) -> None:
+        """No audio either way."""
+        self.audio.close()
+        self.to_door = False
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_track(self, track: Any) -> None:
+        if track.kind == "audio":
+            self._spawn(self.media.consume(track, lambda: self.to_door), "call-device-audio")
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        log.debug("peer: connection %s", state)
+        if state == "connected":
+            if self.video.is_open:
+                self.media.request_keyframe()
+        elif state in {"failed", "closed"}:
+            self._on_lost()
+
+    def _on_message(self, message: Any) -> None:
+        if not isinstance(message, str) or len(message) > MAX_CHANNEL_MESSAGE:
+            log.warning("peer: refused a data channel message (binary or oversized)")
+            return
+        self._spawn(self._answer_unlock(message), "call-unlock")
+
+    async def _answer_unlock(self, token: str) -> None:
+        result = await self._unlock(token.strip())
+        if self.channel.readyState == "open":
+            self.channel.send(json.dumps(result))
+
+    async def close(self) -> None:
+        """Close the connection and stop the tracks."""
+        self.video.stop()
+        self.audio.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pc.close()

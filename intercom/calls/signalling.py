@@ -1,0 +1,332 @@
+"""The signalling WebSocket: challenge authentication, then the SDP exchange and call control.
+
+Until a socket has signed the station's challenge with a registered device key, it
+gets nothing but the challenge. Messages are JSON objects with a ``type``; a malformed
+one closes that socket only (4400), a failed authentication closes it with 4401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from intercom.calls.peer import DevicePeer
+from intercom.calls.ringgroup import RingGroup
+from intercom.calls.tracks import MediaHub
+from intercom.security.limits import TokenBucket
+from intercom.security.principals import ID_PATTERN, Principal, Role
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024
+MAX_SDP = 60 * 1024
+AUTH_TIMEOUT_S = 10.0
+HEARTBEAT_S = 10.0
+MAX_UNAUTHENTICATED = 32
+MESSAGES_PER_S = (20.0, 40.0)  # rate, burst
+CLOSE_MALFORMED = 4400
+CLOSE_AUTH = 4401
+CLOSE_REPLACED = 4409
+CLOSE_LOST = 4410
+CLOSE_BUSY = 4429
+SIGNATURE_BYTES = 64
+CALL_TYPES = frozenset({"accept", "decline", "hangup"})
+
+
+class Refused(Exception):  # noqa: N818 - a control-flow signal, not a fault of ours
+    """Close the socket with ``code``; ``reason`` goes to the log (and the close frame)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding; ValueError when malformed."""
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("malformed base64url") from exc
+
+
+def auth_message(station: str, nonce: str) -> bytes:
+    """The bytes a device signs to authenticate."""
+    return f"intercom-auth:{station}:{nonce}".encode()
+
+
+def verify_device_signature(principal: Principal, data: bytes, signature: bytes) -> bool:
+    """Ed25519, or ECDSA P-256/SHA-256 in WebCrypto's raw r||s form."""
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    key: Any = principal.key.get_op_key("verify")
+    try:
+        if isinstance(key, Ed25519PublicKey):
+            key.verify(signature, data)
+            return True
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            r = int.from_bytes(signature[:32], "big")
+            s = int.from_bytes(signature[32:], "big")
+            key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
+            return True
+    except InvalidSignature:
+        return False
+    return False
+
+
+class Session:
+    """One authenticated device: its socket, its peer connection, its place in the ring."""
+
+    def __init__(self, ws: web.WebSocketResponse, principal: str, flats: frozenset[str]) -> None:
+        self.id = secrets.token_hex(6)
+        self.ws = ws
+        self.principal = principal
+        self.flats = flats
+        self.peer: DevicePeer | None = None
+        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write(), name=f"call-ws-writer-{self.id}")
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a message; they go out in order."""
+        self._outbox.put_nowait(message)
+
+    async def _write(self) -> None:
+        while (message := await self._outbox.get()) is not None:
+            if self.ws.closed:
+                return
+            try:
+                await self.ws.send_str(json.dumps(message))
+            except (ConnectionError, RuntimeError) as exc:
+                log.debug("signalling: send failed: %s", exc)
+                return
+
+    def start_video(self) -> None:
+        """Show the door."""
+        if self.peer is not None:
+            self.peer.start_video()
+
+    def stop_video(self) -> None:
+        """Stop showing the door."""
+        if self.peer is not None:
+            self.peer.stop_video()
+
+    def start_audio(self) -> None:
+        """Two-way audio."""
+        if self.peer is not None:
+            self.peer.start_audio()
+
+    def stop_audio(self) -> None:
+        """No audio."""
+        if self.peer is not None:
+            self.peer.stop_audio()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Stop writing, close the socket and the peer connection."""
+        self._outbox.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._writer, 1)
+        except (TimeoutError, asyncio.CancelledError):
+            self._writer.cancel()
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode()[:120])
+        if self.peer is not None:
+            await self.peer.close()
+
+
+class Signalling:
+    """Serves ``/ws``: authenticates devices and connects them to the ring group."""
+
+    def __init__(
+        self,
+        station: str,
+        door: str,
+        flats: frozenset[str],
+        principal_of: Callable[[str], Principal | None],
+        ring_group: RingGroup,
+        media: MediaHub,
+        peer_factory: Callable[[MediaHub, Session], DevicePeer],
+        ice_servers: list[dict[str, Any]],
+    ) -> None:
+        self.station = station
+        self.door = door
+        self.flats = flats
+        self._principal_of = principal_of
+        self.ring_group = ring_group
+        self.media = media
+        self._peer_factory = peer_factory
+        self._ice_servers = ice_servers
+        self.sessions: dict[str, Session] = {}
+        self._unauthenticated = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """One WebSocket from challenge to close."""
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            log.warning("signalling: too many unauthenticated sockets; refused one")
+            await ws.close(code=CLOSE_BUSY, message=b"busy")
+            return ws
+        self._unauthenticated += 1
+        try:
+            principal = await self._authenticate(ws)
+        except Refused as exc:
+            log.warning("signalling: socket refused (%d): %s", exc.code, exc.reason)
+            await ws.close(code=exc.code, message=exc.reason.encode()[:120])
+            return ws
+        finally:
+            self._unauthenticated -= 1
+        await self._serve(ws, principal)
+        return ws
+
+    async def _authenticate(self, ws: web.WebSocketResponse) -> Principal:
+        nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+        await ws.send_json({"type": "challenge", "station": self.station, "nonce": nonce})
+        try:
+            message = await ws.receive(timeout=AUTH_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise Refused(CLOSE_AUTH, "no authentication in time") from exc
+        data = parse(message)
+        if data.get("type") != "auth":
+            raise Refused(CLOSE_AUTH, "authenticate first")
+        pid, signature = data.get("principal"), data.get("signature")
+        if not isinstance(pid, str) or not ID_PATTERN.match(pid):
+            raise Refused(CLOSE_MALFORMED, "principal must be a principal id")
+        if not isinstance(signature, str) or len(signature) > 200:
+            raise Refused(CLOSE_MALFORMED, "signature must be base64url")
+        try:
+            raw = b64url_decode(signature)
+        except ValueError as exc:
+            raise Refused(CLOSE_MALFORMED, "signature must be base64url") from exc
+        principal = self._principal_of(pid)
+        if principal is None:
+            raise Refused(CLOSE_AUTH, "unknown principal")
+        if reason := principal.inactive_reason(time.time()):
+            raise Refused(CLOSE_AUTH, reason)
+        if principal.role is not Role.RESIDENT or not self.flats.intersection(principal.flats):
+            raise Refused(CLOSE_AUTH, "not a resident of a flat served here")
+        if not verify_device_signature(principal, auth_message(self.station, nonce), raw):
+            raise Refused(CLOSE_AUTH, "bad signature")
+        return principal
+
+    async def _serve(self, ws: web.WebSocketResponse, principal: Principal) -> None:
+        flats = self.flats.intersection(principal.flats)
+        old = [s for s in self.sessions.values() if s.principal == principal.id]
+        for stale in old:  # the same device again (new network, reload): the old one goes
+            await self._drop(stale, CLOSE_REPLACED, "replaced by a newer connection")
+        session = Session(ws, principal.id, frozenset(flats))
+        self.sessions[session.id] = session
+        log.info("signalling: device online (session %s, flats %s)", session.id, sorted(flats))
+        code, reason = 1000, ""
+        try:
+            session.send(
+                {
+                    "type": "ready",
+                    "principal": principal.id,
+                    "flat": min(flats),
+                    "door": self.door,
+                    "ice_servers": self._ice_servers,
+                }
+            )
+            session.peer = self._peer_factory(self.media, session)
+            session.send({"type": "offer", "sdp": await session.peer.offer()})
+            self.ring_group.add(session)
+            await self._loop(ws, session)
+        except Refused as exc:
+            log.warning("signalling: session %s closed (%d): %s", session.id, exc.code, exc.reason)
+            code, reason = exc.code, exc.reason
+        finally:
+            await self._drop(session, code, reason)
+
+    async def _loop(self, ws: web.WebSocketResponse, session: Session) -> None:
+        bucket = TokenBucket(*MESSAGES_PER_S)
+        while not ws.closed:
+            message = await ws.receive()
+            if message.type in {WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED}:
+                return
+            if message.type is WSMsgType.ERROR:
+                log.warning("signalling: session %s: %s", session.id, ws.exception())
+                return
+            if not bucket.take(time.monotonic()):
+                raise Refused(CLOSE_BUSY, "too many messages")
+            await self._dispatch(session, parse(message))
+
+    async def _dispatch(self, session: Session, data: dict[str, Any]) -> None:
+        kind = data.get("type")
+        if kind == "ping":
+            session.send({"type": "pong"})
+        elif kind == "answer":
+            sdp = data.get("sdp")
+            if not isinstance(sdp, str) or len(sdp) > MAX_SDP or session.peer is None:
+                raise Refused(CLOSE_MALFORMED, "answer needs an sdp string")
+            try:
+                await session.peer.accept_answer(sdp)
+            except ValueError as exc:
+                raise Refused(CLOSE_MALFORMED, f"answer refused: {exc}") from exc
+        elif kind in CALL_TYPES:
+            call = data.get("call")
+            if not isinstance(call, str) or len(call) > 64:
+                raise Refused(CLOSE_MALFORMED, f"{kind} needs a call id")
+            action = {
+                "accept": self.ring_group.accept,
+                "decline": self.ring_group.decline,
+                "hangup": self.ring_group.hangup,
+            }[str(kind)]
+            action(session, call)
+        else:
+            raise Refused(CLOSE_MALFORMED, f"unknown message type {str(kind)[:20]!r}")
+
+    def lost(self, session: Session) -> None:
+        """The device's media connection failed: treat it as gone."""
+        if session.id in self.sessions:
+            log.info("signalling: session %s lost its media connection", session.id)
+            task = asyncio.ensure_future(self._drop(session, CLOSE_LOST, "media connection lost"))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _drop(self, session: Session, code: int, reason: str) -> None:
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.ring_group.remove(session)
+        log.info("signalling: device offline (session %s)", session.id)
+        await session.close(code, reason)
+
+    async def close(self) -> None:
+        """Close every session (the station is stopping)."""
+        for session in list(self.sessions.values()):
+            await self._drop(session, 1001, "station stopping")
+
+    def revoke_check(self) -> None:
+        """Close the sessions of principals that are no longer active."""
+        now = time.time()
+        for session in list(self.sessions.values()):
+            principal = self._principal_of(session.principal)
+            if principal is None or principal.inactive_reason(now):
+                self.lost(session)
+
+
+def parse(message: Any) -> dict[str, Any]:
+    """A text message's JSON object with a string ``type``; Refused otherwise."""
+    if message.type is not WSMsgType.TEXT:
+        if message.type is WSMsgType.ERROR:
+            raise Refused(1009, "message too big or broken")
+        raise Refused(CLOSE_MALFORMED, "only JSON text messages")
+    try:
+        data = json.loads(message.data)
+    except ValueError as exc:
+        raise Refused(CLOSE_MALFORMED, "not JSON") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise Refused(CLOSE_MALFORMED, "a JSON object with a type is required")
+    return data

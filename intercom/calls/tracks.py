@@ -1,0 +1,159 @@
+"""Media of the calls: the shared camera and microphone, gated per device, and the speaker.
+
+One camera and one microphone feed every peer through an aiortc ``MediaRelay`` (newest
+frame only, no queue). Each device's peer connection gets a ``GatedTrack`` attached from
+the start: its ``recv`` blocks while the gate is closed, so nothing is sent and nothing
+is encoded, and returns the newest frame at once when the gate opens (no renegotiation
+at a ring). Encoded camera packets (the Pi's hardware H.264) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
+
+from intercom.media import AudioSink, AudioSource, CameraSource
+
+log = logging.getLogger(__name__)
+
+
+class SourceTrack(MediaStreamTrack):
+    """A camera or microphone as an aiortc track."""
+
+    def __init__(self, kind: str, next_frame: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__()
+        self.kind = kind
+        self._next = next_frame
+
+    async def recv(self) -> Any:
+        """The source's next frame or packet."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            return await self._next()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("media: %s source failed: %s", self.kind, exc)
+            self.stop()
+            raise MediaStreamError from exc
+
+
+class GatedTrack(MediaStreamTrack):
+    """A relayed track that passes frames only while its gate is open."""
+
+    def __init__(self, kind: str, proxy: MediaStreamTrack) -> None:
+        super().__init__()
+        self.kind = kind
+        self._proxy = proxy
+        self._gate = asyncio.Event()
+        self._fresh = False
+        self.opened_at: float | None = None
+        self.first_frame_at: float | None = None
+        self.frames = 0
+        # Subscribe now, so that the newest frame is waiting when the gate opens.
+        self._warm = asyncio.ensure_future(self._proxy.recv())
+        self._warm.add_done_callback(_ignore_result)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether frames flow."""
+        return self._gate.is_set()
+
+    def open(self) -> None:
+        """Let frames flow, starting with the newest one."""
+        if not self._gate.is_set():
+            self.opened_at = time.time()
+            self.first_frame_at = None
+            self._fresh = True
+            self._gate.set()
+
+    def close(self) -> None:
+        """Stop frames (the connection stays up)."""
+        self._gate.clear()
+
+    async def recv(self) -> Any:
+        """The next frame, waiting while the gate is closed."""
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            await self._gate.wait()
+            frame = await self._proxy.recv()
+            if self._gate.is_set():
+                break
+        if self._fresh:
+            self._fresh = False
+            self.first_frame_at = time.time()
+        self.frames += 1
+        return frame
+
+    def stop(self) -> None:
+        """Stop the track and leave the relay."""
+        super().stop()
+        self._warm.cancel()
+        self._proxy.stop()
+        self._gate.set()  # wake a waiting recv, which then raises
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # consumed: a relay that ended needs no report here
+
+
+class MediaHub:
+    """The door's camera, microphone and speaker, shared by every device's connection."""
+
+    def __init__(self, camera: CameraSource, microphone: AudioSource, speaker: AudioSink) -> None:
+        self.camera = camera
+        self.speaker = speaker
+        self.encoded = bool(camera.encoded)
+        self._relay = MediaRelay()
+        self._camera = SourceTrack("video", camera.next)
+        self._microphone = SourceTrack("audio", microphone.next)
+        self._keepers: list[GatedTrack] = []
+
+    def start(self) -> None:
+        """Start reading the microphone (it must not fall behind while no one listens)."""
+        self._keepers.append(self.audio_track())
+
+    def video_track(self) -> GatedTrack:
+        """A closed video gate on the shared camera."""
+        return GatedTrack("video", self._relay.subscribe(self._camera, buffered=False))
+
+    def audio_track(self) -> GatedTrack:
+        """A closed audio gate on the shared microphone."""
+        return GatedTrack("audio", self._relay.subscribe(self._microphone, buffered=False))
+
+    def request_keyframe(self) -> None:
+        """Ask an encoding camera for an IDR now."""
+        if self.encoded:
+            self.camera.request_keyframe()
+
+    async def consume(self, track: MediaStreamTrack, to_door: Callable[[], bool]) -> None:
+        """Read a device's audio; play it on the door speaker while ``to_door()`` holds."""
+        import av  # noqa: PLC0415 - heavy, and only here once a device sends audio
+
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        while True:
+            try:
+                frame: Any = await track.recv()
+            except MediaStreamError:
+                return
+            if not to_door():
+                continue
+            for out in resampler.resample(frame):
+                await self.speaker.play(out)
+
+    def close(self) -> None:
+        """Stop the shared sources."""
+        for keeper in self._keepers:
+            keeper.stop()
+        self._camera.stop()
+        self._microphone.stop()
