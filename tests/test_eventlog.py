@@ -310,3 +310,19 @@ async def test_cli_show_export_purge_and_checkpoint(tmp_path, capsys):
     assert main(["log", "verify", *state]) == 0
     assert capsys.readouterr().out.startswith("ok: 4 records")
     assert main(["log", "show", *["--state-dir", str(tmp_path / "none")]]) == 1
+
+
+async def test_station_logs_its_events_and_verifies_after_stop(station, capsys):
+    assert station.eventlog is not None
+    await station.simulator.act("press", None)
+    for _ in range(300):
+        types = [e.type for e in station.eventlog.read_after(0)]
+        if "DoorbellPressed" in types:
+            break
+        await asyncio.sleep(0.01)
+    assert types[0] == "StationStarted"
+    assert "DoorbellPressed" in types
+    assert station.status()["eventlog"]["last_seq"] >= 2
+    state = ["--state-dir", str(station.state_dir)]
+    assert main(["log", "verify", *state]) == 0
+    capsys.readouterr()
