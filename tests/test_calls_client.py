@@ -121,6 +121,8 @@ class Device:
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         assert self.station.calls is not None
+        if self.http is not None:
+            await self.http.close()
         self.http = aiohttp.ClientSession()
         self.ws = await self.http.ws_connect(
             self.station.calls.url + "ws", ssl=pinned(self.station)
@@ -136,7 +138,9 @@ class Device:
         await ws.send_json(
             {"type": "auth", "principal": self.principal, "signature": b64url(self.key.sign(data))}
         )
-        ready = await ws.receive_json(timeout=5)
+        reply = await ws.receive(timeout=5)
+        assert reply.type == aiohttp.WSMsgType.TEXT, f"refused: {reply.type} {ws.close_code}"
+        ready = json.loads(reply.data)
         assert ready["type"] == "ready", ready
         offer = await ws.receive_json(timeout=10)
         assert offer["type"] == "offer"

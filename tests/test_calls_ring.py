@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
+import pytest
+
+from intercom.config import CallsConfig
+from intercom.control import request
 from intercom.events import DoorbellPressed
+from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
 from . import test_calls_client as kit
 from .conftest import Recorder
-from .test_calls_client import Device, pair
+from .test_calls_client import Device, DeviceKey, call_settings, pair
 
 call_station = kit.call_station
 devices = kit.devices
@@ -57,3 +64,213 @@ async def test_press_rings_device_with_video_before_answer_and_audio_after(
         "CallAnswered",
         "CallEnded",
     ]
+
+
+def press(station: Station, flat: str = "1") -> None:
+    station.bus.publish(DoorbellPressed(button="bell0", flat=flat))
+
+
+async def test_two_accepts_at_once_give_exactly_one_call(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    recorder = Recorder(station.bus)
+    first, second = await online(station, devices, 2)
+    for round_ in range(3):
+        press(station)
+        ring = await first.expect("ring")
+        assert (await second.expect("ring"))["call"] == ring["call"]
+        accept = {"type": "accept", "call": ring["call"]}
+        await asyncio.gather(first.send(accept), second.send(accept))
+        states = {
+            (await first.expect("call", call=ring["call"]))["state"],
+            (await second.expect("call", call=ring["call"]))["state"],
+        }
+        assert states == {"answered", "taken"}
+        assert len(recorder.of("CallAnswered")) == round_ + 1
+        assert station.calls is not None
+        assert station.calls.state == "in_call"
+        winner = first if first.seen[-1]["state"] == "answered" else second
+        await winner.send({"type": "hangup", "call": ring["call"]})
+        await winner.expect("call", state="ended")
+    assert len(recorder.of("CallRinging")) == 3
+    assert len(recorder.of("CallEnded")) == 3
+
+
+async def test_unanswered_ring_is_missed_and_stops_video(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    recorder = Recorder(station.bus)
+    (phone,) = await online(station, devices, 1)
+    press(station)
+    ring = await phone.expect("ring")
+    missed = await phone.expect("call", timeout=6, state="missed")
+    assert missed["call"] == ring["call"]
+    (event,) = recorder.of("CallMissed")
+    assert event.flat == "1"
+    assert "CallAnswered" not in recorder.types()
+    await asyncio.sleep(0.3)
+    frames = len(phone.video_frames)
+    await asyncio.sleep(0.5)
+    assert len(phone.video_frames) == frames, "no video after the ring ended"
+    # a late accept is told the call is over
+    await phone.send({"type": "accept", "call": ring["call"]})
+    assert (await phone.expect("call", call=ring["call"]))["state"] == "ended"
+
+
+async def test_declined_by_every_device_is_missed(call_station: Station, devices: list[Device]):
+    station = call_station
+    recorder = Recorder(station.bus)
+    first, second = await online(station, devices, 2)
+    press(station)
+    ring = await first.expect("ring")
+    await first.send({"type": "decline", "call": ring["call"]})
+    await recorder.wait_for("CallDeclined")
+    assert station.calls is not None
+    assert station.calls.state == "ringing", "the other device still rings"
+    await second.send({"type": "decline", "call": ring["call"]})
+    await recorder.wait_for("CallMissed")
+    assert len(recorder.of("CallDeclined")) == 2
+    assert station.calls.state == "idle"
+
+
+async def test_device_vanishing_mid_call_ends_it(call_station: Station, devices: list[Device]):
+    station = call_station
+    recorder = Recorder(station.bus)
+    phone, other = await online(station, devices, 2)
+    press(station)
+    ring = await phone.expect("ring")
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    await other.expect("call", state="taken")
+    await phone.vanish()
+    (ended,) = await recorder.wait_for("CallEnded")
+    assert ended.reason == "device gone"
+    assert station.calls is not None
+    assert station.calls.state == "idle"
+    # the station carries on: the next press rings the device that is left
+    press(station)
+    await other.expect("ring")
+
+
+async def test_presses_during_a_call_start_no_second_call(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    recorder = Recorder(station.bus)
+    (phone,) = await online(station, devices, 1)
+    press(station)
+    ring = await phone.expect("ring")
+    press(station)
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    press(station)
+    await asyncio.sleep(0.2)
+    assert len(recorder.of("CallRinging")) == 1
+    assert [m for m in phone.seen if m["type"] == "ring"] == [ring]
+
+
+async def test_revoked_device_is_never_rung_and_loses_its_socket(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    recorder = Recorder(station.bus)
+    kept, revoked = await online(station, devices, 2)
+    store = PrincipalStore(station.state_dir)  # as `intercom principals revoke` does
+    try:
+        store.revoke(revoked.principal, time.time())
+    finally:
+        store.close()
+    press(station)
+    await kept.expect("ring")
+    (ringing,) = recorder.of("CallRinging")
+    assert ringing.devices == 1
+    for _ in range(100):
+        if revoked.close_code is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert revoked.close_code == 4401
+    assert [m for m in revoked.seen if m["type"] == "ring"] == []
+    # and it cannot sign in again
+    with pytest.raises(AssertionError):
+        await revoked.connect()
+
+
+async def test_unpaired_device_is_refused_and_never_rung(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    (paired,) = await online(station, devices, 1)
+    stranger = Device(station, DeviceKey(), "res-0000000000000000", "")
+    devices.append(stranger)
+    with pytest.raises(AssertionError):
+        await stranger.connect()
+    assert stranger.ws is not None
+    assert stranger.ws.close_code == 4401
+    impostor = Device(station, DeviceKey(), paired.principal, "")  # right id, wrong key
+    devices.append(impostor)
+    with pytest.raises(AssertionError):
+        await impostor.connect()
+    assert impostor.ws is not None
+    assert impostor.ws.close_code == 4401
+    press(station)
+    await paired.expect("ring")
+
+
+async def test_device_of_another_flat_is_never_rung(tmp_path: Path, devices: list[Device]):
+    station = Station(call_settings(tmp_path / "state", flats=("1", "2")))
+    await station.start()
+    try:
+        recorder = Recorder(station.bus)
+        (one,) = await online(station, devices, 1, flat="1")
+        (two,) = await online(station, devices, 1, flat="2")
+        press(station, "2")
+        ring = await two.expect("ring")
+        assert ring["flat"] == "2"
+        await asyncio.sleep(0.5)
+        assert [m for m in one.seen if m["type"] == "ring"] == []
+        assert one.video_frames == [], "another flat's device sees nothing"
+        assert recorder.of("CallRinging")[0].devices == 1
+    finally:
+        await station.stop("test finished")
+
+
+async def test_maximum_call_length_and_hangup_at_the_door(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    assert station.calls is not None
+    recorder = Recorder(station.bus)
+    (phone,) = await online(station, devices, 1)
+    station.calls.ring_group.config = CallsConfig.model_construct(ring_timeout_s=3, max_call_s=0.5)
+    press(station)
+    ring = await phone.expect("ring")
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    await phone.expect("call", state="ended")
+    assert recorder.of("CallEnded")[-1].reason == "maximum length"
+    station.calls.ring_group.config = CallsConfig()
+    press(station)
+    ring = await phone.expect("ring")
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    answer = await request(station.state_dir, {"request": "hangup"})
+    assert answer == {"ok": True, "ended": True}
+    await phone.expect("call", state="ended")
+    assert recorder.of("CallEnded")[-1].reason == "hung up at the door"
+
+
+async def test_simulated_button_press_rings(call_station: Station, devices: list[Device]):
+    station = call_station
+    (phone,) = await online(station, devices, 1)
+    await request(station.state_dir, {"request": "sim", "action": "press", "button": "bell0"})
+    ring = await phone.expect("ring")
+    assert ring["flat"] == "1"
+    assert abs(ring["received_at"] - ring["at"]) < 1
+    status = (await request(station.state_dir, {"request": "status"}))["status"]
+    assert status["call"] == "ringing"
+    assert status["listening"]["web"] == station.calls.url if station.calls else False
+    timing = status["calls"]["last_call"]
+    assert timing["call"] == ring["call"]
+    assert timing["ring_sent_at"] >= timing["pressed_at"]

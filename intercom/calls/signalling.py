@@ -294,7 +294,7 @@ class Signalling:
         if session.id in self.sessions:
             log.info("signalling: session %s lost its media connection", session.id)
             task = asyncio.ensure_future(self._drop(session, CLOSE_LOST, "media connection lost"))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            task.add_done_callback(_consume)
 
     async def _drop(self, session: Session, code: int, reason: str) -> None:
         if self.sessions.pop(session.id, None) is None:
@@ -313,8 +313,16 @@ class Signalling:
         now = time.time()
         for session in list(self.sessions.values()):
             principal = self._principal_of(session.principal)
-            if principal is None or principal.inactive_reason(now):
-                self.lost(session)
+            reason = "principal removed" if principal is None else principal.inactive_reason(now)
+            if reason:
+                log.info("signalling: session %s closed: %s", session.id, reason)
+                task = asyncio.ensure_future(self._drop(session, CLOSE_AUTH, reason))
+                task.add_done_callback(_consume)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("signalling: closing a session failed: %r", exc)
 
 
 def parse(message: Any) -> dict[str, Any]:
