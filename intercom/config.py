@@ -336,6 +336,43 @@ class CallsConfig(Model):
     )
 
 
+class PrivacyConfig(Model):
+    """Privacy zones, face redaction, snapshots and the installer's time box."""
+
+    zones: list[
+        Annotated[
+            list[tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]],
+            Field(min_length=3, max_length=64),
+        ]
+    ] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Polygons blacked out in every frame at the source, each a list of "
+        "[x, y] points from 0 to 1 (left to right, top to bottom).",
+    )
+    redact_all_outputs: bool = Field(
+        default=False,
+        description="Blur faces in every output, residents' calls included (managers "
+        "always get redacted media).",
+    )
+    snapshots: bool = Field(
+        default=False, description="Keep one frame per ring, encrypted in the event log."
+    )
+    snapshot_retention_hours: float = Field(
+        default=48,
+        ge=1,
+        le=24 * 366,
+        description="Snapshots are shredded after this long (at most the log's retention).",
+    )
+    installer_valid_hours: float = Field(
+        default=72,
+        ge=1,
+        le=24 * 30,
+        description="How long an installer principal stays valid after provisioning or an "
+        "extension.",
+    )
+
+
 class Settings(Model):
     """The whole station configuration."""
 
@@ -346,6 +383,7 @@ class Settings(Model):
     mqtt: MqttConfig | None = None
     web: WebConfig = WebConfig()
     calls: CallsConfig = CallsConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     simulated: bool = Field(
         default=False,
         description="Set by `intercom run --simulate`: mock pins and the simulator control.",

@@ -237,6 +237,40 @@ class PrincipalPaired(Event):
     flat: str
 
 
+# --- privacy -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotTaken(Event):
+    """One frame at a ring (zones masked), kept in the log only; never put on the bus.
+
+    ``bucket`` names the key that encrypts the image (one per hour, shredded after the
+    snapshot retention); ``image`` is a base64 JPEG.
+    """
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("bucket", "image")
+    button: str
+    flat: str
+    redacted: bool
+    bucket: str
+    image: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivilegedAction(Event):
+    """Someone did something privileged (pairing, revocation, config, export, erase).
+
+    ``actor`` is a principal id or, for local commands, ``local:<OS user>``; ``target``
+    is the principal acted on (personal: erased with them), empty if none.
+    """
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("target",)
+    actor: str
+    action: str
+    target: str = ""
+    detail: str = ""
+
+
 # --- event log -----------------------------------------------------------------------
 
 
@@ -293,6 +327,8 @@ for _cls in (
     CallMissed,
     CallEnded,
     PrincipalPaired,
+    SnapshotTaken,
+    PrivilegedAction,
     LogCheckpoint,
     LogPurged,
 ):

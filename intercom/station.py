@@ -26,6 +26,8 @@ from intercom.identity import StationIdentity, load_or_create_identity
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.mqtt.bridge import mqtt_bridge
 from intercom.notify import Notifier
+from intercom.privacy.camera import privacy_camera
+from intercom.privacy.component import Privacy
 from intercom.security import Verifier
 from intercom.simulator import Simulator
 
@@ -117,7 +119,8 @@ class Station:
         if self.settings.simulated:
             self.simulator = Simulator(self.settings, self.pin_factory)
             self.simulator.prepare()
-        self.camera = open_camera(self.settings.media.camera)
+        # Zones are masked at the source: every consumer of station.camera gets them.
+        self.camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
         await self.camera.open()
         self._closers.append(self.camera.close)
         self.microphone, self.speaker = open_audio(self.settings.media.audio)
@@ -158,6 +161,7 @@ class Station:
         components.append(self.verifier)
         self.calls = Calls(self)  # rings residents on a press; unlocks through the verifier
         components.append(self.calls)
+        components.append(Privacy(self))  # snapshots at rings, config-change audit
         if self.settings.mqtt is not None:  # last: it reads the event log, uses the verifier
             components.append(mqtt_bridge(self))
         return components

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "intercom.cli.pair",
     "intercom.cli.update",
     "intercom.cli.firstboot",
+    "intercom.cli.privacy",
 )
 
 EPILOG = """\

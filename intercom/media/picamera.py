@@ -12,6 +12,7 @@ import fcntl
 import fractions
 import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from intercom.config import CameraConfig
@@ -36,6 +37,11 @@ class Picamera2Camera:
         self._encoder: Any = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=30)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on every YUV420 frame (buffer, width, height, stride) before the encoder
+        # sees it: the privacy zones are burnt in here (intercom.privacy.camera).
+        self.frame_filter: Callable[[Any, int, int, int], None] | None = None
+        self._still: asyncio.Future[Any] | None = None
+        self._stride = 0
 
     async def open(self) -> None:
         """Start the camera and the encoder."""
@@ -67,13 +73,50 @@ class Picamera2Camera:
             self._camera = Picamera2()
             size = (self.config.width, self.config.height)
             video = self._camera.create_video_configuration(
-                main={"size": size}, controls={"FrameRate": self.config.fps}
+                main={"size": size, "format": "YUV420"}, controls={"FrameRate": self.config.fps}
             )
             self._camera.configure(video)
+            self._stride = int(self._camera.stream_configuration("main")["stride"])
+            # Runs in picamera2's thread on each request before the encoder gets it.
+            # This cannot run here (no Pi camera): tests exercise the filter itself.
+            self._camera.pre_callback = self._pre_callback
             self._encoder = H264Encoder(bitrate=1_500_000, repeat=True, iperiod=self.config.fps * 4)
             self._camera.start_recording(self._encoder, _ToQueue())
         except Exception as exc:
             raise HardwareError(f"media.camera: cannot start the Pi camera: {exc}") from exc
+
+    def _pre_callback(self, request: Any) -> None:
+        from picamera2 import MappedArray  # noqa: PLC0415
+
+        width, height = self.config.width, self.config.height
+        with MappedArray(request, "main") as mapped:
+            if self.frame_filter is not None:
+                self.frame_filter(mapped.array, width, height, self._stride)
+            if self._still is not None and self._loop is not None:
+                copy = mapped.array.copy()
+                self._loop.call_soon_threadsafe(self._give_still, copy)
+
+    def _give_still(self, buffer: Any) -> None:
+        import av  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+
+        future, self._still = self._still, None
+        if future is None or future.done():
+            return
+        width, height, stride = self.config.width, self.config.height, self._stride
+        flat = np.asarray(buffer).reshape(-1)
+        y = flat[: height * stride].reshape(height, stride)[:, :width]
+        chroma = flat[height * stride :].reshape(height, stride // 2)[:, : width // 2]
+        i420 = np.concatenate([y, chroma.reshape(height // 2, width)])
+        future.set_result(av.VideoFrame.from_ndarray(np.ascontiguousarray(i420), "yuv420p"))
+
+    async def still(self) -> Any:
+        """The next frame as it went to the encoder (zones masked), decoded."""
+        if self._loop is None:
+            raise HardwareError("media.camera: the Pi camera is not open")
+        if self._still is None:
+            self._still = self._loop.create_future()
+        return await asyncio.wait_for(asyncio.shield(self._still), 5)
 
     def _put(self, data: bytes, keyframe: bool, timestamp: Any) -> None:
         import av  # noqa: PLC0415

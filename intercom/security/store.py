@@ -143,6 +143,29 @@ class PrincipalStore:
         )
         return cur.rowcount == 1
 
+    def set_valid_until(self, pid: str, until: float) -> None:
+        """Move a principal's expiry (an installer's time box extended or cut short)."""
+        principal = self.get(pid)
+        if principal is None:
+            raise StoreError(f"no principal {pid!r}")
+        if until <= principal.valid_from:
+            raise StoreError("valid-until must be after valid-from")
+        self._db.execute("UPDATE principals SET valid_until = ? WHERE id = ?", (until, pid))
+
+    def erase(self, pid: str) -> bool:
+        """Delete a principal with its key, TOTP secret, guard and used command ids.
+
+        The freed pages are zeroed and the WAL truncated, so the row does not linger.
+        """
+        self._db.execute("PRAGMA secure_delete = ON")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("DELETE FROM principals WHERE id = ?", (pid,))
+            self._db.execute("DELETE FROM guards WHERE principal = ?", (pid,))
+            self._db.execute("DELETE FROM seen_jti WHERE principal = ?", (pid,))
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return cur.rowcount == 1
+
     # --- guards and seen command ids ----------------------------------------------------
 
     def guards(self) -> dict[str, Guard]:

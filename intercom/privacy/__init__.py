@@ -1,0 +1,1 @@
+"""Privacy by design: zones, face redaction, snapshots and data subject rights."""

@@ -1,0 +1,77 @@
+"""The privacy component: snapshots at rings, their shredding, and config-change audit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from intercom.events import PrivilegedAction
+from intercom.privacy.audit import CONFIG_ACTOR
+from intercom.privacy.snapshots import Snapshots
+
+if TYPE_CHECKING:
+    from intercom.station import Station
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIGEST_FILE = "config.sha256"
+
+
+class Privacy:
+    """Component ``privacy``: owns snapshots and notes each change of the config."""
+
+    name = "privacy"
+
+    def __init__(self, station: Station) -> None:
+        self.station = station
+        self.config = station.settings.privacy
+        self.snapshots = Snapshots(station) if self.config.snapshots else None
+
+    async def start(self) -> None:
+        """Audit a changed config; start taking snapshots when they are switched on."""
+        self._audit_config()
+        if self.snapshots is not None:
+            await self.snapshots.start()
+
+    async def stop(self) -> None:
+        """Stop taking snapshots."""
+        if self.snapshots is not None:
+            await self.snapshots.stop()
+
+    def _audit_config(self) -> None:
+        """Log a PrivilegedAction when the settings differ from the last start's."""
+        settings = self.station.settings.model_copy(update={"simulated": False})
+        # The JSON dump masks secrets; the digest shows that something changed, not what.
+        digest = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+        path = self.station.state_dir / CONFIG_DIGEST_FILE
+        try:
+            old = path.read_text().strip()
+        except FileNotFoundError:
+            old = ""
+        except OSError as exc:
+            log.warning("privacy: cannot read %s: %s", path, exc)
+            return
+        if old == digest:
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(digest + "\n")
+        tmp.replace(path)
+        action = "config-change" if old else "config-first-use"
+        detail = f"sha256 {old[:16] or '-'} -> {digest[:16]}"
+        self.station.bus.publish(PrivilegedAction(actor=CONFIG_ACTOR, action=action,
+                                                  detail=detail))
+
+    def status(self) -> dict[str, Any]:
+        """Zones, redaction and snapshot counts for ``intercom status``."""
+        info: dict[str, Any] = {
+            "zones": len(self.config.zones),
+            "redact_all_outputs": self.config.redact_all_outputs,
+            "snapshots": self.config.snapshots,
+        }
+        if self.snapshots is not None:
+            info.update(self.snapshots.status())
+        return {"privacy": info}

@@ -1,0 +1,228 @@
+"""Privacy zones and face redaction on every output path: peer, snapshot, manager media."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from intercom.calls.tracks import SourceTrack
+from intercom.config import PrivacyConfig, Settings, simulated_settings
+from intercom.eventlog.reader import LogReader
+from intercom.eventlog.store import open_log
+from intercom.privacy.camera import PrivacyCamera, privacy_camera, still_frame
+from intercom.privacy.redact import FaceRedactor
+from intercom.privacy.snapshots import read_snapshots
+from intercom.privacy.zones import ZoneMask, ZoneMasks, rasterise
+from intercom.station import Station
+
+# Bottom-left quarter and a triangle at the bottom right, in normalised coordinates
+# (clear of the face, which is at the top).
+QUARTER = [(0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (0.0, 1.0)]
+TRIANGLE = [(0.7, 0.6), (0.95, 0.95), (0.6, 0.95)]
+ZONES = [QUARTER, TRIANGLE]
+W, H = 640, 480
+
+
+def face_rgb() -> np.ndarray:
+    """The astronaut picture shipped inside scikit-image, 640x480 (a real face)."""
+    return np.ascontiguousarray(cv2.resize(skdata.astronaut(), (W, W))[80 : 80 + H])
+
+
+def face_frame() -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(face_rgb(), format="rgb24").reformat(format="yuv420p")
+
+
+def planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    data = frame.to_ndarray(format="yuv420p")
+    h, w = frame.height, frame.width
+    chroma = data[h:].reshape(-1)
+    q = (h // 2) * (w // 2)
+    return data[:h], chroma[:q].reshape(h // 2, w // 2), chroma[q:].reshape(h // 2, w // 2)
+
+
+def assert_zones_masked(frame: av.VideoFrame) -> None:
+    mask = ZoneMask(ZONES, frame.width, frame.height)
+    y, u, v = planes(frame)
+    assert (y[mask.luma] == 16).all()
+    assert (u[mask.chroma] == 128).all()
+    assert (v[mask.chroma] == 128).all()
+    assert (y[~mask.luma] != 16).any(), "the picture outside the zones is left"
+
+
+def assert_zone_dark(bgr: np.ndarray) -> None:
+    """A decoded JPEG: the zones are black (allowing for compression near edges)."""
+    h, w = bgr.shape[:2]
+    inner = rasterise([[(0.02, 0.52), (0.48, 0.52), (0.48, 0.98), (0.02, 0.98)]], w, h)
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    assert grey[inner].max() < 40
+    assert grey[~rasterise(ZONES, w, h)].mean() > 60
+
+
+def face_found(redactor: FaceRedactor, frame: av.VideoFrame) -> bool:
+    return bool(redactor.detect(planes(frame)[0]))
+
+
+def distinct_levels(grey: np.ndarray, box: tuple[int, int, int, int]) -> int:
+    x, y, w, h = box
+    return len(np.unique(grey[y : y + h, x : x + w]))
+
+
+# --- the mask itself -----------------------------------------------------------------
+
+
+def test_rasterise_fills_polygons_by_pixel_centre():
+    mask = rasterise([QUARTER], 8, 6)
+    assert mask[3:, :4].all()
+    assert not mask[:3, :].any()
+    assert not mask[:, 4:].any()
+    # Base 0.35 wide at y = 0.95, apex 0.35 above it: area 0.35 * 0.35 / 2.
+    triangle = rasterise([TRIANGLE], 400, 400)
+    assert triangle.mean() == pytest.approx(0.35 * 0.35 / 2, rel=0.03)
+
+
+def test_mask_applies_to_every_plane_of_a_frame():
+    frame = face_frame()
+    ZoneMasks(ZONES).apply_frame(frame)
+    assert_zones_masked(frame)
+
+
+def test_mask_of_a_strided_i420_buffer_as_picamera2_maps_it():
+    # picamera2's YUV420 buffer: rows padded to the stride, U then V at half the stride.
+    stride = 704
+    buffer = np.full((H * 3 // 2, stride), 200, dtype=np.uint8)
+    mask = ZoneMasks(ZONES).for_size(W, H)
+    mask.apply_i420(buffer, stride)
+    flat = buffer.reshape(-1)
+    y = flat[: H * stride].reshape(H, stride)
+    u = flat[H * stride : H * stride + H // 2 * stride // 2].reshape(H // 2, stride // 2)
+    assert (y[:, :W][mask.luma] == 16).all()
+    assert (y[:, :W][~mask.luma] == 200).all()
+    assert (y[:, W:] == 200).all(), "padding untouched"
+    assert (u[:, : W // 2][mask.chroma] == 128).all()
+    assert (u[:, : W // 2][~mask.chroma] == 200).all()
+
+
+def test_no_zones_leaves_the_source_unwrapped():
+    class Source:
+        encoded = False
+        name = "x"
+
+    source = Source()
+    assert privacy_camera(source, PrivacyConfig()) is source  # type: ignore[arg-type]
+
+
+# --- face redaction ------------------------------------------------------------------
+
+
+def test_face_is_blurred_in_the_redacted_output_and_intact_in_the_other():
+    redactor = FaceRedactor()
+    original = face_frame()
+    (box,) = redactor.detect(planes(original)[0])
+    redacted = redactor.redact_frame(original)
+    assert face_found(redactor, original), "the unredacted frame is untouched"
+    assert not face_found(redactor, redacted)
+    # The face is a few flat blocks: at most 6x6 grey levels where there were hundreds.
+    assert distinct_levels(planes(original)[0], box) > 100
+    assert distinct_levels(planes(redacted)[0], box) <= 36
+    # Away from the face the picture is the same.
+    assert np.array_equal(planes(original)[0][300:], planes(redacted)[0][300:])
+
+
+# --- output paths of a running station -------------------------------------------------
+
+
+def settings_with(tmp_path: Path, **privacy: object) -> Settings:
+    base = simulated_settings(tmp_path / "state")
+    return base.model_copy(update={"privacy": PrivacyConfig(zones=ZONES, **privacy)})
+
+
+def face_video(path: Path) -> Path:
+    """A short raw video of the face picture, made here (the 'file' camera loops it)."""
+    out = av.open(str(path), "w", format="yuv4mpegpipe")
+    stream = out.add_stream("rawvideo", rate=15)
+    stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+    for _ in range(2):
+        for packet in stream.encode(face_frame()):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    return path
+
+
+def with_face_camera(settings: Settings, video: Path) -> Settings:
+    camera = settings.media.camera.model_copy(update={"source": "file", "device": str(video)})
+    media = settings.media.model_copy(update={"camera": camera})
+    return settings.model_copy(update={"media": media})
+
+
+async def test_peer_frames_from_station_camera_are_masked(tmp_path):
+    station = Station(settings_with(tmp_path))
+    await station.start()
+    try:
+        assert isinstance(station.camera, PrivacyCamera)
+        track = SourceTrack("video", station.camera.next)  # as the calls code reads it
+        for _ in range(3):
+            assert_zones_masked(await track.recv())
+        assert_zones_masked(await still_frame(station.camera))  # previews, snapshots
+    finally:
+        await station.stop("test finished")
+
+
+async def test_snapshot_at_ring_is_masked_encrypted_and_redacted_for_managers(tmp_path):
+    settings = with_face_camera(settings_with(tmp_path, snapshots=True),
+                                face_video(tmp_path / "face.y4m"))
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.simulator is not None
+        await station.simulator.act("press")
+        privacy = next(c for c in station.components if c.name == "privacy")
+        for _ in range(300):
+            if privacy.status()["privacy"]["snapshots"]["taken"]:
+                break
+            await asyncio.sleep(0.02)
+        assert privacy.status()["privacy"]["snapshots"]["taken"] == 1
+        # Never on the bus: no subscriber or broker sees the image.
+        assert not [e for e in station.bus.recent if e.type == "SnapshotTaken"]
+    finally:
+        await station.stop("test finished")
+    raw = (settings.station.state_dir / "eventlog.db").read_bytes()
+    conn, keyring = open_log(settings.station.state_dir, create=False)
+    reader = LogReader(conn, keyring)
+    (resident,) = read_snapshots(reader, "resident", flats=frozenset({"1"}))
+    (manager,) = read_snapshots(reader, "manager")
+    assert list(read_snapshots(reader, "resident", flats=frozenset({"2"}))) == []
+    conn.close()
+    assert base64.b64encode(resident.jpeg)[:64] not in raw, "stored encrypted"
+    redactor = FaceRedactor()
+    for snap in (resident, manager):
+        bgr = cv2.imdecode(np.frombuffer(snap.jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert_zone_dark(bgr)
+    res = cv2.cvtColor(cv2.imdecode(np.frombuffer(resident.jpeg, np.uint8), 1), cv2.COLOR_BGR2GRAY)
+    man = cv2.cvtColor(cv2.imdecode(np.frombuffer(manager.jpeg, np.uint8), 1), cv2.COLOR_BGR2GRAY)
+    assert redactor.detect(res), "the resident of the flat rung sees the face"
+    assert not redactor.detect(man), "the manager never does"
+    assert manager.redacted
+    assert not resident.redacted
+
+
+async def test_redact_all_outputs_blurs_faces_in_peer_frames(tmp_path):
+    settings = with_face_camera(settings_with(tmp_path, redact_all_outputs=True),
+                                face_video(tmp_path / "face.y4m"))
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.camera is not None
+        frame = await SourceTrack("video", station.camera.next).recv()
+    finally:
+        await station.stop("test finished")
+    assert_zones_masked(frame)
+    assert not face_found(FaceRedactor(), frame)
