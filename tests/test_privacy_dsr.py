@@ -1,0 +1,187 @@
+"""Data subject rights and the installer hand-off, through the real ``intercom`` command."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from intercom.config import EventLogConfig
+from intercom.eventlog.records import Entry
+from intercom.eventlog.store import open_log
+from intercom.eventlog.writer import LogWriter
+from intercom.events import (
+    DoorbellPressed,
+    PrincipalAdded,
+    SnapshotTaken,
+    UnlockDenied,
+    UnlockGranted,
+)
+from intercom.identity import load_or_create_identity
+from intercom.privacy.snapshots import bucket_of
+from intercom.security.principals import Role
+from intercom.security.store import PrincipalStore
+from tests.conftest import INTERCOM
+from tests.test_security_kit import Clock, add_principal, new_verifier
+
+pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
+
+ALICE = "resident-alice-7f3a"
+BOB = "resident-bob-19c2"
+USER = pwd.getpwuid(os.geteuid()).pw_name
+
+
+def intercom(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    return subprocess.run(
+        [*INTERCOM, *args, "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def snapshot_jpeg() -> bytes:
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, 32:] = (40, 180, 220)
+    ok, data = cv2.imencode(".jpg", image)
+    assert ok
+    return bytes(data.tobytes())
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A station's state: two residents, their events, a snapshot of flat 1's ring."""
+    state = tmp_path / "state"
+    clock = Clock()
+    store = PrincipalStore(state)
+    add_principal(store, clock, ALICE, flats=("1",))
+    add_principal(store, clock, BOB, flats=("2",))
+    store.close()
+    identity = load_or_create_identity(state)
+    conn, keyring = open_log(state, create=True)
+    writer = LogWriter(conn, keyring, identity, EventLogConfig())
+    ring = DoorbellPressed(button="bell", flat="1")
+    events = [
+        PrincipalAdded(principal=ALICE, role="resident"),
+        PrincipalAdded(principal=BOB, role="resident"),
+        ring,
+        SnapshotTaken(at=ring.at, button="bell", flat="1", redacted=False,
+                      bucket=bucket_of(ring.at),
+                      image=base64.b64encode(snapshot_jpeg()).decode()),
+        UnlockGranted(door="front", principal=ALICE, via="call", jti="j-1"),
+        UnlockDenied(door="front", principal=BOB, via="mqtt", reason="wrong TOTP code"),
+        UnlockGranted(door="front", principal=ALICE, via="mqtt", jti="j-2"),
+    ]
+    writer.append([Entry.from_event(e) for e in events])
+    writer.close()
+    return state
+
+
+def test_export_writes_registry_entry_events_and_snapshots(state, tmp_path):
+    out = tmp_path / "export"
+    done = intercom(state, "privacy", "export", "--principal", ALICE, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o700
+    entry = json.loads((out / "principal.json").read_text())
+    assert entry["id"] == ALICE
+    assert entry["role"] == "resident"
+    assert entry["flats"] == ["1"]
+    assert "secret" not in json.dumps(entry["public_key"])
+    events = json.loads((out / "events.json").read_text())
+    assert [e["type"] for e in events] == ["PrincipalAdded", "UnlockGranted", "UnlockGranted"]
+    assert all(e["details"]["principal"] == ALICE for e in events)
+    assert BOB not in (out / "events.json").read_text()
+    (snap,) = json.loads((out / "snapshots.json").read_text())
+    assert snap["flat"] == "1"
+    assert (out / snap["file"]).read_bytes()[:2] == b"\xff\xd8"  # a JPEG
+    shown = intercom(state, "log", "show", "--json")
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    (export,) = [e for e in lines if e["type"] == "PrivilegedAction"]
+    assert export["details"]["action"] == "export"
+    assert export["details"]["actor"] == f"local:{USER}"
+    assert export["details"]["target"] == ALICE
+
+
+def test_erase_leaves_nothing_readable_and_the_log_verifies(state, tmp_path):
+    done = intercom(state, "privacy", "erase", "--principal", ALICE)
+    assert done.returncode == 0, done.stderr
+    assert "event-log key destroyed" in done.stdout
+
+    out = tmp_path / "after"
+    done = intercom(state, "privacy", "export", "--principal", ALICE, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "nothing is held" in done.stdout
+    assert json.loads((out / "principal.json").read_text()) is None
+    assert json.loads((out / "events.json").read_text()) == []
+    assert json.loads((out / "snapshots.json").read_text()) == []
+
+    shown = intercom(state, "log", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert ALICE not in shown.stdout
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    granted = [e for e in lines if e["type"] == "UnlockGranted"]
+    assert len(granted) == 2
+    assert all(e["details"]["principal"] is None for e in granted)  # erased, record kept
+    assert any(e["details"].get("principal") == BOB for e in lines), "others stay readable"
+    erase = [e for e in lines if e["type"] == "PrivilegedAction"
+             and e["details"]["action"] == "erase"]
+    assert erase[0]["details"]["actor"] == f"local:{USER}"
+    assert erase[0]["details"]["target"] == ""
+
+    verify = intercom(state, "log", "verify", "--deep")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("ok:")
+    # Nothing about her is left in the files at rest either.
+    for name in ("principals.db", "eventlog.db"):
+        assert ALICE.encode() not in (state / name).read_bytes()
+
+    again = intercom(state, "privacy", "erase", "--principal", ALICE)
+    assert again.returncode == 1
+    assert "nothing is held" in again.stderr
+
+
+async def test_expired_installer_cannot_unlock_until_extended_and_not_after_revoke(
+    tmp_path, bus
+):
+    state = tmp_path / "state"
+    clock = Clock()
+    store = PrincipalStore(state)
+    installer = add_principal(store, clock, "installer-x", role=Role.INSTALLER,
+                              valid_from=clock() - 80 * 3600, valid_until=clock() - 8 * 3600)
+    store.close()
+    load_or_create_identity(state)
+    open_log(state, create=True)[0].close()
+    verifier = new_verifier(state, bus, None, clock)
+    await verifier.start()
+    try:
+        assert verifier.decide(installer.token()).reason == "principal expired"
+
+        done = intercom(state, "privacy", "installer", "extend", "installer-x", "--hours", "2")
+        assert done.returncode == 0, done.stderr
+        assert verifier.decide(installer.token()).granted
+
+        done = intercom(state, "privacy", "installer", "revoke", "installer-x")
+        assert done.returncode == 0, done.stderr
+        assert verifier.decide(installer.token()).reason == "principal revoked"
+    finally:
+        await verifier.stop()
+    refused = intercom(state, "privacy", "installer", "extend", "installer-x", "--hours", "9999")
+    assert refused.returncode == 1
+    shown = intercom(state, "log", "show", "--json")
+    actions = [json.loads(line)["details"] for line in shown.stdout.splitlines()]
+    assert [(a["action"], a["actor"], a["target"]) for a in actions] == [
+        ("installer-extend", f"local:{USER}", "installer-x"),
+        ("revoke", f"local:{USER}", "installer-x"),
+    ]
+
+
+def test_a_resident_is_not_an_installer(state):
+    done = intercom(state, "privacy", "installer", "extend", ALICE)
+    assert done.returncode == 1
+    assert "not an installer" in done.stderr
