@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import av
@@ -14,13 +17,14 @@ from skimage import data as skdata
 
 from intercom.calls.tracks import SourceTrack
 from intercom.config import PrivacyConfig, Settings, simulated_settings
-from intercom.eventlog.reader import LogReader
+from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import open_log
 from intercom.privacy.camera import PrivacyCamera, privacy_camera, still_frame
 from intercom.privacy.redact import FaceRedactor
 from intercom.privacy.snapshots import read_snapshots
 from intercom.privacy.zones import ZoneMask, ZoneMasks, rasterise
 from intercom.station import Station
+from tests.conftest import INTERCOM
 
 # Bottom-left quarter and a triangle at the bottom right, in normalised coordinates
 # (clear of the face, which is at the top).
@@ -226,3 +230,68 @@ async def test_redact_all_outputs_blurs_faces_in_peer_frames(tmp_path):
         await station.stop("test finished")
     assert_zones_masked(frame)
     assert not face_found(FaceRedactor(), frame)
+
+
+async def test_snapshots_are_shredded_after_retention_and_the_log_still_verifies(tmp_path):
+    settings = settings_with(tmp_path, snapshots=True, snapshot_retention_hours=2)
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.simulator is not None
+        await station.simulator.act("press")
+        privacy = next(c for c in station.components if c.name == "privacy")
+        snapshots = privacy.snapshots
+        for _ in range(300):
+            if snapshots.taken:
+                break
+            await asyncio.sleep(0.02)
+        assert snapshots.taken == 1
+        assert await snapshots.shred_expired(now=time.time() + 3600) == 0, "not yet"
+        assert await snapshots.shred_expired(now=time.time() + 4 * 3600) == 1
+    finally:
+        await station.stop("test finished")
+    conn, keyring = open_log(settings.station.state_dir, create=False)
+    reader = LogReader(conn, keyring)
+    assert list(read_snapshots(reader, "manager")) == []
+    records = list(reader.query(Query(types=frozenset({"SnapshotTaken"}))))
+    conn.close()
+    assert len(records) == 1, "the record stays, its image is gone"
+    assert records[0].details["image"] is None
+    assert records[0].details["flat"] == "1"
+    verify = log_verify(settings.station.state_dir)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def log_verify(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INTERCOM, "log", "verify", "--deep", "--state-dir", str(state)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_preview_writes_a_png_with_the_zones_masked(tmp_path):
+    config = tmp_path / "intercom.toml"
+    config.write_text(
+        '[station]\nid = "door"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[hardware]\nbuttons = [{pin = 17, flat = "1"}]\nrelay = {pin = 27}\n'
+        "[privacy]\nzones = " + json.dumps([[list(p) for p in z] for z in ZONES]) + "\n"
+    )
+    out = tmp_path / "preview.png"
+    done = subprocess.run(
+        [*INTERCOM, "privacy", "preview", "--simulate", "--config", str(config), "--out",
+         str(out)], capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 zones masked" in done.stdout
+    image = cv2.imread(str(out))
+    assert image.shape == (H, W, 3)
+    inner = rasterise([[(0.02, 0.52), (0.48, 0.52), (0.48, 0.98), (0.02, 0.98)]], W, H)
+    assert image[inner].max() < 30, "masked black inside the zone"
+    outline = image[:, :, 1] > 200
+    assert outline[int(0.5 * H) - 1 : int(0.5 * H) + 2, 10:300].any(), "zone edge drawn"
+
+
+def test_preview_refuses_a_non_png_name(tmp_path):
+    done = subprocess.run([*INTERCOM, "privacy", "preview", "--simulate", "--out",
+                           str(tmp_path / "x.jpg")], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "PNG" in done.stderr
