@@ -7,6 +7,7 @@ never a stack trace.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import socket
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY = 16 * 1024
-PAIR_RATE_PER_ADDRESS = (5 / 60, 5.0)  # tokens per second, burst
-PAIR_RATE_OVERALL = (1.0, 10.0)
+PAIR_RATE_PER_ADDRESS = (10 / 60, 10.0)  # refused attempts per second, burst
+PAIR_RATE_OVERALL = (1.0, 60.0)
 MAX_TRACKED_ADDRESSES = 1024
 CSP = (
     "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
@@ -158,9 +159,17 @@ class WebServer:
     async def _pair(self, request: web.Request) -> web.Response:
         address = request.remote or "?"
         now = self._clock()
-        if not self._rate_ok(address, now):
+        if self._blocked(address, now):
             log.warning("web: pairing attempt refused, rate limit (%s)", address)
             return error(429, "too many pairing attempts; wait a minute")
+        response = await self._pair_checked(request)
+        if response.status != 200:
+            self._per_address[address].take(now)
+            self._overall.take(now)
+        return response
+
+    async def _pair_checked(self, request: web.Request) -> web.Response:
+        address = request.remote or "?"
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -189,13 +198,14 @@ class WebServer:
             headers={"Cache-Control": "no-store"},
         )
 
-    def _rate_ok(self, address: str, now: float) -> bool:
+    def _blocked(self, address: str, now: float) -> bool:
+        """Whether refused attempts from ``address`` (or from all) used up their budget."""
         bucket = self._per_address.get(address)
         if bucket is None:
             if len(self._per_address) >= MAX_TRACKED_ADDRESSES:
                 self._per_address.clear()
             bucket = self._per_address[address] = TokenBucket(*PAIR_RATE_PER_ADDRESS)
-        return bucket.take(now) and self._overall.take(now)
+        return not (copy.copy(bucket).take(now) and copy.copy(self._overall).take(now))
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.ws_handler is None:

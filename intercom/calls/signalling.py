@@ -38,6 +38,7 @@ AUTH_TIMEOUT_S = 10.0
 HEARTBEAT_S = 10.0
 MAX_UNAUTHENTICATED = 32
 MESSAGES_PER_S = (20.0, 40.0)  # rate, burst
+CLOSE_TOO_BIG = 1009
 CLOSE_MALFORMED = 4400
 CLOSE_AUTH = 4401
 CLOSE_REPLACED = 4409
@@ -258,8 +259,7 @@ class Signalling:
             if message.type in {WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED}:
                 return
             if message.type is WSMsgType.ERROR:
-                log.warning("signalling: session %s: %s", session.id, ws.exception())
-                return
+                raise Refused(CLOSE_TOO_BIG, f"broken or oversized message: {ws.exception()}")
             if not bucket.take(time.monotonic()):
                 raise Refused(CLOSE_BUSY, "too many messages")
             await self._dispatch(session, parse(message))
@@ -329,7 +329,7 @@ def parse(message: Any) -> dict[str, Any]:
     """A text message's JSON object with a string ``type``; Refused otherwise."""
     if message.type is not WSMsgType.TEXT:
         if message.type is WSMsgType.ERROR:
-            raise Refused(1009, "message too big or broken")
+            raise Refused(CLOSE_TOO_BIG, "message too big or broken")
         raise Refused(CLOSE_MALFORMED, "only JSON text messages")
     try:
         data = json.loads(message.data)
