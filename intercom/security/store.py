@@ -1,7 +1,9 @@
 """``STATE_DIR/principals.db``: principals, sealed TOTP secrets, seen command ids, guards.
 
 One SQLite file (WAL) shared by the running station and the ``intercom principals``
-command. The station notices the command's changes through ``PRAGMA data_version``.
+command. Commits are made with ``synchronous=NORMAL`` (no fsync on the event loop);
+the verifier calls ``sync`` in a worker thread before it answers. The station notices
+the command's changes through ``PRAGMA data_version``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class PrincipalStore:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
+            # Commits reach the OS at once; ``sync`` makes them durable off the event loop.
+            self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
@@ -83,6 +86,18 @@ class PrincipalStore:
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+
+    def sync(self) -> None:
+        """Make every commit so far durable (fsync the WAL); blocking, for a worker thread."""
+        for path in (self.path.with_name(DB_NAME + "-wal"), self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # checkpointed and removed: the data is in the synced main file
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def data_version(self) -> int:
         """Changes when another connection (the CLI) has committed since the last call."""

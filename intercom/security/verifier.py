@@ -97,6 +97,7 @@ class Verifier:
         self._suppressed = 0
         self._suppressed_since = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._unsynced = False
         self.granted = 0
         self.denied = 0
 
@@ -145,6 +146,11 @@ class Verifier:
         via = via if via in VIAS else "other"
         try:
             decision = self.decide(token)
+            if self._unsynced and self._store is not None:
+                # What decide recorded (spent jti, TOTP step, failures) is made durable
+                # before anyone hears of it, without blocking the loop on fsync.
+                self._unsynced = False
+                await asyncio.get_running_loop().run_in_executor(None, self._store.sync)
         except Exception:
             log.exception("verifier: unexpected failure; the command is denied")
             decision = Decision(False, "internal error", None, None)
@@ -252,6 +258,7 @@ class Verifier:
         except sqlite3.Error:
             log.exception("verifier: cannot record a command's use; denying it")
             return "cannot record the command's use"
+        self._unsynced = True
         self._guards[principal.id] = new_guard
         if new_guard.failures == limits.lockout_after > guard.failures:
             log.warning("verifier: principal locked out after %d failures", limits.lockout_after)
