@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fractions
 import json
 import time
 from collections.abc import AsyncIterator
@@ -87,11 +88,14 @@ async def pair(station: Station, flat: str = "1", kind: str = "Ed25519") -> Devi
     assert station.calls is not None
     code = (await station.calls.pair_request({"flat": flat}))["code"]
     key = DeviceKey(kind)
-    async with aiohttp.ClientSession() as http, http.post(
-        station.calls.url + "api/pair",
-        json={"code": code, "jwk": key.jwk(), "name": "test phone"},
-        ssl=pinned(station),
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            station.calls.url + "api/pair",
+            json={"code": code, "jwk": key.jwk(), "name": "test phone"},
+            ssl=pinned(station),
+        ) as response,
+    ):
         assert response.status == 200, await response.text()
         body = await response.json()
     return Device(station, key, body["principal"], body["totp_uri"])
@@ -278,3 +282,62 @@ async def devices() -> AsyncIterator[list[Device]]:
     yield made
     for device in made:
         await device.close()
+
+
+class H264Camera:
+    """Stands in for the Pi's hardware encoder: Annex-B H.264 packets with SPS/PPS in band.
+
+    Frames of the synthetic camera are encoded once here (libx264, one encoder for all
+    peers); ``request_keyframe`` makes the next packet an IDR, as the V4L2 control does.
+    """
+
+    encoded = True
+    name = "h264-test"
+
+    def __init__(self, width: int = 320, height: int = 240, fps: int = 15) -> None:
+        from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
+
+        self._frames = SyntheticCamera(width, height, fps)
+        self.fps = fps
+        self._codec: Any = None
+        self._keyframe = True
+        self.keyframes_requested = 0
+        self.packets = 0
+
+    async def open(self) -> None:
+        import av  # noqa: PLC0415
+
+        await self._frames.open()
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height = self._frames.width, self._frames.height
+        codec.pix_fmt = "yuv420p"
+        codec.framerate = fractions.Fraction(self.fps, 1)
+        codec.time_base = fractions.Fraction(1, 90_000)
+        codec.options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "x264-params": "repeat-headers=1:keyint=600:min-keyint=600:scenecut=0",
+        }
+        self._codec = codec
+
+    async def next(self) -> Any:
+        import av  # noqa: PLC0415
+
+        while True:
+            frame = await self._frames.next()
+            if self._keyframe:
+                frame.pict_type = av.video.frame.PictureType.I
+                self._keyframe = False
+            packets = self._codec.encode(frame)
+            if packets:
+                packet = packets[0]
+                packet.time_base = fractions.Fraction(1, 90_000)
+                self.packets += 1
+                return packet
+
+    def request_keyframe(self) -> None:
+        self.keyframes_requested += 1
+        self._keyframe = True
+
+    async def close(self) -> None:
+        self._codec = None
