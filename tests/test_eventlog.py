@@ -320,8 +320,7 @@ async def test_station_logs_its_events_and_verifies_after_stop(station, capsys):
         if "DoorbellPressed" in types:
             break
         await asyncio.sleep(0.01)
-    assert types[0] == "StationStarted"
-    assert "DoorbellPressed" in types
+    assert {"StationStarted", "DoorbellPressed"} <= set(types)
     assert station.status()["eventlog"]["last_seq"] >= 2
     state = ["--state-dir", str(station.state_dir)]
     assert main(["log", "verify", *state]) == 0

@@ -170,6 +170,7 @@ def test_power_cuts(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_power_cuts_soak(tmp_path):
     state = tmp_path / "state"
     _power_cuts(state, kills=1000, seed=2)

@@ -78,7 +78,10 @@ class EventLog:
         self._thread = WriterThread(writer, self._deliver_threadsafe)
         self._thread.start()
         self._unsubscribe = self.bus.on(self._on_event)
-        await self.enforce_retention()
+        try:
+            await self.enforce_retention()
+        except EventLogError as exc:  # the log still takes events; the timer retries
+            log.error("event log: retention could not run at start: %s", exc)  # noqa: TRY400
         self._retention = asyncio.create_task(self._retention_loop(), name="eventlog-retention")
         log.info("event log open at seq %d", self._last_seq)
 

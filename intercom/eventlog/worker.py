@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -74,8 +75,13 @@ class WriterThread(threading.Thread):
     def run(self) -> None:
         """Take batches until a STOP."""
         try:
-            while self._step():
-                pass
+            while True:
+                try:
+                    if not self._step():
+                        return
+                except Exception:  # never let the thread die with operations queued
+                    log.exception("event log: writer step failed")
+                    time.sleep(0.1)
         finally:
             self.writer.close()
 
