@@ -170,3 +170,10 @@ async def test_sign_command_refuses_a_public_key_and_a_bad_alg(tmp_path: Path) -
     assert code == 1
     code, _, _ = await run(*common[:-2], "--key", str(private))  # neither --totp nor a file
     assert code == 2
+
+
+def test_list_of_an_empty_state_dir_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["principals", "list", "--state-dir", str(tmp_path / "none")]) == 1
+    assert not (tmp_path / "none").exists()

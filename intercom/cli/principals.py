@@ -26,7 +26,7 @@ from intercom.security.principals import (
     Role,
     public_jwk_from_file,
 )
-from intercom.security.store import Guard, PrincipalStore
+from intercom.security.store import DB_NAME, Guard, PrincipalStore
 
 RELATIVE = re.compile(r"^\+(\d+)([mhd])$")
 UNITS = {"m": 60, "h": 3600, "d": 86400}
@@ -100,8 +100,11 @@ def show_time(value: float | None) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _open(args: argparse.Namespace) -> PrincipalStore:
-    return PrincipalStore(state_dir(args))
+def _open(args: argparse.Namespace, create: bool = False) -> PrincipalStore:
+    folder = state_dir(args)
+    if not create and not (folder / DB_NAME).exists():
+        raise IntercomError(f"no principals in {folder} (add one with 'principals add')")
+    return PrincipalStore(folder)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -125,7 +128,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     except PrincipalError as exc:
         raise IntercomError(str(exc)) from exc
     secret = totp.new_secret()
-    store = _open(args)
+    store = _open(args, create=True)
     try:
         store.add(principal, secret)
     finally:
