@@ -447,7 +447,7 @@ async def test_control_request_answers_only_granted_or_denied(
     assert await verifier.control_request({"request": "unlock", "token": alice.token()}) == {
         "ok": True, "result": "granted",
     }
-    for bad in (alice.token(kid="nobody"), 5, None, "x" * 10_000):
+    for bad in (alice.token(kid="nobody"), 5, None, "x" * 10_000, ["a"], {"token": "x"}):
         answer = await verifier.control_request({"request": "unlock", "token": bad})
         assert answer == {"ok": True, "result": "denied"}
 
@@ -463,3 +463,9 @@ async def test_totp_secrets_are_encrypted_at_rest(
     key = tmp_path / "keys" / "principals.key"
     assert key.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "principals.db").stat().st_mode & 0o777 == 0o600
+
+
+async def test_submit_of_a_non_text_object_is_denied_quietly(verifier: Verifier) -> None:
+    for bad in (None, 5, 1.5, ["a.b.c"], object()):
+        decision = await verifier.submit(bad, "mqtt")  # type: ignore[arg-type]
+        assert (decision.granted, decision.reason) == (False, "command is not text")

@@ -145,7 +145,10 @@ class Verifier:
         """Verify ``token``; on grant pulse the lock. Never raises on bad input."""
         via = via if via in VIAS else "other"
         try:
-            decision = self.decide(token)
+            if isinstance(token, str | bytes | bytearray):
+                decision = self.decide(token)
+            else:
+                decision = Decision(False, "command is not text", None, None)
             if self._unsynced and self._store is not None:
                 # What decide recorded (spent jti, TOTP step, failures) is made durable
                 # before anyone hears of it, without blocking the loop on fsync.
