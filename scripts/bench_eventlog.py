@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import resource
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,23 @@ async def appends(state: Path, count: int, concurrency: int) -> float:
     print(f"  {concurrency:>3} appenders: {per_task * concurrency / elapsed:>9,.0f} appends/s "
           f"({per_task * concurrency} appends, {transactions} transactions)")
     return per_task * concurrency / elapsed
+
+
+def baseline(path: Path, commits: int = 500) -> None:
+    """Bare SQLite commits/s (WAL, synchronous=FULL, one tiny row each): the disk's pace."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
+    started = time.perf_counter()
+    for _ in range(commits):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (b) VALUES (zeroblob(100))")
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    print(f"  baseline: {commits / elapsed:>9,.0f} bare SQLite commits/s (the fsync ceiling "
+          "for one appender)")
 
 
 def build(state: Path, records: int) -> None:
@@ -94,6 +112,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-eventlog-", dir=args.dir))
     try:
         print("durable appends (WAL, synchronous=FULL, each awaited until committed):")
+        baseline(root / "baseline.db")
         asyncio.run(appends(root / "one", args.appends // 2, 1))
         asyncio.run(appends(root / "many", args.appends * 5, args.concurrency))
         print(f"verify over {args.verify_records:,} records:")

@@ -325,3 +325,13 @@ async def test_station_logs_its_events_and_verifies_after_stop(station, capsys):
     state = ["--state-dir", str(station.state_dir)]
     assert main(["log", "verify", *state]) == 0
     capsys.readouterr()
+
+
+async def test_a_detail_that_is_not_json_is_logged_as_text(tmp_path):
+    log = make_log(tmp_path)
+    await log.start()
+    try:
+        await log.append(VisitorNamed(principal="p-1", name=tmp_path, door="front"))  # a Path
+        assert log.read_after(0)[0].details["name"] == str(tmp_path)
+    finally:
+        await log.stop()

@@ -91,10 +91,10 @@ def encode(entry: Entry, seq: int, principal: tuple[bytes, AESGCM] | None) -> by
             body["d"].update(personal)  # nothing identifying: every value is empty
         else:
             key_id, aead = principal
-            plain = json.dumps(personal, separators=(",", ":")).encode()
+            plain = json.dumps(personal, separators=(",", ":"), default=str).encode()
             nonce, sealed = seal(aead, plain, PERSONAL_AAD + seq.to_bytes(8, "big") + key_id)
             body["p"] = [_b64(key_id), _b64(nonce + sealed), sorted(personal)]
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
 
 
 PrincipalLookup = Callable[[bytes], AESGCM | None]
