@@ -16,9 +16,10 @@ import pytest
 from skimage import data as skdata
 
 from intercom.calls.tracks import SourceTrack
-from intercom.config import PrivacyConfig, Settings, simulated_settings
+from intercom.config import CameraConfig, PrivacyConfig, Settings, simulated_settings
 from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import open_log
+from intercom.media.picamera import Picamera2Camera
 from intercom.privacy.camera import PrivacyCamera, privacy_camera, still_frame
 from intercom.privacy.redact import FaceRedactor
 from intercom.privacy.snapshots import read_snapshots
@@ -295,3 +296,29 @@ def test_preview_refuses_a_non_png_name(tmp_path):
                            str(tmp_path / "x.jpg")], capture_output=True, text=True)
     assert done.returncode == 1
     assert "PNG" in done.stderr
+
+
+async def test_pi_still_frame_is_rebuilt_from_the_strided_buffer_the_encoder_got():
+    # picamera2 itself cannot run here; its buffer layout and our conversion can.
+    camera = Picamera2Camera(CameraConfig(width=W, height=H))
+    camera._loop, camera._stride = asyncio.get_running_loop(), 704
+    camera.frame_filter = PrivacyCamera(camera, PrivacyConfig(zones=ZONES)).filter_i420
+    source = face_frame().to_ndarray(format="yuv420p")
+    buffer = np.zeros((H * 3 // 2, 704), np.uint8)
+    flat = buffer.reshape(-1)
+    flat[: H * 704].reshape(H, 704)[:, :W] = source[:H]
+    chroma = source[H:].reshape(-1)
+    half = (H // 2) * (W // 2)
+    for index in range(2):
+        start = H * 704 + index * (H // 2) * 352
+        rows = flat[start : start + (H // 2) * 352].reshape(H // 2, 352)
+        rows[:, : W // 2] = chroma[index * half : (index + 1) * half].reshape(H // 2, W // 2)
+    camera.frame_filter(buffer, W, H, 704)  # what the pre-callback does to each request
+    future = camera._loop.create_future()
+    camera._still = future
+    camera._give_still(buffer)
+    frame = await future
+    assert camera._still is None
+    assert (frame.width, frame.height) == (W, H)
+    assert_zones_masked(frame)
+    assert face_found(FaceRedactor(), frame), "zones only: the face is left"
