@@ -185,3 +185,24 @@ def test_a_resident_is_not_an_installer(state):
     done = intercom(state, "privacy", "installer", "extend", ALICE)
     assert done.returncode == 1
     assert "not an installer" in done.stderr
+
+
+def test_snapshots_command_gives_managers_redacted_images_and_residents_their_flat(
+    state, tmp_path
+):
+    manager = intercom(state, "privacy", "snapshots", "--out", str(tmp_path / "m"))
+    assert manager.returncode == 0, manager.stderr
+    assert "(redacted)" in manager.stdout
+    assert "1 snapshots written for a manager" in manager.stdout
+    (image,) = (tmp_path / "m").glob("*.jpg")
+    assert cv2.imread(str(image)).shape == (48, 64, 3)
+    other = intercom(state, "privacy", "snapshots", "--for", "resident", "--flat", "2",
+                     "--out", str(tmp_path / "r2"))
+    assert "0 snapshots written" in other.stdout
+    own = intercom(state, "privacy", "snapshots", "--for", "resident", "--flat", "1",
+                   "--out", str(tmp_path / "r1"))
+    assert "1 snapshots written" in own.stdout
+    assert "(redacted)" not in own.stdout
+    refused = intercom(state, "privacy", "snapshots", "--for", "resident", "--out",
+                       str(tmp_path / "x"))
+    assert refused.returncode == 1
