@@ -3,6 +3,8 @@ import base64
 import logging
 import os
 import sqlite3
+import sys
+import time
 
 import pytest
 
@@ -335,3 +337,28 @@ async def test_a_detail_that_is_not_json_is_logged_as_text(tmp_path):
         assert log.read_after(0)[0].details["name"] == str(tmp_path)
     finally:
         await log.stop()
+
+
+async def test_cli_purge_beside_a_running_log_keeps_one_chain(tmp_path):
+    clock = Clock(time.time() - 10 * 3600)  # the running log's records are 10 hours old
+    log = make_log(tmp_path, clock=clock)
+    await log.start()
+    try:
+        for _ in range(5):
+            await log.append(bell())
+        purge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "intercom", "log", "purge", "--older-than", "1",
+            "--state-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await purge.communicate()
+        assert purge.returncode == 0
+        assert b"shredded 1 epochs, 5 records (through seq 5); logged as seq 6" in out
+        clock.advance(10 * 3600)
+        assert await log.append(bell()) == 7  # the chain goes on after the purge's record
+    finally:
+        await log.stop()
+    conn, keyring = open_log(tmp_path, create=False)
+    events = LogReader(conn, keyring).read_after(0)
+    assert [e.type for e in events][:2] == ["LogPurged", "DoorbellPressed"]
+    assert events[0].details["reason"] == "purge"
+    assert check(tmp_path).ok
