@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -12,8 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from joserfc.jwk import OKPKey
 
-from intercom.config import EventLogConfig
+from intercom.config import EventLogConfig, simulated_settings
 from intercom.eventlog.records import Entry
 from intercom.eventlog.store import open_log
 from intercom.eventlog.writer import LogWriter
@@ -28,6 +30,7 @@ from intercom.identity import load_or_create_identity
 from intercom.privacy.snapshots import bucket_of
 from intercom.security.principals import Role
 from intercom.security.store import PrincipalStore
+from intercom.station import Station
 from tests.conftest import INTERCOM
 from tests.test_security_kit import Clock, add_principal, new_verifier
 
@@ -206,3 +209,33 @@ def test_snapshots_command_gives_managers_redacted_images_and_residents_their_fl
     refused = intercom(state, "privacy", "snapshots", "--for", "resident", "--out",
                        str(tmp_path / "x"))
     assert refused.returncode == 1
+
+
+async def test_pairing_and_config_changes_are_logged_with_their_actor(tmp_path):
+    settings = simulated_settings(tmp_path / "state")
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.calls is not None
+        code, _ = station.calls.pairing.new_code("1")
+        jwk = {k: v for k, v in OKPKey.generate_key("Ed25519").as_dict(private=False).items()
+               if k != "kid"}
+        paired = station.calls.pairing.redeem(code, jwk)
+        for _ in range(100):
+            if [e for e in station.bus.recent if e.type == "PrivilegedAction"][1:]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await station.stop("test finished")
+    restarted = Station(settings.model_copy(update={
+        "privacy": settings.privacy.model_copy(update={"snapshots": True})}))
+    await restarted.start()
+    await restarted.stop("test finished")
+    shown = intercom(settings.station.state_dir, "log", "show", "--json")
+    actions = [json.loads(line)["details"] for line in shown.stdout.splitlines()
+               if json.loads(line)["type"] == "PrivilegedAction"]
+    assert [(a["action"], a["actor"], a["target"]) for a in actions] == [
+        ("config-first-use", "local:config-file", ""),
+        ("pair", "local:control-socket", paired.principal),
+        ("config-change", "local:config-file", ""),
+    ]

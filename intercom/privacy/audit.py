@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 # A config file has no signer: the station notes the change when it starts with it.
 CONFIG_ACTOR = "local:config-file"
+# Pairing codes are made only through the control socket (mode 0600: root or the
+# station's own user); the daemon logs the pairing under that actor.
+PAIRING_ACTOR = "local:control-socket"
 
 
 def local_actor() -> str:

@@ -1,14 +1,15 @@
-"""The privacy component: snapshots at rings, their shredding, and config-change audit."""
+"""The privacy component: snapshots at rings and the audit of pairing and config changes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from intercom.events import PrivilegedAction
-from intercom.privacy.audit import CONFIG_ACTOR
+from intercom.events import Event, PrincipalPaired, PrivilegedAction
+from intercom.privacy.audit import CONFIG_ACTOR, PAIRING_ACTOR
 from intercom.privacy.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -28,17 +29,30 @@ class Privacy:
         self.station = station
         self.config = station.settings.privacy
         self.snapshots = Snapshots(station) if self.config.snapshots else None
+        self._unsubscribe: Any = None
 
     async def start(self) -> None:
         """Audit a changed config; start taking snapshots when they are switched on."""
         self._audit_config()
+        self._unsubscribe = self.station.bus.on(self._on_event)
         if self.snapshots is not None:
             await self.snapshots.start()
 
     async def stop(self) -> None:
-        """Stop taking snapshots."""
+        """Stop auditing and taking snapshots."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self.snapshots is not None:
             await self.snapshots.stop()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, PrincipalPaired):
+            # Codes are issued only through the control socket (root or the station's
+            # user), so that is who let this device pair.
+            action = PrivilegedAction(actor=PAIRING_ACTOR, action="pair",
+                                      target=event.principal, detail=f"flat {event.flat}")
+            asyncio.get_running_loop().call_soon(self.station.bus.publish, action)
 
     def _audit_config(self) -> None:
         """Log a PrivilegedAction when the settings differ from the last start's."""
