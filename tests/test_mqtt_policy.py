@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from intercom.config import MqttConfig
@@ -14,6 +16,7 @@ from intercom.errors import ConfigError
 from intercom.mqtt.backoff import ReconnectPolicy
 from intercom.mqtt.bridge import event_json
 from intercom.mqtt.cursor import Cursor
+from intercom.mqtt.fairqueue import PER_SIGNER, FairQueue, claimed_kid
 from intercom.mqtt.link import read_password
 from intercom.mqtt.topics import Topics
 from intercom.mqtt.url import config_from_url
@@ -146,12 +149,29 @@ def test_cursor_survives_restarts_and_corruption(tmp_path):
     path = tmp_path / "mqtt.cursor"
     cursor = Cursor(path)
     assert cursor.load() == 0
-    cursor.save(41)
+    cursor.advance(41)
+    assert cursor.dirty
+    cursor.save()
+    assert not cursor.dirty
     assert Cursor(path).load() == 41
     path.write_text("garbage")
     assert Cursor(path).load() == 0
     path.write_bytes(b"\xff\xfe")
     assert Cursor(path).load() == 0
+
+
+def test_cursor_saves_at_most_once_a_second_during_a_burst(tmp_path):
+    now = [100.0]
+    cursor = Cursor(tmp_path / "mqtt.cursor", save_every_s=1.0, clock=lambda: now[0])
+    cursor.advance(10)
+    assert cursor.save_due()
+    cursor.save()
+    cursor.advance(20)
+    now[0] += 0.5
+    assert not cursor.save_due()
+    assert cursor.dirty  # saved when the burst ends, or on stop
+    now[0] += 0.5
+    assert cursor.save_due()
 
 
 @dataclass
@@ -169,3 +189,36 @@ def test_event_payload_names_principals_by_id_only():
     body = json.loads(event_json(granted))
     assert body == {"seq": 7, "type": "UnlockGranted", "at": 1.5,
                     "details": {"door": "front", "principal": "p-12", "via": "mqtt", "jti": "j"}}
+
+
+def _message(payload: bytes) -> aiomqtt.Message:
+    return aiomqtt.Message("intercom/x/command", payload, qos=0, retain=False, mid=0,
+                           properties=None)
+
+
+def _jws(kid: object, n: int = 0) -> bytes:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "Ed25519", "kid": kid}).encode())
+    return header.rstrip(b"=") + f".payload{n}.sig".encode()
+
+
+def test_claimed_kid_reads_the_header_only_and_never_fails():
+    assert claimed_kid(_jws("alice")) == "alice"
+    assert claimed_kid(_jws("alice").decode()) == "alice"
+    for junk in (b"", b"\xff\xfe", b"no dots", b"!!!.x.y", _jws(5), b"W10.x.y", None, 3.5,
+                 b"e30" * 400 + b".x.y"):
+        assert claimed_kid(junk) == ""
+
+
+async def test_fair_queue_takes_signers_in_turn_and_caps_a_flooding_one():
+    queue = FairQueue(maxsize=10_000)
+    for i in range(100):
+        queue.put_nowait(_message(_jws("mallory", i)))
+    queue.put_nowait(_message(_jws("alice")))
+    queue.put_nowait(_message(b"junk"))
+    assert queue.qsize() == PER_SIGNER + 2
+    first = [claimed_kid((await queue.get()).payload) for _ in range(3)]
+    assert first == ["mallory", "alice", ""]
+    rest = [queue.get_nowait().payload for _ in range(PER_SIGNER - 1)]
+    assert queue.empty()
+    assert rest[-1] == _jws("mallory", 99)  # the newest were kept, the oldest dropped
+    assert queue._queue.dropped == 100 - PER_SIGNER

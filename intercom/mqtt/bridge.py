@@ -28,12 +28,14 @@ from intercom.mqtt.cursor import Cursor
 from intercom.mqtt.discovery import discovery_messages
 from intercom.mqtt.link import MqttLink
 from intercom.mqtt.topics import Topics, default_prefix
+from intercom.security.limits import TokenBucket
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # events read and published per round (QoS 1, pipelined)
 REPLAY_S = 10.0  # after losing the broker, re-publish what it acked this long before
 CURSOR_FILE = "mqtt.cursor"
+DENIED_REPLIES_PER_S = 20.0  # beyond this, denied commands go unanswered (a flood)
 CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallEnded": "idle"}
 
 
@@ -132,8 +134,10 @@ class MqttBridge:
         self._lost_at: float | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._denied_replies = TokenBucket(DENIED_REPLIES_PER_S, DENIED_REPLIES_PER_S)
         self.published = 0
         self.commands = 0
+        self.unanswered = 0
 
     async def start(self) -> None:
         """Check credentials and TLS files, then connect in the background."""
@@ -142,7 +146,8 @@ class MqttBridge:
         if self._log is not None and self.cursor.seq > self._log.last_seq:
             log.warning("mqtt cursor %d is past the log's end; publishing from the start",
                         self.cursor.seq)
-            self.cursor.save(0)
+            self.cursor.advance(0)
+            self.cursor.save()
         state = self._initial_state() if self._initial_state else {}
         now = time.time()
         self._state = {
@@ -159,6 +164,8 @@ class MqttBridge:
             self._unsubscribe()
             self._unsubscribe = None
         await self.link.stop()
+        if self.cursor.dirty:
+            await asyncio.to_thread(self.cursor.save)
 
     def status(self) -> dict[str, Any]:
         """Link state, cursor and counters."""
@@ -169,6 +176,7 @@ class MqttBridge:
                 "cursor": self.cursor.seq,
                 "events_published": self.published,
                 "commands": self.commands,
+                "denied_unanswered": self.unanswered,
             }
         }
 
@@ -234,7 +242,7 @@ class MqttBridge:
         earlier = [before for at, before in self._acks if at >= since]
         if earlier and min(earlier) < self.cursor.seq:
             log.info("mqtt: re-publishing events after seq %d", min(earlier))
-            self.cursor.seq = min(earlier)
+            self.cursor.advance(min(earlier))
         self._acks.clear()
         self._lost_at = None
 
@@ -262,6 +270,8 @@ class MqttBridge:
         while True:
             batch = source.read_after(self.cursor.seq, BATCH)
             if not batch:
+                if self.cursor.dirty:
+                    await asyncio.to_thread(self.cursor.save)
                 await source.wait_for_after(self.cursor.seq)
                 continue
             before = self.cursor.seq
@@ -272,7 +282,9 @@ class MqttBridge:
             while self._acks and self._acks[0][0] < time.monotonic() - 2 * REPLAY_S:
                 self._acks.popleft()
             self.published += len(batch)
-            self.cursor.save(batch[-1].seq)
+            self.cursor.advance(batch[-1].seq)
+            if self.cursor.save_due():
+                await asyncio.to_thread(self.cursor.save)
 
     async def _serve_commands(self, client: aiomqtt.Client, v5: bool) -> None:
         async for message in client.messages:
@@ -282,6 +294,9 @@ class MqttBridge:
             payload = message.payload
             token = payload if isinstance(payload, bytes | str) else str(payload or "")
             granted, jti = await self._decide(token)
+            if not granted and not self._denied_replies.take(time.monotonic()):
+                self.unanswered += 1  # a flood of bad commands gets no answers
+                continue
             answer = json.dumps({"jti": jti, "result": "granted" if granted else "denied"})
             topic, properties = self._reply_to(message.properties if v5 else None)
             task = asyncio.create_task(self._reply(client, topic, answer, properties))

@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from intercom.config import MqttConfig
 from intercom.errors import ConfigError
 from intercom.mqtt.backoff import ReconnectPolicy
+from intercom.mqtt.fairqueue import FairQueue
 from intercom.mqtt.topics import OFFLINE, ONLINE, Topics
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class MqttLink:
             keepalive=self.config.keepalive_s,
             timeout=CONNECT_TIMEOUT_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            queue_type=FairQueue,
             properties=properties,
             tls_context=self._tls,
             logger=logging.getLogger("intercom.mqtt.paho"),

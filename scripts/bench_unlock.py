@@ -1,0 +1,308 @@
+"""Benchmark: a signed command published on MQTT -> the relay's mock pin energised.
+
+Runs a real Mosquitto on a free loopback port and a simulated station (real verifier,
+event log, MQTT bridge, gpiozero MockFactory relay) in this process. Each of N managers
+signs one command (each TOTP step is single use per principal); the clock starts just
+before the publish and stops at the relay pin's change (the lock's LockStateChanged,
+raised right after the pin is driven). Then again while a second process floods the
+command topic with forged commands (valid form, a known principal id, the wrong key).
+
+    scripts/bench unlock [--commands 1000] [--flood-rate 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from joserfc.jwk import OKPKey  # noqa: E402
+
+from intercom.config import MqttConfig, simulated_settings  # noqa: E402
+from intercom.events import Event  # noqa: E402
+from intercom.mqtt.bridge import MqttBridge  # noqa: E402
+from intercom.security import command, totp  # noqa: E402
+from intercom.security.principals import Principal, Role  # noqa: E402
+from intercom.security.store import PrincipalStore  # noqa: E402
+from intercom.station import Station  # noqa: E402
+from tests.mosquitto import Broker  # noqa: E402
+
+STATION = "bench"
+DOOR = "front"
+PREFIX = f"intercom/{STATION}"
+
+# The manager: publishes each command it reads on stdin, and answers with the
+# perf_counter just before its publish (CLOCK_MONOTONIC: comparable across processes).
+MANAGER = textwrap.dedent("""
+    import sys, time
+    import paho.mqtt.client as mqtt
+    port, topic = int(sys.argv[1]), sys.argv[2]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="manager")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        token = line.strip()
+        started = time.perf_counter()
+        client.publish(topic, token, qos=0)
+        print(repr(started), flush=True)
+    client.disconnect(); client.loop_stop()
+""")
+
+FLOODER = textwrap.dedent("""
+    import json, sys, time
+    import paho.mqtt.client as mqtt
+    port, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    tokens = [line.strip() for line in open(sys.argv[4]) if line.strip()]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder")
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.monotonic(); sent = 0; tick = 0.005
+    while time.monotonic() - start < seconds:
+        due = int((time.monotonic() - start) * rate)
+        while sent < due:
+            client.publish(sys.argv[5], tokens[sent % len(tokens)], qos=0)
+            sent += 1
+        time.sleep(tick)
+    elapsed = time.monotonic() - start
+    client.disconnect(); client.loop_stop()
+    print(json.dumps({"sent": sent, "seconds": elapsed}), flush=True)
+""")
+
+
+def make_managers(state_dir: Path, count: int) -> list[tuple[str, OKPKey, str]]:
+    """Register ``count`` managers of the door; their ids, private keys and TOTP secrets."""
+    store = PrincipalStore(state_dir)
+    out = []
+    try:
+        now = time.time()
+        for i in range(count):
+            key = OKPKey.generate_key("Ed25519")
+            public = {k: v for k, v in key.as_dict(private=False).items() if k != "kid"}
+            secret = totp.new_secret()
+            pid = f"mgr-{i:05d}"
+            store.add(Principal(id=pid, role=Role.MANAGER, jwk=public, valid_from=now - 60,
+                                doors=(DOOR,)), secret)
+            out.append((pid, key, secret))
+    finally:
+        store.close()
+    return out
+
+
+def tokens_for(managers: list[tuple[str, OKPKey, str]]) -> list[str]:
+    """One fresh, valid command per manager."""
+    now = time.time()
+    return [
+        command.sign(key, kid=pid, station=STATION, door=DOOR,
+                     totp=totp.code_at(secret, now), now=now, lifetime=60)
+        for pid, key, secret in managers
+    ]
+
+
+def forged(managers: list[tuple[str, OKPKey, str]], count: int, kind: str) -> list[str]:
+    """Well-formed commands signed with the wrong key.
+
+    ``one``: all name one real manager (an attacker who knows one id); ``spread``: they
+    name every registered manager in turn, so no per-principal budget runs dry (the
+    worst case: every one costs a signature check); ``unknown``: random ids.
+    """
+    wrong = OKPKey.generate_key("Ed25519")
+    now = time.time()
+
+    def kid(i: int) -> str:
+        if kind == "one":
+            return managers[-1][0]
+        if kind == "spread":
+            return managers[i % len(managers)][0]
+        return f"nobody-{i:05d}"
+
+    return [
+        command.sign(wrong, kid=kid(i), station=STATION, door=DOOR, totp="000000", now=now,
+                     lifetime=60)
+        for i in range(count)
+    ]
+
+
+class Child:
+    """A helper process (the manager's client, the flooder) on a line protocol."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        if proc.stdin is None or proc.stdout is None:
+            raise RuntimeError("the child needs pipes")
+        self.stdin: asyncio.StreamWriter = proc.stdin
+        self.stdout: asyncio.StreamReader = proc.stdout
+
+    @classmethod
+    async def start(cls, code: str, *args: str) -> Child:
+        """Start ``python -c code args``; return once it says it is ready."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        child = cls(proc)
+        await child.stdout.readline()
+        return child
+
+    async def ask(self, line: str) -> str:
+        """Send one line, read one line back."""
+        self.stdin.write(f"{line}\n".encode())
+        await self.stdin.drain()
+        return (await self.stdout.readline()).decode().strip()
+
+    async def close(self) -> None:
+        """Close its input and wait for it (killing it after 10 s)."""
+        self.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def measure(station: Station, manager: Child, tokens: list[str]) -> list[float]:
+    """Milliseconds from publish to relay energised, one command at a time."""
+    lock = station.lock
+    if lock is None:
+        raise RuntimeError("the station has no lock")
+    pin = station.pin_factory.pin(station.settings.hardware.relay.pin)
+    energised = asyncio.Event()
+    stamp = [0.0]
+
+    def on_event(event: Event) -> None:
+        if event.type == "LockStateChanged" and getattr(event, "state", "") == "unlocked":
+            stamp[0] = time.perf_counter()
+            if pin.state:
+                energised.set()
+
+    off = station.bus.on(on_event)
+    out: list[float] = []
+    missed = 0
+    try:
+        for token in tokens:
+            energised.clear()
+            started = float(await manager.ask(token))
+            try:
+                await asyncio.wait_for(energised.wait(), 2.0)
+            except TimeoutError:
+                missed += 1
+                continue
+            out.append((stamp[0] - started) * 1000)
+            lock.release("benchmark")
+            await asyncio.sleep(0)
+    finally:
+        off()
+    if missed:
+        print(f"  {missed} of {len(tokens)} valid commands did not open within 2 s")
+    return out
+
+
+def report(name: str, samples: list[float]) -> None:
+    """Print p50/p99/max of a run."""
+    if not samples:
+        print(f"{name}: no samples")
+        return
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    print(f"{name}: n={len(samples)} p50={q[49]:.2f} ms p99={q[98]:.2f} ms "
+          f"max={max(samples):.2f} ms")
+
+
+async def connected_station(work: Path, port: int) -> Station:
+    """A started simulated station whose MQTT link is up."""
+    base = simulated_settings(work / "state")
+    settings = base.model_copy(update={
+        "station": base.station.model_copy(update={"id": STATION}),
+        "mqtt": MqttConfig(host="127.0.0.1", port=port),
+    })
+    station = Station(settings)
+    await station.start()
+    bridge = next(c for c in station.components if isinstance(c, MqttBridge))
+    await asyncio.wait_for(bridge.link.connected.wait(), 10)
+    return station
+
+
+async def flood_round(
+    station: Station, manager: Child, tokens: list[str], forged_file: Path, args: Any
+) -> None:
+    """Measure again while another client floods forged commands."""
+    port = station.settings.mqtt.port if station.settings.mqtt else 0
+    seconds = 3 + len(tokens) * 0.02
+    flooder = await Child.start(FLOODER, str(port), str(args.flood_rate), str(seconds),
+                                str(forged_file), f"{PREFIX}/command")
+    try:
+        flooder.stdin.write(b"go\n")
+        await asyncio.sleep(1.0)  # let the flood reach its rate first
+        cpu, wall = time.process_time(), time.perf_counter()
+        flooded = await measure(station, manager, tokens)
+        busy = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        report(f"unlock, {args.flood_rate:.0f} forged/s flood ({args.flood_kind})", flooded)
+        line = (await flooder.stdout.readline()).decode().strip()
+        print(f"flooder: {line}; station process CPU during the flood: {busy:.0%} of one core")
+    finally:
+        await flooder.close()
+
+
+async def main() -> None:
+    """Run both rounds and print their figures."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--commands", type=int, default=1000)
+    parser.add_argument("--flood-rate", type=float, default=2000.0)
+    parser.add_argument("--flood-kind", choices=["one", "spread", "unknown"], default="one",
+                        help="whom the forged commands name (see forged())")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="bench-unlock-") as tmp:
+        work = Path(tmp)
+        broker = Broker(work / "broker")
+        broker.start()
+        try:
+            station = await connected_station(work, broker.port)
+            try:
+                started = time.perf_counter()
+                n = args.commands
+                managers = await asyncio.to_thread(
+                    make_managers, station.settings.station.state_dir, 2 * n + 2
+                )
+                print(f"registered {len(managers)} managers in "
+                      f"{time.perf_counter() - started:.1f} s")
+                manager = await Child.start(MANAGER, str(broker.port), f"{PREFIX}/command")
+                try:
+                    # Warm-up: the verifier loads the principals on its first command.
+                    await measure(station, manager, tokens_for(managers[:1]))
+                    quiet = await measure(station, manager, tokens_for(managers[1:n + 1]))
+                    report("unlock, quiet broker", quiet)
+                    forged_file = work / "forged.txt"
+                    forged_file.write_text("\n".join(forged(managers, 4000, args.flood_kind)))
+                    await flood_round(station, manager, tokens_for(managers[n + 1:2 * n + 1]),
+                                      forged_file, args)
+                finally:
+                    await manager.close()
+                status = station.status()
+                print(f"verifier: {status.get('verifier')}")
+                print(f"mqtt: commands={status['mqtt']['commands']} "
+                      f"events_published={status['mqtt']['events_published']}")
+            finally:
+                await station.stop("benchmark finished")
+        finally:
+            broker.kill()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load}, "
+          f"Python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
