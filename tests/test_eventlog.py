@@ -173,6 +173,7 @@ async def test_retention_shreds_rows_and_key_and_export_cannot_recover(tmp_path,
         clock.advance(3600 + 1)
         shredded = await log.enforce_retention()
         assert (shredded.epochs, shredded.records, shredded.through_seq) == (1, 5, 5)
+        assert bytes(old_key) not in all_bytes(tmp_path)  # while running: WAL truncated too
         assert conn.execute("SELECT min(seq) FROM records").fetchone()[0] == 6
         assert conn.execute("SELECT count(*) FROM epoch_keys").fetchone()[0] == 1
         await log.wait_for_after(8)  # two LogCheckpoint (time, anchor) and LogPurged

@@ -214,6 +214,15 @@ def cmd_purge(args: argparse.Namespace) -> int:
         event = LogPurged(reason="purge", older_than_hours=args.older_than, epochs=epochs,
                           records=records, through_seq=through)
         seqs, _ = writer.append([Entry.from_event(event)])
+        for _ in range(20):  # a reader beside us may hold the WAL for a moment
+            if not writer.wal_pending:
+                break
+            time.sleep(0.1)
+            writer.checkpoint()
+        if writer.wal_pending:
+            print("intercom: warning: a reader kept the WAL from being truncated; shredded "
+                  "page images stay in eventlog.db-wal until the next shred or the station's "
+                  "restart", file=sys.stderr)
     finally:
         writer.close()
     print(f"shredded {epochs} epochs, {records} records"

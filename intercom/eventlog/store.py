@@ -169,12 +169,16 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def truncate_wal(conn: sqlite3.Connection) -> None:
-    """Copy the WAL into the database and truncate it, so old page images go."""
+def truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Copy the WAL into the database and truncate it, so old page images go.
+
+    False when a reader kept it from completing (the caller retries).
+    """
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
     except sqlite3.Error as exc:
         log.warning("event log: WAL checkpoint failed: %s", exc)
-        return
+        return False
     if busy:
-        log.warning("event log: WAL checkpoint incomplete (a reader was busy); retried later")
+        log.info("event log: WAL checkpoint incomplete (a reader was busy); will retry")
+    return not busy

@@ -61,6 +61,8 @@ class LogWriter:
         self.last_seq = self._head()[0]
         # Records other than our own LogCheckpoint events since the last checkpoint.
         self._dirty = True
+        # The WAL still holds page images of something shredded or erased.
+        self.wal_pending = False
 
     def _head(self) -> tuple[int, bytes, int]:
         """Seq, chain hash and epoch of the newest record (or of the shred anchor)."""
@@ -147,7 +149,14 @@ class LogWriter:
         return checkpoint
 
     def checkpoint(self, *, force: bool = False) -> Checkpoint | None:
-        """Sign the head when a checkpoint is due (or, with ``force``, if not yet signed)."""
+        """Sign the head when a checkpoint is due (or, with ``force``, if not yet signed).
+
+        Also retries truncating the WAL after a shred or erasure a reader held up.
+        """
+        if self.wal_pending:
+            self.wal_pending = not truncate_wal(self.conn)
+        if not force and not self._dirty:
+            return None
         now = self.clock()
         with transaction(self.conn):
             seq, digest, _ = self._head()
@@ -187,7 +196,7 @@ class LogWriter:
             self.conn.execute("DELETE FROM epoch_keys WHERE epoch <= ?", (through,))
         for wrapped in keys:
             self.keyring.forget(wrapped)
-        truncate_wal(self.conn)
+        self.wal_pending = not truncate_wal(self.conn)
         log.info("event log: shredded %d epochs, %d records", len(keys), count)
         return Shredded(len(keys), int(count), int(seq or 0), anchor)
 
@@ -242,7 +251,7 @@ class LogWriter:
                 return False
             self.conn.execute("DELETE FROM principal_keys WHERE lookup = ?", (lookup,))
         self.keyring.forget(bytes(row[0]))
-        truncate_wal(self.conn)
+        self.wal_pending = not truncate_wal(self.conn)
         return True
 
     def close(self) -> None:
