@@ -20,7 +20,7 @@ from intercom.mqtt.link import LinkState
 from intercom.security.store import PrincipalStore
 from intercom.station import Station
 from tests.mosquitto import Broker
-from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, until
+from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, retained, until
 from tests.test_mqtt_commands import command_settings, energised
 from tests.test_security_kit import Clock, add_principal
 
@@ -104,6 +104,16 @@ async def test_events_carry_seq_and_type_and_principal_ids_only(tmp_path, sim_se
             assert set(body) == {"seq", "type", "at", "details"}
             started = next(b for b in watcher.seqs.values() if b["type"] == "StationStarted")
             assert started["seq"] < body["seq"]
+            # A signed checkpoint every 100 records (the default): the latest is retained.
+            for i in range(120):
+                station.bus.publish(DoorbellPressed(button="bell", flat=str(i)))
+            assert station.eventlog is not None
+            await until(lambda: station.eventlog.latest_checkpoint() is not None)  # type: ignore[union-attr]
+            latest = station.eventlog.latest_checkpoint()
+            assert latest is not None
+            await until(lambda: bridge_of(station).cursor.seq >= latest["seq"])
+            seen = await retained(broker.port, f"{PREFIX}/log/checkpoint")
+            assert seen[f"{PREFIX}/log/checkpoint"] == json.loads(json.dumps(latest, default=str))
     finally:
         broker.kill()
 
