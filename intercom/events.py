@@ -261,10 +261,12 @@ class PrivilegedAction(Event):
     """Someone did something privileged (pairing, revocation, config, export, erase).
 
     ``actor`` is a principal id or, for local commands, ``local:<OS user>``; ``target``
-    is the principal acted on (personal: erased with them), empty if none.
+    is the principal acted on, empty if none. Both are personal (an OS user may be a
+    person's login): encrypted under the target's key, else the actor's, and kept off
+    MQTT.
     """
 
-    personal_fields: ClassVar[tuple[str, ...]] = ("target",)
+    personal_fields: ClassVar[tuple[str, ...]] = ("target", "actor")
     actor: str
     action: str
     target: str = ""

@@ -16,6 +16,7 @@ import pytest
 from joserfc.jwk import OKPKey
 
 from intercom.config import EventLogConfig, simulated_settings
+from intercom.eventlog.reader import Query
 from intercom.eventlog.records import Entry
 from intercom.eventlog.store import open_log
 from intercom.eventlog.writer import LogWriter
@@ -27,6 +28,8 @@ from intercom.events import (
     UnlockGranted,
 )
 from intercom.identity import load_or_create_identity
+from intercom.mqtt.bridge import event_json
+from intercom.privacy.dsr import open_reader
 from intercom.privacy.snapshots import bucket_of
 from intercom.security.principals import Role
 from intercom.security.store import PrincipalStore
@@ -239,3 +242,17 @@ async def test_pairing_and_config_changes_are_logged_with_their_actor(tmp_path):
         ("pair", "local:control-socket", paired.principal),
         ("config-change", "local:config-file", ""),
     ]
+
+
+def test_managers_broker_gets_no_image_no_actor_and_no_target(state):
+    done = intercom(state, "privacy", "export", "--principal", BOB, "--out",
+                    str(state.parent / "bob"))
+    assert done.returncode == 0, done.stderr
+    reader = open_reader(state)
+    assert reader is not None
+    published = [json.loads(event_json(e)) for e in reader.query(Query())]
+    reader.conn.close()
+    snap = next(e for e in published if e["type"] == "SnapshotTaken")
+    assert snap["details"] == {"button": "bell", "flat": "1", "redacted": False}
+    action = next(e for e in published if e["type"] == "PrivilegedAction")
+    assert action["details"] == {"action": "export", "detail": "2 events, 0 snapshots"}
