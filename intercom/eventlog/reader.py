@@ -127,9 +127,16 @@ class LogReader:
                 continue
             yield event
 
-    def authenticates(self, seq: int, epoch: int, nonce: bytes, ciphertext: bytes) -> bool:
+    def authenticates(
+        self,
+        seq: int,
+        epoch: int,
+        nonce: bytes,
+        ciphertext: bytes,
+        cache: dict[int, AESGCM | None] | None = None,
+    ) -> bool:
         """Whether a record's ciphertext is genuine for its seq and epoch."""
-        cache: dict[int, AESGCM | None] = {}
+        cache = {} if cache is None else cache
         try:
             cipher = self._epoch_cipher(epoch, cache)
         except MasterKeyError:

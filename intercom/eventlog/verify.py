@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from intercom.eventlog.checkpoints import Checkpoint
 from intercom.eventlog.reader import LogReader
@@ -158,10 +159,11 @@ def _authenticate(
     conn: sqlite3.Connection, reader: LogReader, verdict: Verdict, after: int
 ) -> None:
     """Check the ciphertexts no signature vouches for (all of them when ``after`` is 0)."""
+    cache: dict[int, AESGCM | None] = {}
     for seq, epoch, nonce, ciphertext in conn.execute(
         "SELECT seq, epoch, nonce, ciphertext FROM records WHERE seq > ? ORDER BY seq", (after,)
     ):
-        if not reader.authenticates(seq, epoch, bytes(nonce), bytes(ciphertext)):
+        if not reader.authenticates(seq, epoch, bytes(nonce), bytes(ciphertext), cache):
             verdict.fail(seq, f"record {seq} does not authenticate (forged or altered)")
             return
         verdict.authenticated += 1
