@@ -236,7 +236,7 @@ class MqttConfig(Model):
     )
     topic_prefix: str | None = Field(
         default=None,
-        pattern=r"^[^#+$/][^#+]*[^#+/]$|^[^#+$/]$",
+        pattern=r"^[^#+$/]([^#+]*[^#+/])?$",
         description="Prefix of every topic (default intercom/<station id>).",
     )
     username: str | None = Field(default=None, description="User name at the broker.")
