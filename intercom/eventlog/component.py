@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from intercom.config import EventLogConfig
+from intercom.eventlog import checkpoints
 from intercom.eventlog.checkpoints import Checkpoint
 from intercom.eventlog.errors import EventLogError
 from intercom.eventlog.reader import LogReader
@@ -72,8 +73,6 @@ class EventLog:
             )
         self._reader = LogReader(connect(db_path(self.state_dir)), keyring)
         self._last_seq = writer.last_seq
-        from intercom.eventlog import checkpoints  # noqa: PLC0415 - keeps imports light
-
         self._latest = checkpoints.latest(conn)
         self._thread = WriterThread(writer, self._deliver_threadsafe)
         self._thread.start()
