@@ -17,6 +17,7 @@ from skimage import data as skdata
 
 from intercom.calls.tracks import SourceTrack
 from intercom.config import CameraConfig, PrivacyConfig, Settings, simulated_settings
+from intercom.errors import HardwareError
 from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import open_log
 from intercom.media.picamera import Picamera2Camera
@@ -26,6 +27,7 @@ from intercom.privacy.snapshots import read_snapshots
 from intercom.privacy.zones import ZoneMask, ZoneMasks, rasterise
 from intercom.station import Station
 from tests.conftest import INTERCOM
+from tests.test_calls_client import H264Camera
 
 # Bottom-left quarter and a triangle at the bottom right, in normalised coordinates
 # (clear of the face, which is at the top).
@@ -322,3 +324,9 @@ async def test_pi_still_frame_is_rebuilt_from_the_strided_buffer_the_encoder_got
     assert (frame.width, frame.height) == (W, H)
     assert_zones_masked(frame)
     assert face_found(FaceRedactor(), frame), "zones only: the face is left"
+
+
+async def test_an_encoding_camera_that_cannot_mask_refuses_to_start():
+    camera = PrivacyCamera(H264Camera(), PrivacyConfig(zones=ZONES))
+    with pytest.raises(HardwareError, match="cannot mask the privacy zones"):
+        await camera.open()

@@ -45,8 +45,11 @@ class PrivacyCamera:
 
             self._redactor = shared_redactor()
         if self.encoded:
-            if not hasattr(self.inner, "frame_filter"):
-                raise TypeError(f"camera {self.name} encodes itself but takes no frame filter")
+            if not hasattr(self.inner, "frame_filter"):  # fail closed: never unmasked video
+                raise HardwareError(
+                    f"media.camera: {self.name} encodes its own frames and cannot mask the "
+                    "privacy zones; remove [privacy] zones or choose another source"
+                )
             self.inner.frame_filter = self.filter_i420
         await self.inner.open()
 
