@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -330,3 +331,22 @@ async def test_an_encoding_camera_that_cannot_mask_refuses_to_start():
     camera = PrivacyCamera(H264Camera(), PrivacyConfig(zones=ZONES))
     with pytest.raises(HardwareError, match="cannot mask the privacy zones"):
         await camera.open()
+
+
+def test_a_station_without_privacy_settings_loads_neither_numpy_nor_opencv(tmp_path):
+    probe = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from intercom.config import simulated_settings\n"
+        "from intercom.station import Station\n"
+        "async def main():\n"
+        f"    station = Station(simulated_settings(Path({str(tmp_path / 'st')!r})))\n"
+        "    await station.start()\n"
+        "    await station.stop('probe')\n"
+        "asyncio.run(main())\n"
+        "print('numpy' in sys.modules, 'cv2' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
