@@ -59,7 +59,8 @@ class PrivacyCamera:
         mask.apply_i420(buffer, stride)
         if self._redactor is not None:
             planes = i420_planes(buffer, width, height, stride)
-            self._redactor.redact_planes(*planes)
+            if self._redactor.redact_planes(*planes):
+                mask.apply_planes(*planes)  # a face block may reach into a zone: black again
 
     async def next(self) -> Any:
         """The next frame with the zones masked (or packet, masked before encoding)."""
@@ -68,6 +69,7 @@ class PrivacyCamera:
             item = self.masks.apply_frame(item)
             if self._redactor is not None:
                 item = await asyncio.to_thread(self._redactor.redact_frame, item)
+                item = self.masks.apply_frame(item)  # face blocks reaching into a zone
             self.latest, self._latest_at = item, time.monotonic()
         self.frames += 1
         return item
