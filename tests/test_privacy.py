@@ -350,3 +350,23 @@ def test_a_station_without_privacy_settings_loads_neither_numpy_nor_opencv(tmp_p
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+async def test_preview_from_the_running_station_that_holds_the_camera(tmp_path):
+    station = Station(settings_with(tmp_path))
+    await station.start()
+    out = tmp_path / "running.png"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *INTERCOM, "privacy", "preview", "--out", str(out), "--state-dir",
+            str(station.state_dir), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await station.stop("test finished")
+    assert proc.returncode == 0, stderr.decode()
+    assert "from the running station, 2 zones masked" in stdout.decode()
+    image = cv2.imread(str(out))
+    inner = rasterise([[(0.02, 0.52), (0.48, 0.52), (0.48, 0.98), (0.02, 0.98)]], W, H)
+    assert image[inner].max() < 40

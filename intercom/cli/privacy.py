@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from intercom.cli.common import add_state_dir, state_dir
 from intercom.cli.principals import show_time
 from intercom.config import DEFAULT_CONFIG, PrivacyConfig, Settings
+from intercom.control import SOCKET_NAME, request_sync
 from intercom.errors import IntercomError
 from intercom.events import PrivilegedAction
 from intercom.security.principals import Role
@@ -34,9 +36,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     preview = cmds.add_parser(
         "preview", help="write one camera frame with the zones masked and outlined (PNG)",
-        description="Open the configured camera (stop the station first if it holds it), "
-        "take one frame with the privacy zones masked as every output gets them, outline "
-        "the zones in green and write a PNG.",
+        description="Take one frame with the privacy zones masked as every output gets "
+        "them, outline the zones in green and write a PNG. The frame comes from the running "
+        "station when there is one (and neither --config nor --simulate is given), else "
+        "from the camera the config names.",
     )
     preview.add_argument("--out", type=Path, required=True, metavar="FILE.png")
     preview.add_argument("--config", type=Path, default=None,
@@ -115,21 +118,33 @@ def cmd_preview(args: argparse.Namespace) -> int:
     """Write a PNG of one masked frame with the zones outlined."""
     if args.out.suffix.lower() != ".png":
         raise IntercomError(f"--out {args.out}: the preview is a PNG; name it FILE.png")
-    settings = _settings(args)
-    frame = asyncio.run(_grab(settings))
+    import numpy as np  # noqa: PLC0415
+
     from intercom.privacy.redact import load_cv2  # noqa: PLC0415
 
     cv2 = load_cv2()
-    import numpy as np  # noqa: PLC0415
-
-    image = frame.to_ndarray(format="bgr24")
+    state = state_dir(args)
+    if not args.config and not args.simulate and (state / SOCKET_NAME).exists():
+        # The running station holds the camera: it sends a frame as its outputs get it.
+        answer = request_sync(state, {"request": "privacy-preview"}, timeout=15)
+        if not answer.get("ok"):
+            raise IntercomError(f"the station refused: {answer.get('error')}")
+        jpeg = np.frombuffer(base64.b64decode(answer["jpeg"]), np.uint8)
+        image = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+        zones = answer["zones"]
+        source = "the running station"
+    else:
+        settings = _settings(args)
+        image = asyncio.run(_grab(settings)).to_ndarray(format="bgr24")
+        zones = settings.privacy.zones
+        source = f"the {settings.media.camera.source} camera"
     height, width = image.shape[:2]
-    for zone in settings.privacy.zones:
+    for zone in zones:
         points = np.array([[round(x * width), round(y * height)] for x, y in zone], np.int32)
         cv2.polylines(image, [points], isClosed=True, color=ZONE_COLOUR, thickness=2)
     if not cv2.imwrite(str(args.out), image):
         raise IntercomError(f"cannot write {args.out}")
-    print(f"wrote {args.out}: {width}x{height}, {len(settings.privacy.zones)} zones masked")
+    print(f"wrote {args.out}: {width}x{height} from {source}, {len(zones)} zones masked")
     return 0
 
 

@@ -1,15 +1,18 @@
-"""The privacy component: snapshots at rings and the audit of pairing and config changes."""
+"""The privacy component: snapshots, the zone preview, audit of pairing and config changes."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from intercom.errors import CommandRefusedError
 from intercom.events import Event, PrincipalPaired, PrivilegedAction
 from intercom.privacy.audit import CONFIG_ACTOR, PAIRING_ACTOR
+from intercom.privacy.camera import still_frame
 from intercom.privacy.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_DIGEST_FILE = "config.sha256"
+PREVIEW_TIMEOUT_S = 5.0
+PREVIEW_QUALITY = 92
 
 
 class Privacy:
@@ -35,6 +40,7 @@ class Privacy:
         """Audit a changed config; start taking snapshots when they are switched on."""
         self._audit_config()
         self._unsubscribe = self.station.bus.on(self._on_event)
+        self.station.control.register("privacy-preview", self._preview_request)
         if self.snapshots is not None:
             await self.snapshots.start()
 
@@ -45,6 +51,18 @@ class Privacy:
             self._unsubscribe = None
         if self.snapshots is not None:
             await self.snapshots.stop()
+
+    async def _preview_request(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """One frame as the outputs get it (zones masked), JPEG, and the zones to outline."""
+        camera = self.station.camera
+        if camera is None:
+            raise CommandRefusedError("the station has no camera open")
+        from intercom.privacy.redact import frame_to_jpeg  # noqa: PLC0415
+
+        frame = await asyncio.wait_for(still_frame(camera), PREVIEW_TIMEOUT_S)
+        jpeg = await asyncio.to_thread(frame_to_jpeg, frame, PREVIEW_QUALITY)
+        zones = [[list(point) for point in zone] for zone in self.config.zones]
+        return {"ok": True, "jpeg": base64.b64encode(jpeg).decode(), "zones": zones}
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, PrincipalPaired):
