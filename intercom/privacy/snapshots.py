@@ -155,6 +155,10 @@ class Snapshots:
             self.failed += 1
             log.warning("snapshot: not taken: %s", exc)
             return None
+        except Exception:
+            self.failed += 1
+            log.exception("snapshot: not taken (unexpected failure)")
+            return None
         self.taken += 1
         log.info("snapshot: stored for flat %s as seq %d", ring.flat, seq)
         return seq
