@@ -45,11 +45,12 @@ PREFIX = f"intercom/{STATION}"
 # The manager: publishes each command it reads on stdin, and answers with the
 # perf_counter just before its publish (CLOCK_MONOTONIC: comparable across processes).
 MANAGER = textwrap.dedent("""
-    import sys, time
+    import socket, sys, time
     import paho.mqtt.client as mqtt
     port, topic = int(sys.argv[1]), sys.argv[2]
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="manager")
     client.connect("127.0.0.1", port)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.loop_start()
     print("ready", flush=True)
     for line in sys.stdin:
@@ -174,51 +175,75 @@ class Child:
             await self.proc.wait()
 
 
-async def measure(station: Station, manager: Child, tokens: list[str]) -> list[float]:
-    """Milliseconds from publish to relay energised, one command at a time."""
-    lock = station.lock
-    if lock is None:
-        raise RuntimeError("the station has no lock")
+Samples = dict[str, list[float]]
+
+
+async def measure(
+    station: Station, manager: Child, tokens: list[str], gap_s: float = 0.0
+) -> Samples:
+    """Milliseconds from publish to relay energised, one command at a time.
+
+    Also split at the moment the bridge hands the command to the verifier: "to verifier"
+    is the manager's client, the broker and the bridge; "verifier" is the checks, the
+    database and the relay.
+    """
+    lock, verifier = station.lock, station.verifier
+    if lock is None or verifier is None:
+        raise RuntimeError("the station has no lock or no verifier")
     pin = station.pin_factory.pin(station.settings.hardware.relay.pin)
     energised = asyncio.Event()
-    stamp = [0.0]
+    stamp = {"pin": 0.0, "submit": 0.0}
+    wanted = {"token": ""}
+    submit = verifier.submit
+
+    async def timed_submit(token: str | bytes, via: str) -> Any:
+        if token in {wanted["token"], wanted["token"].encode()}:
+            stamp["submit"] = time.perf_counter()
+        return await submit(token, via)
 
     def on_event(event: Event) -> None:
         if event.type == "LockStateChanged" and getattr(event, "state", "") == "unlocked":
-            stamp[0] = time.perf_counter()
+            stamp["pin"] = time.perf_counter()
             if pin.state:
                 energised.set()
 
     off = station.bus.on(on_event)
-    out: list[float] = []
+    verifier.submit = timed_submit  # type: ignore[method-assign]
+    out: Samples = {"total": [], "to verifier": [], "verifier": []}
     missed = 0
     try:
         for token in tokens:
             energised.clear()
+            wanted["token"] = token
             started = float(await manager.ask(token))
             try:
                 await asyncio.wait_for(energised.wait(), 2.0)
             except TimeoutError:
                 missed += 1
                 continue
-            out.append((stamp[0] - started) * 1000)
+            out["total"].append((stamp["pin"] - started) * 1000)
+            out["to verifier"].append((stamp["submit"] - started) * 1000)
+            out["verifier"].append((stamp["pin"] - stamp["submit"]) * 1000)
             lock.release("benchmark")
-            await asyncio.sleep(0)
+            await asyncio.sleep(gap_s)
     finally:
         off()
+        verifier.submit = submit  # type: ignore[method-assign]
     if missed:
         print(f"  {missed} of {len(tokens)} valid commands did not open within 2 s")
     return out
 
 
-def report(name: str, samples: list[float]) -> None:
-    """Print p50/p99/max of a run."""
-    if not samples:
-        print(f"{name}: no samples")
-        return
-    q = statistics.quantiles(samples, n=100, method="inclusive")
-    print(f"{name}: n={len(samples)} p50={q[49]:.2f} ms p99={q[98]:.2f} ms "
-          f"max={max(samples):.2f} ms")
+def report(name: str, samples: Samples) -> None:
+    """Print p50/p99/max of a run and of its two parts."""
+    for part, values in samples.items():
+        if not values:
+            print(f"{name}: no samples")
+            return
+        q = statistics.quantiles(values, n=100, method="inclusive")
+        label = name if part == "total" else f"  {part}"
+        print(f"{label}: n={len(values)} p50={q[49]:.2f} ms p99={q[98]:.2f} ms "
+              f"max={max(values):.2f} ms")
 
 
 async def connected_station(work: Path, port: int) -> Station:
@@ -240,14 +265,14 @@ async def flood_round(
 ) -> None:
     """Measure again while another client floods forged commands."""
     port = station.settings.mqtt.port if station.settings.mqtt else 0
-    seconds = 3 + len(tokens) * 0.02
+    seconds = 3 + len(tokens) * (0.02 + args.gap_ms / 1000)
     flooder = await Child.start(FLOODER, str(port), str(args.flood_rate), str(seconds),
                                 str(forged_file), f"{PREFIX}/command")
     try:
         flooder.stdin.write(b"go\n")
         await asyncio.sleep(1.0)  # let the flood reach its rate first
         cpu, wall = time.process_time(), time.perf_counter()
-        flooded = await measure(station, manager, tokens)
+        flooded = await measure(station, manager, tokens, args.gap_ms / 1000)
         busy = (time.process_time() - cpu) / (time.perf_counter() - wall)
         report(f"unlock, {args.flood_rate:.0f} forged/s flood ({args.flood_kind})", flooded)
         line = (await flooder.stdout.readline()).decode().strip()
@@ -261,13 +286,18 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--commands", type=int, default=1000)
     parser.add_argument("--flood-rate", type=float, default=2000.0)
+    parser.add_argument("--gap-ms", type=float, default=25.0,
+                        help="pause after each unlock (the relay released), so each command "
+                        "meets a station that finished the last one's events")
+    parser.add_argument("--broker-nagle", action="store_true",
+                        help="leave mosquitto's set_tcp_nodelay at its default (false)")
     parser.add_argument("--flood-kind", choices=["one", "spread", "unknown"], default="one",
                         help="whom the forged commands name (see forged())")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-unlock-") as tmp:
         work = Path(tmp)
-        broker = Broker(work / "broker")
+        broker = Broker(work / "broker", nodelay=not args.broker_nagle)
         broker.start()
         try:
             station = await connected_station(work, broker.port)
@@ -283,8 +313,9 @@ async def main() -> None:
                 try:
                     # Warm-up: the verifier loads the principals on its first command.
                     await measure(station, manager, tokens_for(managers[:1]))
-                    quiet = await measure(station, manager, tokens_for(managers[1:n + 1]))
-                    report("unlock, quiet broker", quiet)
+                    quiet = await measure(station, manager, tokens_for(managers[1:n + 1]),
+                                          args.gap_ms / 1000)
+                    report(f"unlock, quiet broker, {args.gap_ms:g} ms between", quiet)
                     forged_file = work / "forged.txt"
                     forged_file.write_text("\n".join(forged(managers, 4000, args.flood_kind)))
                     await flood_round(station, manager, tokens_for(managers[n + 1:2 * n + 1]),

@@ -143,6 +143,7 @@ class Broker:
         users: dict[str, str] | None = None,
         acl: str | None = None,
         persistence: bool = False,
+        nodelay: bool = True,
     ) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,7 @@ class Broker:
             "log_type information",
             "max_queued_messages 0",
             "max_inflight_messages 0",
+            f"set_tcp_nodelay {'true' if nodelay else 'false'}",
         ]
         if tls is not None:
             lines += [

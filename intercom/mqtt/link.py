@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
@@ -27,6 +28,7 @@ from paho.mqtt.properties import Properties
 from intercom.config import MqttConfig
 from intercom.errors import ConfigError
 from intercom.mqtt.backoff import ReconnectPolicy
+from intercom.mqtt.client import Client
 from intercom.mqtt.fairqueue import FairQueue
 from intercom.mqtt.topics import OFFLINE, ONLINE, Topics
 
@@ -172,13 +174,13 @@ class MqttLink:
             return [aiomqtt.ProtocolVersion.V311]
         return [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
 
-    def _client(self, protocol: aiomqtt.ProtocolVersion) -> aiomqtt.Client:
+    def _client(self, protocol: aiomqtt.ProtocolVersion) -> Client:
         v5 = protocol is aiomqtt.ProtocolVersion.V5
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.MaximumPacketSize = MAX_INCOMING_PACKET
-        return aiomqtt.Client(
+        return Client(
             self.config.host,
             self.config.effective_port,
             username=self.config.username,
@@ -192,6 +194,9 @@ class MqttLink:
             timeout=CONNECT_TIMEOUT_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             queue_type=FairQueue,
+            # paho leaves Nagle on: a command's answer and the state after it would wait
+            # for the broker's delayed ACK (up to 40 ms on Linux).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             properties=properties,
             tls_context=self._tls,
             logger=logging.getLogger("intercom.mqtt.paho"),
