@@ -256,3 +256,24 @@ def test_managers_broker_gets_no_image_no_actor_and_no_target(state):
     assert snap["details"] == {"button": "bell", "flat": "1", "redacted": False}
     action = next(e for e in published if e["type"] == "PrivilegedAction")
     assert action["details"] == {"action": "export", "detail": "2 events, 0 snapshots"}
+
+
+def test_installer_extension_defaults_to_the_configured_validity(tmp_path):
+    state = tmp_path / "state"
+    clock = Clock()
+    store = PrincipalStore(state)
+    add_principal(store, clock, "installer-y", role=Role.INSTALLER)
+    store.close()
+    config = tmp_path / "intercom.toml"
+    config.write_text(
+        '[station]\nid = "door"\n[hardware]\nbuttons = [{pin = 17, flat = "1"}]\n'
+        "relay = {pin = 27}\n[privacy]\ninstaller_valid_hours = 5\n"
+    )
+    done = intercom(state, "privacy", "installer", "extend", "installer-y", "--config",
+                    str(config))
+    assert done.returncode == 0, done.stderr
+    store = PrincipalStore(state)
+    installer = store.get("installer-y")
+    store.close()
+    assert installer is not None
+    assert installer.valid_until == pytest.approx(clock() + 5 * 3600, abs=60)

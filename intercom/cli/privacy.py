@@ -91,8 +91,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     acts = installer.add_subparsers(dest="installer_command", metavar="ACTION", required=True)
     extend = acts.add_parser("extend", help="make an installer valid for HOURS from now")
     extend.add_argument("id", metavar="ID")
-    extend.add_argument("--hours", type=float, default=PrivacyConfig().installer_valid_hours,
-                        help="hours from now (default %(default)s, at most 720)")
+    extend.add_argument("--hours", type=float, default=None,
+                        help="hours from now, at most 720 (default: the config's "
+                        "privacy.installer_valid_hours, "
+                        f"{PrivacyConfig().installer_valid_hours:g} unless set)")
+    extend.add_argument("--config", type=Path, default=None,
+                        help=f"config file to take the default from (default {DEFAULT_CONFIG} "
+                        "when it exists)")
     add_state_dir(extend)
     extend.set_defaults(func=cmd_installer_extend)
     revoke = acts.add_parser("revoke", help="revoke an installer now (hand-off done)")
@@ -229,6 +234,8 @@ def _installer(store: PrincipalStore, pid: str) -> None:
 
 def cmd_installer_extend(args: argparse.Namespace) -> int:
     """Move an installer's expiry to HOURS from now."""
+    if args.hours is None:
+        args.hours = _installer_hours(args.config)
     if not 0 < args.hours <= MAX_EXTEND_HOURS:
         raise IntercomError(f"--hours: more than 0, at most {MAX_EXTEND_HOURS}")
     from intercom.privacy.audit import log_action  # noqa: PLC0415
@@ -245,6 +252,16 @@ def cmd_installer_extend(args: argparse.Namespace) -> int:
                                              target=args.id, detail=f"until {show_time(until)}"))
     print(f"installer {args.id} valid until {show_time(until)}" + _logged(seq))
     return 0
+
+
+def _installer_hours(config: Path | None) -> float:
+    """The config's installer validity (the built-in default when there is no config)."""
+    from intercom.config import load_settings  # noqa: PLC0415
+
+    path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is None:
+        return PrivacyConfig().installer_valid_hours
+    return load_settings(path).privacy.installer_valid_hours
 
 
 def cmd_installer_revoke(args: argparse.Namespace) -> int:
