@@ -20,7 +20,14 @@ from intercom.errors import IntercomError
 log = logging.getLogger(__name__)
 
 CASCADE = "haarcascade_frontalface_default.xml"
+# Stills for managers are redacted at leisure: more models, a larger image, fewer misses.
+THOROUGH_CASCADES = (
+    CASCADE,
+    "haarcascade_frontalface_alt2.xml",
+    "haarcascade_profileface.xml",  # faces turned one way; the mirrored image the other
+)
 DETECT_WIDTH = 240
+THOROUGH_WIDTH = 480
 MARGIN = 0.25
 BLOCKS = 6
 Box = tuple[int, int, int, int]
@@ -43,28 +50,40 @@ def load_cv2() -> Any:
 
 
 class FaceRedactor:
-    """Finds faces and pixelates them; safe to call from several threads."""
+    """Finds faces and pixelates them; safe to call from several threads.
 
-    def __init__(self, detect_width: int = DETECT_WIDTH, min_face: int = 20) -> None:
+    The default suits live frames (one frontal model, 240 px wide); ``thorough`` suits
+    stills a manager receives (frontal, alternative frontal and profile models both
+    ways round, 480 px wide), several times slower and with fewer misses.
+    """
+
+    def __init__(
+        self, detect_width: int | None = None, min_face: int = 20, *, thorough: bool = False
+    ) -> None:
         cv2 = load_cv2()
         cv2.setNumThreads(1)
-        path = Path(cv2.data.haarcascades) / CASCADE
-        if not path.exists():
-            raise RedactionError(f"the face model {path} is not in the OpenCV package")
+        names = THOROUGH_CASCADES if thorough else (CASCADE,)
+        self._paths = [str(Path(cv2.data.haarcascades) / name) for name in names]
+        for path in self._paths:
+            if not Path(path).exists():
+                raise RedactionError(f"the face model {path} is not in the OpenCV package")
         self._cv2 = cv2
-        self._path = str(path)
         self._local = threading.local()  # a CascadeClassifier is not thread-safe
-        self.detect_width = detect_width
+        self.thorough = thorough
+        self.detect_width = detect_width or (THOROUGH_WIDTH if thorough else DETECT_WIDTH)
         self.min_face = min_face
 
-    def _classifier(self) -> Any:
-        classifier = getattr(self._local, "classifier", None)
-        if classifier is None:
-            classifier = self._cv2.CascadeClassifier(self._path)
-            if classifier.empty():
-                raise RedactionError(f"the face model {self._path} does not load")
-            self._local.classifier = classifier
-        return classifier
+    def _classifiers(self) -> list[Any]:
+        classifiers: list[Any] | None = getattr(self._local, "classifiers", None)
+        if classifiers is None:
+            classifiers = []
+            for path in self._paths:
+                classifier = self._cv2.CascadeClassifier(path)
+                if classifier.empty():
+                    raise RedactionError(f"the face model {path} does not load")
+                classifiers.append(classifier)
+            self._local.classifiers = classifiers
+        return classifiers
 
     def detect(self, grey: Any) -> list[Box]:
         """Face boxes (x, y, w, h) in ``grey``'s pixels, found on a downscaled copy."""
@@ -76,12 +95,22 @@ class FaceRedactor:
             size = (round(width * scale), round(height * scale))
             small = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
         small = cv2.equalizeHist(small)
-        found = self._classifier().detectMultiScale(
-            small, scaleFactor=1.2, minNeighbors=4, minSize=(self.min_face, self.min_face)
-        )
+        found: list[Box] = []
+        neighbours = 3 if self.thorough else 4
+        for index, classifier in enumerate(self._classifiers()):
+            mirrored = [False, True] if index == 2 else [False]  # the profile model
+            for mirror in mirrored:
+                image = cv2.flip(small, 1) if mirror else small
+                boxes = classifier.detectMultiScale(
+                    image, scaleFactor=1.2, minNeighbors=neighbours,
+                    minSize=(self.min_face, self.min_face),
+                )
+                for x, y, w, h in boxes if len(boxes) else []:
+                    x0 = image.shape[1] - x - w if mirror else x
+                    found.append((int(x0), int(y), int(w), int(h)))
         return [
             (round(x / scale), round(y / scale), round(w / scale), round(h / scale))
-            for x, y, w, h in (found if len(found) else [])
+            for x, y, w, h in found
         ]
 
     def pixelate(self, image: Any, box: Box, scale: int = 1) -> None:
@@ -164,14 +193,13 @@ def frame_to_jpeg(frame: Any, quality: int = 85) -> bytes:
     return encode_jpeg(frame.to_ndarray(format="bgr24"), quality)
 
 
-_shared: FaceRedactor | None = None
+_shared: dict[bool, FaceRedactor] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_redactor() -> FaceRedactor:
-    """One redactor per process (its model loads once per thread that uses it)."""
-    global _shared  # noqa: PLW0603 - a lazily made process-wide singleton
+def shared_redactor(*, thorough: bool = False) -> FaceRedactor:
+    """One redactor of each kind per process (models load once per thread using them)."""
     with _shared_lock:
-        if _shared is None:
-            _shared = FaceRedactor()
-        return _shared
+        if thorough not in _shared:
+            _shared[thorough] = FaceRedactor(thorough=thorough)
+        return _shared[thorough]

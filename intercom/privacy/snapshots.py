@@ -93,7 +93,7 @@ def read_snapshots(
             if redactor is None:
                 from intercom.privacy.redact import shared_redactor  # noqa: PLC0415
 
-                redactor = shared_redactor()
+                redactor = shared_redactor(thorough=True)
             jpeg, redacted = redactor.redact_jpeg(jpeg), True
         yield Snapshot(event.seq, event.at, str(event.details.get("button", "")), flat,
                        redacted, jpeg)
