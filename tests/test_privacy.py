@@ -370,3 +370,12 @@ async def test_preview_from_the_running_station_that_holds_the_camera(tmp_path):
     image = cv2.imread(str(out))
     inner = rasterise([[(0.02, 0.52), (0.48, 0.52), (0.48, 0.98), (0.02, 0.98)]], W, H)
     assert image[inner].max() < 40
+
+
+def test_thorough_redaction_of_stills_leaves_no_face_any_of_its_models_finds():
+    redactor = FaceRedactor(thorough=True)
+    bgr = cv2.cvtColor(face_rgb(), cv2.COLOR_RGB2BGR)
+    assert redactor.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    redacted = redactor.redact_bgr(bgr)
+    assert not redactor.detect(cv2.cvtColor(redacted, cv2.COLOR_BGR2GRAY))
+    assert np.array_equal(bgr[300:], redacted[300:]), "the rest is untouched"
