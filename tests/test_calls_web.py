@@ -225,6 +225,7 @@ async def test_no_sign_in_in_time_closes(call_station: Station, monkeypatch: pyt
         ('{"type": "launch"}', 4400),
         ('{"type": "accept"}', 4400),
         ('{"type": "answer", "sdp": 1}', 4400),
+        ('{"type": "answer", "sdp": "v=0"}', 4400),  # a second answer
         (b"\x00binary", 4400),
         # 1009; or 1006 when the station's close races the rest of the oversized frame
         ("x" * (70 * 1024), (1009, 1006)),
@@ -286,3 +287,25 @@ async def test_a_second_socket_of_a_device_replaces_the_first(
     assert first.close_code == 4409
     await again.send({"type": "ping"})
     await again.expect("pong")
+
+
+@pytest.mark.parametrize(
+    "sdp", ["garbage", "v=0\r\n", "", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"]
+)
+async def test_a_broken_answer_closes_only_that_socket(
+    call_station: Station, devices: list[Device], sdp: str
+):
+    station = call_station
+    device = await pair(station)
+    devices.append(device)
+    await device.connect(answer=False)
+    await device.send({"type": "answer", "sdp": sdp})
+    for _ in range(100):
+        if device.close_code is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert device.close_code == 4400
+    again = await pair(station)
+    devices.append(again)
+    await again.connect()
+    await again.wait_connected()

@@ -249,6 +249,9 @@ class Signalling:
         except Refused as exc:
             log.warning("signalling: session %s closed (%d): %s", session.id, exc.code, exc.reason)
             code, reason = exc.code, exc.reason
+        except Exception:
+            log.exception("signalling: session %s failed", session.id)
+            code, reason = 1011, "internal error"
         finally:
             await self._drop(session, code, reason)
 
@@ -274,8 +277,8 @@ class Signalling:
                 raise Refused(CLOSE_MALFORMED, "answer needs an sdp string")
             try:
                 await session.peer.accept_answer(sdp)
-            except ValueError as exc:
-                raise Refused(CLOSE_MALFORMED, f"answer refused: {exc}") from exc
+            except Exception as exc:  # any fault of a device's SDP is its own
+                raise Refused(CLOSE_MALFORMED, f"answer refused: {str(exc)[:80]}") from exc
         elif kind in CALL_TYPES:
             call = data.get("call")
             if not isinstance(call, str) or len(call) > 64:
