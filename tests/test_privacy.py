@@ -379,3 +379,34 @@ def test_thorough_redaction_of_stills_leaves_no_face_any_of_its_models_finds():
     redacted = redactor.redact_bgr(bgr)
     assert not redactor.detect(cv2.cvtColor(redacted, cv2.COLOR_BGR2GRAY))
     assert np.array_equal(bgr[300:], redacted[300:]), "the rest is untouched"
+
+
+async def test_snapshots_switched_off_are_neither_taken_nor_kept_past_retention(tmp_path):
+    settings = settings_with(tmp_path, snapshots=True, snapshot_retention_hours=1)
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.simulator is not None
+        await station.simulator.act("press")
+        snapshots = next(c for c in station.components if c.name == "privacy").snapshots
+        for _ in range(300):
+            if snapshots.taken:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await station.stop("test finished")
+    off = settings.model_copy(update={"privacy": settings.privacy.model_copy(
+        update={"snapshots": False})})
+    station = Station(off)
+    await station.start()
+    try:
+        assert station.simulator is not None
+        privacy = next(c for c in station.components if c.name == "privacy")
+        assert privacy.status()["privacy"]["snapshots"] == {
+            "enabled": False, "taken": 0, "failed": 0}
+        await station.simulator.act("press")
+        await asyncio.sleep(0.3)
+        assert privacy.snapshots.taken == 0
+        assert await privacy.snapshots.shred_expired(now=time.time() + 3 * 3600) == 1
+    finally:
+        await station.stop("test finished")

@@ -33,7 +33,8 @@ class Privacy:
     def __init__(self, station: Station) -> None:
         self.station = station
         self.config = station.settings.privacy
-        self.snapshots = Snapshots(station) if self.config.snapshots else None
+        # Shredding runs even with snapshots switched off: earlier ones still expire.
+        self.snapshots = Snapshots(station)
         self._unsubscribe: Any = None
 
     async def start(self) -> None:
@@ -41,16 +42,14 @@ class Privacy:
         self._audit_config()
         self._unsubscribe = self.station.bus.on(self._on_event)
         self.station.control.register("privacy-preview", self._preview_request)
-        if self.snapshots is not None:
-            await self.snapshots.start()
+        await self.snapshots.start(take=self.config.snapshots)
 
     async def stop(self) -> None:
         """Stop auditing and taking snapshots."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self.snapshots is not None:
-            await self.snapshots.stop()
+        await self.snapshots.stop()
 
     async def _preview_request(self, _request: dict[str, Any]) -> dict[str, Any]:
         """One frame as the outputs get it (zones masked), JPEG, and the zones to outline."""
@@ -99,11 +98,11 @@ class Privacy:
 
     def status(self) -> dict[str, Any]:
         """Zones, redaction and snapshot counts for ``intercom status``."""
-        info: dict[str, Any] = {
-            "zones": len(self.config.zones),
-            "redact_all_outputs": self.config.redact_all_outputs,
-            "snapshots": self.config.snapshots,
+        snapshots = {"enabled": self.config.snapshots, **self.snapshots.counts()}
+        return {
+            "privacy": {
+                "zones": len(self.config.zones),
+                "redact_all_outputs": self.config.redact_all_outputs,
+                "snapshots": snapshots,
+            }
         }
-        if self.snapshots is not None:
-            info.update(self.snapshots.status())
-        return {"privacy": info}

@@ -112,9 +112,10 @@ class Snapshots:
         self._retention: asyncio.Task[None] | None = None
         self._checked_through: int | None = None
 
-    async def start(self) -> None:
-        """Listen for rings; shred what is past retention now and then every minute."""
-        self._unsubscribe = self.station.bus.on(self._on_event)
+    async def start(self, *, take: bool = True) -> None:
+        """Listen for rings (with ``take``); shred what is past retention, then each minute."""
+        if take:
+            self._unsubscribe = self.station.bus.on(self._on_event)
         self._retention = asyncio.create_task(self._retention_loop(), name="snapshot-retention")
 
     async def stop(self) -> None:
@@ -190,6 +191,6 @@ class Snapshots:
                 log.error("snapshots: retention could not run: %s", exc)  # noqa: TRY400
             await asyncio.sleep(RETENTION_POLL_S)
 
-    def status(self) -> dict[str, Any]:
-        """Counts for ``intercom status``."""
-        return {"snapshots": {"taken": self.taken, "failed": self.failed}}
+    def counts(self) -> dict[str, int]:
+        """Snapshots taken and failed since start, for ``intercom status``."""
+        return {"taken": self.taken, "failed": self.failed}
