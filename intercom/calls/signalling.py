@@ -186,7 +186,8 @@ class Signalling:
             principal = await self._authenticate(ws)
         except Refused as exc:
             log.warning("signalling: socket refused (%d): %s", exc.code, exc.reason)
-            await ws.close(code=exc.code, message=exc.reason.encode()[:120])
+            told = "authentication failed" if exc.code == CLOSE_AUTH else exc.reason
+            await ws.close(code=exc.code, message=told.encode()[:120])
             return ws
         finally:
             self._unauthenticated -= 1
