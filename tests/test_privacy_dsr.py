@@ -277,3 +277,15 @@ def test_installer_extension_defaults_to_the_configured_validity(tmp_path):
     store.close()
     assert installer is not None
     assert installer.valid_until == pytest.approx(clock() + 5 * 3600, abs=60)
+
+
+def test_commands_on_a_state_dir_without_data_create_nothing_there(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert intercom(empty, "privacy", "erase", "--principal", ALICE).returncode == 1
+    done = intercom(empty, "privacy", "export", "--principal", ALICE, "--out",
+                    str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "nothing is held" in done.stdout
+    assert intercom(empty, "privacy", "installer", "revoke", "x").returncode == 1
+    assert list(empty.iterdir()) == []

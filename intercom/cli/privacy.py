@@ -17,7 +17,7 @@ from intercom.control import SOCKET_NAME, request_sync
 from intercom.errors import IntercomError
 from intercom.events import PrivilegedAction
 from intercom.security.principals import Role
-from intercom.security.store import PrincipalStore
+from intercom.security.store import DB_NAME, PrincipalStore
 
 ZONE_COLOUR = (0, 255, 0)  # BGR: the outline drawn over the masked zones
 MAX_EXTEND_HOURS = 24 * 30
@@ -224,6 +224,12 @@ def _logged(seq: int | None) -> str:
     return f"; logged as seq {seq}" if seq is not None else "; NOT logged (no event log)"
 
 
+def _store(state: Path) -> PrincipalStore:
+    if not (state / DB_NAME).exists():  # never make a registry where there is none
+        raise IntercomError(f"no principals in {state}")
+    return PrincipalStore(state)
+
+
 def _installer(store: PrincipalStore, pid: str) -> None:
     principal = store.get(pid)
     if principal is None:
@@ -242,7 +248,7 @@ def cmd_installer_extend(args: argparse.Namespace) -> int:
 
     state = state_dir(args)
     until = time.time() + args.hours * 3600
-    store = PrincipalStore(state)
+    store = _store(state)
     try:
         _installer(store, args.id)
         store.set_valid_until(args.id, until)
@@ -269,7 +275,7 @@ def cmd_installer_revoke(args: argparse.Namespace) -> int:
     from intercom.privacy.audit import log_action  # noqa: PLC0415
 
     state = state_dir(args)
-    store = PrincipalStore(state)
+    store = _store(state)
     try:
         _installer(store, args.id)
         changed = store.revoke(args.id, time.time())

@@ -28,7 +28,7 @@ from intercom.identity import load_or_create_identity
 from intercom.privacy.audit import log_action
 from intercom.privacy.snapshots import read_snapshots
 from intercom.security.principals import Principal, Role
-from intercom.security.store import PrincipalStore
+from intercom.security.store import DB_NAME, PrincipalStore
 
 
 @dataclass
@@ -89,11 +89,13 @@ def _json(value: Any) -> bytes:
 
 def export_principal(state_dir: Path, pid: str, out: Path, actor: str) -> ExportReport:
     """Write what is held about ``pid`` into ``out`` (made 0700); log who exported it."""
-    store = PrincipalStore(state_dir)
-    try:
-        principal = store.get(pid)
-    finally:
-        store.close()
+    principal = None
+    if (state_dir / DB_NAME).exists():  # never make a registry where there is none
+        store = PrincipalStore(state_dir)
+        try:
+            principal = store.get(pid)
+        finally:
+            store.close()
     reader = open_reader(state_dir)
     events: list[dict[str, Any]] = []
     snapshots = []
@@ -142,11 +144,13 @@ def export_principal(state_dir: Path, pid: str, out: Path, actor: str) -> Export
 
 def erase_principal(state_dir: Path, pid: str, actor: str) -> EraseReport:
     """Delete ``pid`` from the registry and destroy their key in the log; log the erase."""
-    store = PrincipalStore(state_dir)
-    try:
-        registry = store.erase(pid)
-    finally:
-        store.close()
+    registry = False
+    if (state_dir / DB_NAME).exists():
+        store = PrincipalStore(state_dir)
+        try:
+            registry = store.erase(pid)
+        finally:
+            store.close()
     log_key = False
     try:
         conn, keyring = open_log(state_dir, create=False)
