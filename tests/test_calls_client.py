@@ -254,6 +254,14 @@ class Device:
         await self.vanish()
 
 
+async def eventually(check: Any, timeout: float = 5.0, what: str = "") -> None:
+    """Wait until ``check()`` is true (bounded), for outcomes that take real media time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what or "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 def call_settings(state_dir: Path, flats: tuple[str, ...] = ("1",), **calls: float) -> Settings:
     """A simulated station with a small camera, these flats and call timings."""
     base = simulated_settings(state_dir)
