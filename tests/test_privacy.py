@@ -17,8 +17,14 @@ import pytest
 from skimage import data as skdata
 
 from intercom.calls.tracks import SourceTrack
-from intercom.config import CameraConfig, PrivacyConfig, Settings, simulated_settings
-from intercom.errors import HardwareError
+from intercom.config import (
+    CameraConfig,
+    PrivacyConfig,
+    Settings,
+    parse_settings,
+    simulated_settings,
+)
+from intercom.errors import ConfigError, HardwareError
 from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import open_log
 from intercom.media.picamera import Picamera2Camera
@@ -410,3 +416,19 @@ async def test_snapshots_switched_off_are_neither_taken_nor_kept_past_retention(
         assert await privacy.snapshots.shred_expired(now=time.time() + 3 * 3600) == 1
     finally:
         await station.stop("test finished")
+
+
+@pytest.mark.parametrize(
+    ("zones", "problem"),
+    [
+        ("[[[0, 0], [1, 0]]]", "privacy.zones[0]: List should have at least 3 items"),
+        ("[[[0, 0], [1.5, 0], [1, 1]]]", "privacy.zones[0][1][0]: must be less than or equal"),
+        ("[[[0, 0, 0], [1, 0], [1, 1]]]", "privacy.zones[0][0]: Tuple should have at most 2"),
+    ],
+)
+def test_bad_zones_are_refused_naming_the_key(zones, problem):
+    text = ('[station]\nid = "x"\n[hardware]\nbuttons = [{pin = 17, flat = "1"}]\n'
+            f"relay = {{pin = 27}}\n[privacy]\nzones = {zones}\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text)
+    assert caught.value.problems[0].startswith(problem)
