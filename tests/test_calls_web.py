@@ -309,3 +309,22 @@ async def test_a_broken_answer_closes_only_that_socket(
     devices.append(again)
     await again.connect()
     await again.wait_connected()
+
+
+async def test_an_internal_fault_is_a_short_500_without_a_trace(
+    call_station: Station, monkeypatch: pytest.MonkeyPatch
+):
+    station = call_station
+    assert station.calls is not None
+
+    def broken(_code: object, _jwk: object) -> None:
+        raise RuntimeError("disk on fire at /var/lib/intercom")
+
+    monkeypatch.setattr(station.calls.pairing, "redeem", broken)
+    status, headers, body = await fetch(
+        station, "POST", "api/pair", json={"code": "X", "jwk": DeviceKey().jwk()}
+    )
+    assert (status, json.loads(body)) == (500, {"error": "internal error"})
+    assert "Content-Security-Policy" in headers
+    status, _, _ = await fetch(station, "GET", "api/info")
+    assert status == 200
