@@ -71,6 +71,12 @@ async def test_h264_packets_pass_through_with_an_idr_at_each_ring():
             await asyncio.sleep(0.4)
             assert len(frames) == count, "the gate stops the video"
             frames.clear()
+        # a device's picture loss indication (RTCP PLI) reaches the camera's encoder
+        peer.start_video()
+        requested = camera.keyframes_requested
+        (receiver,) = [r for r in client.getReceivers() if r.track.kind == "video"]
+        await receiver._send_rtcp_pli(peer.video_sender._ssrc)
+        await eventually(lambda: camera.keyframes_requested > requested, what="PLI forwarded")
         # aiortc never re-encoded: its H.264 encoder only packetised our packets
         encoder = peer.video_sender._RTCRtpSender__encoder
         assert type(encoder).__name__ == "H264Encoder"

@@ -74,12 +74,31 @@ class DevicePeer:
             transceiver = self.pc.getTransceivers()[0]
             codecs = RTCRtpSender.getCapabilities("video").codecs
             transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+            self._forward_keyframe_requests()
         self.pc.addTransceiver(self.audio, direction="sendrecv")
         self.channel: RTCDataChannel = self.pc.createDataChannel("control")
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
         self._answered = False
+
+    def _forward_keyframe_requests(self) -> None:
+        """Send the device's PLI/FIR to the camera's encoder.
+
+        aiortc answers a keyframe request by flagging its own encoder, which packets from
+        the camera bypass; the sender looks the method up on the instance, so wrapping it
+        here reaches the hardware encoder too.
+        """
+        sender = self.video_sender
+        flag = getattr(sender, "_send_keyframe", None)
+        if not callable(flag):
+            return
+
+        def send_keyframe() -> None:
+            flag()
+            self.media.request_keyframe()
+
+        sender._send_keyframe = send_keyframe  # type: ignore[method-assign]  # noqa: SLF001
 
     async def offer(self) -> str:
         """The full offer SDP (non-trickle: every candidate gathered)."""
@@ -98,10 +117,11 @@ class DevicePeer:
     def start_video(self) -> None:
         """Send the camera to this device, newest frame first, from a keyframe."""
         self.video.open()
-        self.media.request_keyframe()
         force = getattr(self.video_sender, "_send_keyframe", None)
-        if callable(force):  # a software encoder in use makes its next frame a keyframe
+        if callable(force):  # the next frame a keyframe (reaches the camera's encoder too)
             force()
+        else:
+            self.media.request_keyframe()
 
     def stop_video(self) -> None:
         """Stop sending video."""
