@@ -1,0 +1,387 @@
+// The resident web client: pairing, the ring screen, the call, opening the door.
+
+import * as history from "./history.js";
+import { StationPeer, microphone } from "./call.js";
+import { loadDevice, makeKeyPair, saveDevice, unlockToken } from "./keys.js";
+import { Signal } from "./signal.js";
+
+const $ = (id) => document.getElementById(id);
+const UNLOCK_TIMEOUT_MS = 10000;
+
+const app = {
+  device: null,
+  signal: null,
+  peer: null,
+  call: null, // the call id while ringing or in a call
+  state: "idle", // idle | ringing | in_call
+  muted: false,
+  pendingUnlock: null, // { jti, resolve }
+  rings: [], // diagnostics: { call, at } epoch ms when each ring message arrived
+  frames: [], // diagnostics: epoch ms of the latest presented video frames
+};
+
+// ---------- screens ----------
+
+function show(screen) {
+  for (const el of document.querySelectorAll(".screen")) el.hidden = el.id !== `screen-${screen}`;
+}
+
+function setLink(state) {
+  const labels = { online: "online", connecting: "connecting", offline: "offline", refused: "refused" };
+  $("link-state").textContent = labels[state] ?? state;
+  $("link-state").dataset.state = state;
+  document.body.dataset.link = state;
+}
+
+function setCallState(state, text) {
+  app.state = state;
+  document.body.dataset.call = state;
+  $("stage").className = `stage ${state === "idle" ? "idle" : "live"}`;
+  $("call-state").textContent = text;
+  $("ring-actions").hidden = state !== "ringing";
+  $("call-actions").hidden = state !== "in_call";
+  if (state !== "in_call") $("unlock-form").hidden = true;
+  document.title = state === "ringing" ? "Ringing: someone is at the door" : "Door";
+}
+
+function formatFingerprint(hex) {
+  return hex.toUpperCase().match(/.{2}/g)?.join(":") ?? "";
+}
+
+function normalFingerprint(text) {
+  return (text ?? "").toLowerCase().replace(/[^0-9a-f]/g, "");
+}
+
+function renderHistory() {
+  const list = $("history");
+  list.replaceChildren();
+  const entries = history.calls();
+  if (!entries.length) {
+    const item = document.createElement("li");
+    item.textContent = "No calls yet.";
+    list.append(item);
+    return;
+  }
+  for (const entry of entries) {
+    const item = document.createElement("li");
+    const when = new Date(entry.rang * 1000).toLocaleString();
+    let text = `${when}: ${entry.state}`;
+    if (entry.answered && entry.ended) text += ` (${Math.round(entry.ended - entry.answered)} s)`;
+    item.textContent = text;
+    item.title = `call ${entry.call}`;
+    list.append(item);
+  }
+}
+
+// ---------- pairing ----------
+
+function pairingFromLink() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const code = params.get("pair");
+  const fp = normalFingerprint(params.get("fp"));
+  return code && fp.length === 64 ? { code, fp } : null;
+}
+
+async function showPairing(link) {
+  show("pair");
+  $("pair-fp").textContent = formatFingerprint(link.fp);
+  const check = $("pair-fp-check");
+  try {
+    const info = await (await fetch("api/info", { cache: "no-store" })).json();
+    if (normalFingerprint(info.fingerprint) !== link.fp) {
+      check.textContent = "This station reports a different fingerprint than your pairing "
+        + "link. Do not pair; ask whoever gave you the link.";
+      check.className = "error";
+      $("pair-go").disabled = true;
+      return;
+    }
+    check.textContent = `Station ${info.station}, door ${info.door}. The station reports the `
+      + "same fingerprint, but only your browser's certificate view can prove it.";
+  } catch {
+    check.textContent = "Could not reach the station.";
+  }
+  $("pair-go").onclick = () => pair(link);
+}
+
+async function pair(link) {
+  const button = $("pair-go");
+  button.disabled = true;
+  $("pair-error").textContent = "";
+  try {
+    const key = await makeKeyPair();
+    const body = { code: link.code, jwk: key.jwk };
+    const name = $("pair-name").value.trim();
+    if (name) body.name = name;
+    const response = await fetch("api/pair", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      cache: "no-store",
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(answer.error ?? `pairing refused (${response.status})`);
+    const device = {
+      privateKey: key.privateKey, alg: key.alg, jwk: key.jwk,
+      principal: answer.principal, station: answer.station, door: answer.door,
+      flat: answer.flat, fingerprint: link.fp, pairedAt: Date.now() / 1000,
+    };
+    await saveDevice(device);
+    app.device = device;
+    history.clear();
+    window.history.replaceState(null, "", location.pathname); // the code is spent
+    showEnrolment(answer);
+  } catch (err) {
+    $("pair-error").textContent = String(err.message ?? err);
+    button.disabled = false;
+  }
+}
+
+function showEnrolment(answer) {
+  show("enrol");
+  let markup = answer.totp_qr_svg ?? "";
+  if (markup.startsWith("<svg") && !markup.includes("xmlns=")) {
+    markup = markup.replace("<svg", '<svg xmlns="http://www.w3.org/2000/svg"'); // as an image
+  }
+  const svg = new TextEncoder().encode(markup);
+  let text = "";
+  for (const byte of svg) text += String.fromCharCode(byte);
+  $("enrol-qr").src = `data:image/svg+xml;base64,${btoa(text)}`;
+  $("enrol-uri").textContent = answer.totp_uri ?? "";
+  $("enrol-done").onclick = () => {
+    $("enrol-qr").removeAttribute("src");
+    $("enrol-uri").textContent = ""; // shown once: not kept anywhere on this device
+    startHome();
+  };
+}
+
+// ---------- the call ----------
+
+function startHome() {
+  show("home");
+  const d = app.device;
+  $("info-station").textContent = d.station;
+  $("info-door").textContent = d.door;
+  $("info-flat").textContent = d.flat;
+  $("info-principal").textContent = d.principal;
+  setCallState("idle", "No call");
+  renderHistory();
+  watchFrames();
+  microphone(); // ask now, so the first answer to the station needs no prompt
+  app.signal = new Signal(d, { message: onMessage, state: onLink });
+  app.signal.start();
+  window.addEventListener("online", () => app.signal.nudge());
+}
+
+function onLink(state, detail) {
+  setLink(state);
+  if (state === "offline") {
+    app.peer?.close();
+    app.peer = null;
+    if (app.state !== "idle") endLocally("ended");
+  }
+  if (state === "refused") {
+    $("call-state").textContent = "The station refused this device (revoked?)";
+  }
+  if (state === "online" && detail) {
+    for (const key of ["station", "door", "flat"]) if (detail[key]) app.device[key] = detail[key];
+  }
+}
+
+async function onMessage(msg) {
+  switch (msg.type) {
+    case "ready":
+      app.peer?.close();
+      app.peer = new StationPeer({
+        iceServers: msg.ice_servers,
+        video: $("preview"),
+        audio: $("door-audio"),
+        onControl,
+        onState: (state) => {
+          if (state === "failed") app.signal.ws?.close(4000); // reconnect: a fresh offer
+        },
+      });
+      app.peer.setMuted(app.muted, false);
+      break;
+    case "offer": {
+      const peer = app.peer;
+      if (!peer) return;
+      const sdp = await peer.answer(msg.sdp);
+      if (peer === app.peer) app.signal.send({ type: "answer", sdp });
+      break;
+    }
+    case "ring":
+      app.rings.push({ call: msg.call, at: Date.now() });
+      app.call = msg.call;
+      history.note(msg.call, "ringing", { rang: msg.at ?? Date.now() / 1000 });
+      setCallState("ringing", "Someone is at the door");
+      navigator.vibrate?.([300, 200, 300]);
+      renderHistory();
+      break;
+    case "call":
+      onCallState(msg);
+      break;
+    default:
+      break;
+  }
+}
+
+function onCallState(msg) {
+  if (msg.call !== app.call) return;
+  const now = Date.now() / 1000;
+  if (msg.state === "answered") {
+    history.note(msg.call, "answered", { answered: now });
+    setCallState("in_call", "In call");
+    app.peer?.talk(true);
+  } else if (["taken", "missed", "ended"].includes(msg.state)) {
+    history.note(msg.call, msg.state, { ended: now });
+    endLocally(msg.state);
+  }
+  renderHistory();
+}
+
+function endLocally(reason) {
+  app.peer?.talk(false);
+  app.call = null;
+  const texts = { taken: "Answered on another device", missed: "Missed", ended: "Call ended" };
+  setCallState("idle", texts[reason] ?? "No call");
+}
+
+function answer() {
+  if (app.state !== "ringing") return;
+  $("door-audio").play().catch(() => {}); // within the tap, so the browser allows sound
+  $("call-state").textContent = "Connecting…";
+  app.signal.send({ type: "accept", call: app.call });
+}
+
+function decline() {
+  if (app.state !== "ringing") return;
+  app.signal.send({ type: "decline", call: app.call });
+  history.note(app.call, "declined", { ended: Date.now() / 1000 });
+  endLocally("declined");
+  renderHistory();
+}
+
+function hangup() {
+  if (app.state !== "in_call") return;
+  app.signal.send({ type: "hangup", call: app.call });
+  history.note(app.call, "ended", { ended: Date.now() / 1000 });
+  endLocally("ended");
+  renderHistory();
+}
+
+function toggleMute() {
+  app.muted = !app.muted;
+  app.peer?.setMuted(app.muted, app.state === "in_call");
+  $("btn-mute").setAttribute("aria-pressed", String(app.muted));
+  $("btn-mute").textContent = app.muted ? "Unmute" : "Mute";
+}
+
+// ---------- opening the door ----------
+
+function askCode() {
+  $("unlock-form").hidden = false;
+  $("unlock-result").textContent = "";
+  $("unlock-code").value = "";
+  $("unlock-code").focus();
+}
+
+async function sendUnlock(event) {
+  event.preventDefault();
+  const code = $("unlock-code").value.trim();
+  const result = $("unlock-result");
+  if (!/^[0-9]{6}$/.test(code)) {
+    result.textContent = "Enter the 6 digits from your authenticator.";
+    return;
+  }
+  $("unlock-form").hidden = true;
+  result.textContent = "Opening…";
+  result.dataset.result = "pending";
+  const { token, jti } = await unlockToken(app.device, code);
+  const outcome = new Promise((resolve) => {
+    app.pendingUnlock = { jti, resolve };
+    setTimeout(() => resolve("no answer"), UNLOCK_TIMEOUT_MS);
+  });
+  if (!app.peer?.sendControl(token)) {
+    app.pendingUnlock = null;
+    result.textContent = "Not connected to the door.";
+    result.dataset.result = "error";
+    return;
+  }
+  const verdict = await outcome;
+  app.pendingUnlock = null;
+  result.dataset.result = verdict;
+  result.textContent = verdict === "granted" ? "Door opened"
+    : verdict === "denied" ? "Refused: wrong or used code?" : "The door did not answer.";
+}
+
+function onControl(msg) {
+  if (msg.type === "unlock-result" && app.pendingUnlock?.jti === msg.jti) {
+    app.pendingUnlock.resolve(msg.result === "granted" ? "granted" : "denied");
+  }
+}
+
+// ---------- diagnostics (read by the tests and scripts/bench call) ----------
+
+function watchFrames() {
+  const video = $("preview");
+  if (!("requestVideoFrameCallback" in video)) return;
+  const onFrame = (_now, meta) => {
+    app.frames.push(performance.timeOrigin + meta.presentationTime);
+    if (app.frames.length > 200) app.frames.splice(0, 100);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+async function stats() {
+  const out = { connection: app.peer?.pc.connectionState ?? "none", framesDecoded: 0 };
+  if (!app.peer) return out;
+  const report = await app.peer.pc.getStats();
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") out.framesDecoded = s.framesDecoded;
+    if (s.type === "inbound-rtp" && s.kind === "audio") out.audioBytesReceived = s.bytesReceived;
+    if (s.type === "outbound-rtp" && s.kind === "audio") out.audioBytesSent = s.bytesSent;
+    if (s.type === "transport") {
+      out.dtlsState = s.dtlsState;
+      out.srtpCipher = s.srtpCipher;
+      out.tlsVersion = s.tlsVersion;
+    }
+  });
+  return out;
+}
+
+window.intercom = {
+  get state() { return app.state; },
+  get call() { return app.call; },
+  rings: app.rings,
+  frames: app.frames,
+  stats,
+};
+
+// ---------- start ----------
+
+async function main() {
+  for (const [id, action] of [["btn-answer", answer], ["btn-decline", decline],
+    ["btn-hangup", hangup], ["btn-mute", toggleMute], ["btn-open", askCode]]) {
+    $(id).addEventListener("click", action);
+  }
+  $("unlock-form").addEventListener("submit", sendUnlock);
+  $("unlock-cancel").addEventListener("click", () => { $("unlock-form").hidden = true; });
+  setLink("offline");
+  if ("serviceWorker" in navigator) {
+    navigator.serviceWorker.register("sw.js").catch((err) => {
+      console.info("no service worker (the certificate must be trusted): %s", err);
+    });
+  }
+  const link = pairingFromLink();
+  app.device = await loadDevice().catch(() => null);
+  if (link) {
+    await showPairing(link);
+  } else if (app.device) {
+    startHome();
+  } else {
+    show("unpaired");
+  }
+}
+
+main();

@@ -1,0 +1,119 @@
+// The one peer connection to the station: answer its offer, the microphone, the data channel.
+
+let micStream = null;
+
+/** Ask for the microphone once (before any answer: without it Chromium offers mDNS names). */
+export async function microphone() {
+  if (micStream) return micStream;
+  try {
+    micStream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true }, video: false,
+    });
+  } catch (err) {
+    console.warn("no microphone: %s", err);
+    micStream = null;
+  }
+  return micStream;
+}
+
+function withoutMdns(sdp) {
+  // Without microphone permission host candidates are *.local names, which the station
+  // would spend a second each resolving: leave them out.
+  return sdp.split("\r\n").filter((line) => !/^a=candidate:.* [^ ]+\.local /.test(line))
+    .join("\r\n");
+}
+
+function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const check = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve();
+      }
+    };
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+/** One station peer connection: video while ringing, two-way audio once answered. */
+export class StationPeer {
+  constructor({ iceServers, video, audio, onControl, onState }) {
+    this.pc = new RTCPeerConnection({ iceServers: iceServers ?? [] });
+    this.video = video;
+    this.audio = audio;
+    this.mic = null;
+    this.muted = false;
+    this.channel = null;
+    this.onControl = onControl;
+    this.remote = new MediaStream();
+    this.pc.ontrack = (event) => this.attach(event.track);
+    this.pc.ondatachannel = (event) => {
+      if (event.channel.label !== "control") return;
+      this.channel = event.channel;
+      this.channel.onmessage = (msg) => {
+        try {
+          this.onControl(JSON.parse(msg.data));
+        } catch {
+          console.warn("control channel: not JSON");
+        }
+      };
+    };
+    this.pc.onconnectionstatechange = () => onState(this.pc.connectionState);
+  }
+
+  attach(track) {
+    if (track.kind === "video") {
+      this.video.srcObject = new MediaStream([track]);
+      this.video.play().catch(() => {});
+    } else {
+      this.audio.srcObject = new MediaStream([track]);
+    }
+  }
+
+  /** Answer the station's offer (full SDP, non-trickle) and return our answer SDP. */
+  async answer(offerSdp) {
+    const stream = await microphone();
+    await this.pc.setRemoteDescription({ type: "offer", sdp: offerSdp });
+    const audioTx = this.pc.getTransceivers().find(
+      (t) => t.receiver.track.kind === "audio",
+    );
+    if (audioTx && stream) {
+      this.mic = stream.getAudioTracks()[0].clone();
+      this.mic.enabled = false; // nothing leaves the device until it answers a call
+      audioTx.direction = "sendrecv";
+      await audioTx.sender.replaceTrack(this.mic);
+    }
+    await this.pc.setLocalDescription(await this.pc.createAnswer());
+    await gathered(this.pc);
+    return withoutMdns(this.pc.localDescription.sdp);
+  }
+
+  /** Switch our microphone on (answered, not muted) or off. */
+  talk(on) {
+    if (this.mic) this.mic.enabled = on && !this.muted;
+    if (on) {
+      this.audio.muted = false;
+      this.audio.play().catch(() => {});
+    } else {
+      this.audio.muted = true;
+    }
+  }
+
+  setMuted(muted, inCall) {
+    this.muted = muted;
+    if (this.mic) this.mic.enabled = inCall && !muted;
+  }
+
+  /** Send a text message on the control data channel; false when it is not open. */
+  sendControl(text) {
+    if (this.channel?.readyState !== "open") return false;
+    this.channel.send(text);
+    return true;
+  }
+
+  close() {
+    this.mic?.stop();
+    this.pc.close();
+  }
+}

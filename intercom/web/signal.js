@@ -1,0 +1,90 @@
+// The signalling WebSocket: challenge-response login, JSON messages, reconnect with backoff.
+
+import { signChallenge } from "./keys.js";
+
+const FIRST_DELAY_MS = 500;
+const MAX_DELAY_MS = 30000;
+const PING_EVERY_MS = 25000;
+
+/** Keeps one authenticated WebSocket to the station open, reconnecting with backoff. */
+export class Signal {
+  constructor(device, handlers) {
+    this.device = device;
+    this.handlers = handlers; // { message(msg), state(name, detail) }
+    this.ws = null;
+    this.delay = FIRST_DELAY_MS;
+    this.timer = null;
+    this.pinger = null;
+    this.stopped = false;
+  }
+
+  start() {
+    this.stopped = false;
+    this.connect();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.ws?.close(1000);
+  }
+
+  /** Send one JSON message; false when the socket is not open. */
+  send(message) {
+    if (this.ws?.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  connect() {
+    const url = new URL("ws", location.href);
+    url.protocol = "wss:";
+    this.handlers.state("connecting");
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    let authed = false;
+    ws.onmessage = async (event) => {
+      let msg;
+      try {
+        msg = JSON.parse(event.data);
+      } catch {
+        console.warn("station sent a message that is not JSON");
+        return;
+      }
+      if (!authed && msg.type === "challenge") {
+        const signature = await signChallenge(this.device, msg.station, msg.nonce);
+        ws.send(JSON.stringify({ type: "auth", principal: this.device.principal, signature }));
+        return;
+      }
+      if (msg.type === "ready") {
+        authed = true;
+        this.delay = FIRST_DELAY_MS;
+        this.handlers.state("online", msg);
+        clearInterval(this.pinger);
+        this.pinger = setInterval(() => this.send({ type: "ping" }), PING_EVERY_MS);
+      }
+      if (msg.type !== "pong") this.handlers.message(msg);
+    };
+    ws.onclose = (event) => {
+      clearInterval(this.pinger);
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.handlers.state("offline", { code: event.code, authed });
+      if (this.stopped) return;
+      if (event.code === 4401) {
+        this.handlers.state("refused", { code: event.code });
+      }
+      const wait = this.delay * (0.75 + Math.random() * 0.5);
+      this.delay = Math.min(this.delay * 2, MAX_DELAY_MS);
+      this.timer = setTimeout(() => this.connect(), wait);
+    };
+  }
+
+  /** Reconnect now (e.g. the network came back), skipping the remaining backoff. */
+  nudge() {
+    if (this.ws || this.stopped) return;
+    clearTimeout(this.timer);
+    this.delay = FIRST_DELAY_MS;
+    this.connect();
+  }
+}

@@ -1,0 +1,216 @@
+"""Real parts for the web client tests: a simulated station process and Debian's Chromium.
+
+Chromium comes from the Debian package (``/usr/bin/chromium``) and is driven through the
+``playwright`` Python package; ``playwright install`` is never needed. The station's
+self-signed certificate is pinned by its key (``--ignore-certificate-errors-spki-list``),
+the way a careful resident accepts exactly this station's certificate and no other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+
+from intercom.control import SOCKET_NAME
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+]
+PHONE = {"width": 390, "height": 844}
+
+
+def spki_pin(url: str) -> str:
+    """Base64 SHA-256 of the public key (SPKI) of the certificate served at ``url``."""
+    parts = urlsplit(url)
+    pem = ssl.get_server_certificate((parts.hostname or "", parts.port or 443))
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def cert_fingerprint(url: str) -> str:
+    """SHA-256 of the DER certificate served at ``url``, lowercase hex."""
+    parts = urlsplit(url)
+    pem = ssl.get_server_certificate((parts.hostname or "", parts.port or 443))
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+class SimStation:
+    """``intercom run --simulate`` as a real process, spoken to over its control socket."""
+
+    def __init__(self, state_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / f"{state_dir.name}.log"
+        env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "intercom", "run", "--simulate",
+             "--state-dir", str(state_dir), *extra_args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = self._wait_for_web()
+
+    def request(self, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+        """One control-socket request (blocking: Playwright's sync API owns this thread's loop)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.state_dir / SOCKET_NAME))
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        answer: dict[str, Any] = json.loads(data)
+        return answer
+
+    def status(self) -> dict[str, Any]:
+        """The station's status (what ``intercom status --json`` prints)."""
+        answer = self.request({"request": "status"})
+        if not answer.get("ok"):
+            raise AssertionError(f"status failed: {answer}")
+        status: dict[str, Any] = answer["status"]
+        return status
+
+    def _wait_for_web(self, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"station exited: {self.log()}")
+            with suppress(Exception):
+                web = self.status()["listening"].get("web")
+                if web:
+                    return str(web)
+            time.sleep(0.1)
+        raise AssertionError(f"station web server not up within {timeout} s: {self.log()}")
+
+    def pair_link(self, flat: str = "1") -> str:
+        """A fresh one-time pairing link for ``flat``."""
+        answer = self.request({"request": "pair", "flat": flat})
+        if not answer.get("ok"):
+            raise AssertionError(f"pair failed: {answer}")
+        return str(answer["url"])
+
+    def press(self, button: str | None = None) -> None:
+        """Press the bell (the simulator drives the real mock pin)."""
+        answer = self.request({"request": "sim", "action": "press", "button": button})
+        if not answer.get("ok"):
+            raise AssertionError(f"press failed: {answer}")
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        """The station's recent events of one type."""
+        return [e for e in self.status()["recent_events"] if e["type"] == kind]
+
+    def wait(self, what: str, check: Any, timeout: float = 10) -> Any:
+        """Poll ``check(status)`` until it gives something truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            result = check(status)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s; status {status}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        """What the station printed so far."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@contextmanager
+def chromium(url: str, extra_args: tuple[str, ...] = ()) -> Iterator[Browser]:
+    """Debian's Chromium, pinned to the station certificate's key."""
+    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(url)}", *extra_args]
+    with sync_playwright() as p:
+        browser = launch(p, args)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def launch(p: Playwright, args: list[str]) -> Browser:
+    """Launch the system Chromium with ``args``."""
+    return p.chromium.launch(executable_path=CHROMIUM, args=args)
+
+
+def new_device(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
+    """A fresh browser profile (its own IndexedDB) with microphone permission, phone-sized."""
+    parts = urlsplit(url)
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    context.grant_permissions(["microphone", "camera"], origin=f"{parts.scheme}://{parts.netloc}")
+    page = context.new_page()
+    page.on("console", lambda msg: print(f"[page {msg.type}] {msg.text}"))
+    page.on("pageerror", lambda exc: print(f"[page error] {exc}"))
+    return context, page
+
+
+def pair_device(page: Page, link: str, name: str = "") -> dict[str, Any]:
+    """Open the pairing link, pair through the page, finish the enrolment; the enrolment."""
+    page.goto(link)
+    page.wait_for_selector("#screen-pair:not([hidden])")
+    page.wait_for_function("document.querySelector('#pair-fp-check').textContent.length > 0")
+    if name:
+        page.fill("#pair-name", name)
+    page.click("#pair-go")
+    page.wait_for_selector("#screen-enrol:not([hidden])")
+    enrolment = {
+        "totp_uri": page.text_content("#enrol-uri") or "",
+        "qr_src": page.get_attribute("#enrol-qr", "src") or "",
+        "fingerprint": page.text_content("#pair-fp") or "",
+    }
+    page.click("#enrol-done")
+    page.wait_for_selector("body[data-link='online']", timeout=20000)
+    return enrolment
+
+
+def wait_call_state(page: Page, state: str, timeout: float = 10) -> None:
+    """Wait until the page's call state is ``state`` (idle, ringing, in_call)."""
+    page.wait_for_selector(f"body[data-call='{state}']", timeout=timeout * 1000)
