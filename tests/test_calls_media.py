@@ -99,3 +99,32 @@ def test_mdns_candidates_are_dropped_from_answers():
     assert ".local" not in cleaned
     assert "192.0.2.2 54401" in cleaned
     assert cleaned.endswith("a=end-of-candidates\r\n")
+
+
+async def test_an_opened_gate_on_packets_starts_at_a_keyframe():
+    camera = H264Camera()
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    track = hub.video_track()
+    try:
+        await asyncio.sleep(0.3)  # the relay runs; the newest packet is a P-frame
+        for _ in range(2):
+            track.open()
+            hub.request_keyframe()
+            first = await asyncio.wait_for(track.recv(), 2)
+            assert first.is_keyframe
+            assert not (await asyncio.wait_for(track.recv(), 2)).is_keyframe
+            track.close()
+            await asyncio.sleep(0.2)
+        # a camera that does not deliver the keyframe is not waited for forever
+        track.open()
+        opened = asyncio.get_running_loop().time()
+        first = await asyncio.wait_for(track.recv(), 3)
+        assert not first.is_keyframe
+        assert asyncio.get_running_loop().time() - opened >= 0.9
+    finally:
+        track.stop()
+        hub.close()
+        await camera.close()

@@ -23,6 +23,8 @@ from intercom.media import AudioSink, AudioSource, CameraSource
 
 log = logging.getLogger(__name__)
 
+KEYFRAME_WAIT_S = 1.0
+
 
 class SourceTrack(MediaStreamTrack):
     """A camera or microphone as an aiortc track."""
@@ -49,12 +51,16 @@ class SourceTrack(MediaStreamTrack):
 class GatedTrack(MediaStreamTrack):
     """A relayed track that passes frames only while its gate is open."""
 
-    def __init__(self, kind: str, proxy: MediaStreamTrack) -> None:
+    def __init__(self, kind: str, proxy: MediaStreamTrack, wait_keyframe: bool = False) -> None:
         super().__init__()
         self.kind = kind
         self._proxy = proxy
         self._gate = asyncio.Event()
         self._fresh = False
+        # Encoded packets: start each opening at a keyframe (a P-frame whose references
+        # the device never got cannot be decoded), but never wait longer than a second.
+        self._wait_keyframe = wait_keyframe
+        self._need_keyframe = False
         self.opened_at: float | None = None
         self.first_frame_at: float | None = None
         self.frames = 0
@@ -73,6 +79,7 @@ class GatedTrack(MediaStreamTrack):
             self.opened_at = time.time()
             self.first_frame_at = None
             self._fresh = True
+            self._need_keyframe = self._wait_keyframe
             self._gate.set()
 
     def close(self) -> None:
@@ -86,13 +93,23 @@ class GatedTrack(MediaStreamTrack):
                 raise MediaStreamError
             await self._gate.wait()
             frame = await self._proxy.recv()
-            if self._gate.is_set():
+            if self._gate.is_set() and self._starts_well(frame):
                 break
         if self._fresh:
             self._fresh = False
             self.first_frame_at = time.time()
         self.frames += 1
         return frame
+
+    def _starts_well(self, frame: Any) -> bool:
+        """False for a packet to skip while waiting for the opening's keyframe."""
+        if not self._need_keyframe:
+            return True
+        opened = self.opened_at or 0.0
+        if getattr(frame, "is_keyframe", True) or time.time() - opened > KEYFRAME_WAIT_S:
+            self._need_keyframe = False
+            return True
+        return False
 
     def stop(self) -> None:
         """Stop the track and leave the relay."""
@@ -125,7 +142,8 @@ class MediaHub:
 
     def video_track(self) -> GatedTrack:
         """A closed video gate on the shared camera."""
-        return GatedTrack("video", self._relay.subscribe(self._camera, buffered=False))
+        proxy = self._relay.subscribe(self._camera, buffered=False)
+        return GatedTrack("video", proxy, wait_keyframe=self.encoded)
 
     def audio_track(self) -> GatedTrack:
         """A closed audio gate on the shared microphone."""
