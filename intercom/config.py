@@ -317,7 +317,7 @@ class WebConfig(Model):
     public_url: str = Field(
         default="",
         pattern=r"^(https://[^\s#?]+)?$",
-        description="URL residents use (default https://<host or hostname>:<port>/).",
+        description="URL residents use (default https://<host, or hostname.local>:<port>/).",
     )
     ice_servers: list[IceServerConfig] = Field(
         default_factory=list,

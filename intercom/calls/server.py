@@ -130,7 +130,10 @@ class WebServer:
         )
         await site.start()
         port = self._bound_port()
-        host = self.host if self.host not in {"0.0.0.0", "::", ""} else socket.gethostname()  # noqa: S104
+        host = self.host
+        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
+            name = socket.gethostname()
+            host = name if "." in name else f"{name}.local"  # phones resolve it by mDNS
         if ":" in host:
             host = f"[{host}]"
         self.url = self._public_url or f"https://{host}:{port}/"
