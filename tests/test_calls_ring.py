@@ -54,6 +54,10 @@ async def test_press_rings_device_with_video_before_answer_and_audio_after(
     await phone.expect("call", state="answered")
     await eventually(lambda: phone.audible_frames > 10, what="door microphone reaches the device")
     await eventually(lambda: speaker.audible_frames > 10, what="device audio reaches the door")
+    status = station.status()
+    assert status["speaker"]["audible_frames"] >= 10
+    timing = status["calls"]["last_call"]
+    assert timing["answered_at"] < timing["first_audio_at"] < timing["answered_at"] + 5
     await phone.send({"type": "hangup", "call": ring["call"]})
     await phone.expect("call", state="ended")
     assert recorder.types().count("CallRinging") == 1

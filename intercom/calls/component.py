@@ -16,6 +16,7 @@ from intercom.calls.signalling import Session, Signalling
 from intercom.calls.tls import StationCert, load_station_cert
 from intercom.calls.tracks import MediaHub
 from intercom.errors import CommandRefusedError, IntercomError
+from intercom.media.audio import LevelSink
 from intercom.security import command
 from intercom.security.principals import Principal
 
@@ -125,7 +126,7 @@ class Calls:
     def status(self) -> dict[str, Any]:
         """What ``intercom status`` shows (no principal ids)."""
         sessions = self.signalling.sessions if self.signalling else {}
-        return {
+        info: dict[str, Any] = {
             "calls": {
                 "url": self.url,
                 "fingerprint": self.fingerprint,
@@ -135,6 +136,10 @@ class Calls:
                 "last_call": self.last_call_timing(),
             }
         }
+        speaker = self.station.speaker
+        if isinstance(speaker, LevelSink):  # the simulated speaker: what the door heard
+            info["speaker"] = {"frames": speaker.frames, "audible_frames": speaker.audible_frames}
+        return info
 
     def last_call_timing(self) -> dict[str, Any] | None:
         """Press, ring sent and first frame released, for benchmarks (unix times)."""
@@ -146,6 +151,9 @@ class Calls:
             for d in call.rung
             if isinstance(d, Session) and d.peer and d.peer.video.first_frame_at
         ]
+        answerer = call.answerer
+        peer = answerer.peer if isinstance(answerer, Session) else None
+        heard = peer.first_audio_at if peer is not None else None
         return {
             "call": call.id,
             "state": call.state.value,
@@ -154,6 +162,7 @@ class Calls:
             "ring_sent_at": call.ring_sent_at,
             "first_frame_at": min(firsts) if firsts else None,
             "answered_at": call.answered_at,
+            "first_audio_at": heard,
         }
 
     # --- parts handed to the others -------------------------------------------------------

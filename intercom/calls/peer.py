@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,10 +26,12 @@ from aiortc import (
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.config import IceServerConfig
+from intercom.media.audio import LevelSink, rms_level
 
 log = logging.getLogger(__name__)
 
 MAX_CHANNEL_MESSAGE = 8192
+AUDIBLE = LevelSink.SILENCE
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
 Unlock = Callable[[str], Awaitable[dict[str, Any]]]
@@ -66,6 +69,7 @@ class DevicePeer:
         self.video: GatedTrack = media.video_track()
         self.audio: GatedTrack = media.audio_track()
         self.to_door = False
+        self.first_audio_at: float | None = None  # first audible frame at the door, this call
         self._unlock = unlock
         self._on_lost = on_lost
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,6 +134,7 @@ class DevicePeer:
     def start_audio(self) -> None:
         """Two-way audio: door microphone to the device, the device to the door speaker."""
         self.audio.open()
+        self.first_audio_at = None
         self.to_door = True
 
     def stop_audio(self) -> None:
@@ -147,7 +152,12 @@ class DevicePeer:
 
     def _on_track(self, track: Any) -> None:
         if track.kind == "audio":
-            self._spawn(self.media.consume(track, lambda: self.to_door), "call-device-audio")
+            consumer = self.media.consume(track, lambda: self.to_door, self._played)
+            self._spawn(consumer, "call-device-audio")
+
+    def _played(self, frame: Any) -> None:
+        if self.first_audio_at is None and rms_level(frame) > AUDIBLE:
+            self.first_audio_at = time.time()
 
     def _on_state(self) -> None:
         state = self.pc.connectionState

@@ -154,7 +154,12 @@ class MediaHub:
         if self.encoded:
             self.camera.request_keyframe()
 
-    async def consume(self, track: MediaStreamTrack, to_door: Callable[[], bool]) -> None:
+    async def consume(
+        self,
+        track: MediaStreamTrack,
+        to_door: Callable[[], bool],
+        played: Callable[[Any], None] | None = None,
+    ) -> None:
         """Read a device's audio; play it on the door speaker while ``to_door()`` holds."""
         import av  # noqa: PLC0415 - heavy, and only here once a device sends audio
 
@@ -168,6 +173,8 @@ class MediaHub:
                 continue
             for out in resampler.resample(frame):
                 await self.speaker.play(out)
+                if played is not None:
+                    played(out)
 
     def close(self) -> None:
         """Stop the shared sources."""
