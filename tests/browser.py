@@ -11,9 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
+import math
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +32,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_
 
 from intercom.control import SOCKET_NAME
 
+log = logging.getLogger(__name__)
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -43,7 +48,35 @@ CHROMIUM_ARGS = [
     "--use-fake-ui-for-media-stream",
     "--allow-loopback-in-peer-connection",
 ]
+COALESCE_S = 3.1  # hardware.buttons[].coalesce_s (3 s) and a margin
 PHONE = {"width": 390, "height": 844}
+
+
+def tone_wav(path: Path, frequency: float = 440.0, seconds: float = 1.0) -> Path:
+    """A mono 48 kHz 16-bit sine WAV: a steady voice for Chromium's fake microphone."""
+    rate = 48000
+    samples = b"".join(
+        struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * n / rate)))
+        for n in range(int(rate * seconds))
+    )
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        36 + len(samples),
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        rate,
+        rate * 2,
+        2,
+        16,
+        b"data",
+        len(samples),
+    )
+    path.write_bytes(header + samples)
+    return path
 
 
 def spki_pin(url: str) -> str:
@@ -67,18 +100,27 @@ def cert_fingerprint(url: str) -> str:
 class SimStation:
     """``intercom run --simulate`` as a real process, spoken to over its control socket."""
 
-    def __init__(self, state_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, state_dir: Path, extra_args: tuple[str, ...] = (), command: list[str] | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
         env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intercom", "run", "--simulate",
-             "--state-dir", str(state_dir), *extra_args],
+            [
+                *(command or [sys.executable, "-m", "intercom"]),
+                "run",
+                "--simulate",
+                "--state-dir",
+                str(state_dir),
+                *extra_args,
+            ],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        self._last_press = -COALESCE_S
         self.url = self._wait_for_web()
 
     def request(self, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
@@ -124,7 +166,13 @@ class SimStation:
         return str(answer["url"])
 
     def press(self, button: str | None = None) -> None:
-        """Press the bell (the simulator drives the real mock pin)."""
+        """Press the bell (the simulator drives the real mock pin).
+
+        Presses within the button's coalesce time (3 s by default) of the last one count
+        as the same press, so this waits until that time has passed.
+        """
+        time.sleep(max(0.0, self._last_press + COALESCE_S - time.monotonic()))
+        self._last_press = time.monotonic()
         answer = self.request({"request": "sim", "action": "press", "button": button})
         if not answer.get("ok"):
             raise AssertionError(f"press failed: {answer}")
@@ -183,12 +231,13 @@ def launch(p: Playwright, args: list[str]) -> Browser:
 def new_device(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
     """A fresh browser profile (its own IndexedDB) with microphone permission, phone-sized."""
     parts = urlsplit(url)
-    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True,
-                                  has_touch=True)
+    context = browser.new_context(
+        viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
     context.grant_permissions(["microphone", "camera"], origin=f"{parts.scheme}://{parts.netloc}")
     page = context.new_page()
-    page.on("console", lambda msg: print(f"[page {msg.type}] {msg.text}"))
-    page.on("pageerror", lambda exc: print(f"[page error] {exc}"))
+    page.on("console", lambda msg: log.info("page %s: %s", msg.type, msg.text))
+    page.on("pageerror", lambda exc: log.warning("page error: %s", exc))
     return context, page
 
 
@@ -196,7 +245,7 @@ def pair_device(page: Page, link: str, name: str = "") -> dict[str, Any]:
     """Open the pairing link, pair through the page, finish the enrolment; the enrolment."""
     page.goto(link)
     page.wait_for_selector("#screen-pair:not([hidden])")
-    page.wait_for_function("document.querySelector('#pair-fp-check').textContent.length > 0")
+    page.wait_for_function("() => document.querySelector('#pair-fp-check').textContent.length > 0")
     if name:
         page.fill("#pair-name", name)
     page.click("#pair-go")

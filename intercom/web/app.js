@@ -16,7 +16,7 @@ const app = {
   state: "idle", // idle | ringing | in_call
   muted: false,
   pendingUnlock: null, // { jti, resolve }
-  rings: [], // diagnostics: { call, at } epoch ms when each ring message arrived
+  rings: [], // diagnostics: { call, at, pressed } epoch ms: ring message, bell press
   frames: [], // diagnostics: epoch ms of the latest presented video frames
 };
 
@@ -210,7 +210,7 @@ async function onMessage(msg) {
       break;
     }
     case "ring":
-      app.rings.push({ call: msg.call, at: Date.now() });
+      app.rings.push({ call: msg.call, at: Date.now(), pressed: (msg.at ?? 0) * 1000 });
       app.call = msg.call;
       history.note(msg.call, "ringing", { rang: msg.at ?? Date.now() / 1000 });
       setCallState("ringing", "Someone is at the door");

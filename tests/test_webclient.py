@@ -1,0 +1,244 @@
+"""The resident web client in Debian's Chromium against a real simulated station process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+from playwright.sync_api import Browser, Page
+
+from .browser import (
+    SimStation,
+    cert_fingerprint,
+    chromium,
+    new_device,
+    pair_device,
+    tone_wav,
+    wait_call_state,
+)
+
+WEB = Path(__file__).resolve().parent.parent / "intercom" / "web"
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimStation]:
+    st = SimStation(tmp_path_factory.mktemp("webclient") / "state")
+    yield st
+    st.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(station: SimStation) -> Iterator[Browser]:
+    tone = tone_wav(station.state_dir.parent / "voice.wav")  # a steady fake microphone
+    with chromium(station.url, (f"--use-file-for-fake-audio-capture={tone}",)) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def resident(station: SimStation, browser: Browser) -> Iterator[dict[str, Any]]:
+    """One paired device of flat 1: its page, its TOTP generator and what pairing showed."""
+    context, page = new_device(browser, station.url)
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    link = station.pair_link("1")
+    enrolment = pair_device(page, link)
+    yield {
+        "page": page,
+        "link": link,
+        "totp": pyotp.parse_uri(enrolment["totp_uri"]),
+        "enrolment": enrolment,
+        "errors": errors,
+    }
+    context.close()
+
+
+def stats(page: Page) -> dict[str, Any]:
+    result: dict[str, Any] = page.evaluate("window.intercom.stats()")
+    return result
+
+
+def speaker(station: SimStation) -> dict[str, int]:
+    return dict(station.status()["speaker"])
+
+
+def wait_idle_station(station: SimStation) -> None:
+    station.wait("idle station", lambda s: s["call"] == "idle")
+
+
+def wrong_code(totp: pyotp.TOTP) -> str:
+    now = time.time()
+    near = {totp.at(now + step * 30) for step in (-2, -1, 0, 1, 2)}
+    return next(c for c in (f"{n:06d}" for n in range(0, 10**6, 111_111)) if c not in near)
+
+
+def test_pairing_shows_the_fingerprint_and_the_enrolment_once(station, resident):
+    page, enrolment = resident["page"], resident["enrolment"]
+    expected = cert_fingerprint(station.url)
+    assert enrolment["fingerprint"].replace(":", "").lower() == expected
+    assert enrolment["totp_uri"].startswith("otpauth://totp/")
+    assert resident["totp"].secret  # the URI is a real enrolment
+    assert enrolment["qr_src"].startswith("data:image/svg+xml;base64,")
+    # the code is spent and not kept in the address; the enrolment is gone from the page
+    assert "#pair=" not in page.url
+    assert page.text_content("#enrol-uri") == ""
+    assert page.is_visible("#screen-home")
+
+
+def test_a_used_pairing_link_is_refused(station, browser, resident):
+    context, page = new_device(browser, station.url)
+    try:
+        page.goto(resident["link"])
+        page.wait_for_selector("#screen-pair:not([hidden])")
+        page.click("#pair-go")
+        page.wait_for_function("() => document.querySelector('#pair-error').textContent.length > 0")
+        assert page.text_content("#pair-error") == "pairing code invalid or expired"
+        assert page.is_visible("#screen-pair")
+    finally:
+        context.close()
+
+
+def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path):
+    page, totp = resident["page"], resident["totp"]
+    wait_idle_station(station)
+    before = stats(page)
+    assert before["dtlsState"] == "connected"
+    frames_before = before["framesDecoded"]
+    heard_before = speaker(station)["audible_frames"]
+
+    station.press()
+    wait_call_state(page, "ringing")
+    # the preview plays before anyone answers: frames decoded and presented
+    page.wait_for_function(
+        f"() => window.intercom.stats().then(s => s.framesDecoded > {frames_before} + 3)",
+        timeout=5000,
+    )
+    ring = page.evaluate("window.intercom.rings.at(-1)")
+    assert page.evaluate(f"window.intercom.frames.some(t => t >= {ring['at']} - 1000)")
+    assert page.is_visible("#btn-answer")
+    assert speaker(station)["audible_frames"] == heard_before  # no audio until answered
+    page.screenshot(path=str(tmp_path / "ringing.png"))
+
+    page.click("#btn-answer")
+    wait_call_state(page, "in_call")
+    # two-way audio: the door's microphone reaches the page, the fake mic reaches the door
+    page.wait_for_function(
+        "() => window.intercom.stats().then(s => (s.audioBytesReceived ?? 0) > 2000)", timeout=5000
+    )
+    station.wait(
+        "resident audio at the door",
+        lambda s: s["speaker"]["audible_frames"] > heard_before + 5,
+    )
+    during = stats(page)
+    assert during["dtlsState"] == "connected"
+    assert during["srtpCipher"].startswith(("SRTP_AEAD_AES", "AES_CM_128"))
+
+    # a wrong code is refused and the relay stays off
+    page.click("#btn-open")
+    page.fill("#unlock-code", wrong_code(totp))
+    page.click("#unlock-send")
+    page.wait_for_selector("#unlock-result[data-result='denied']", timeout=10000)
+    assert station.status()["lock"] == "locked"
+    assert not station.events("LockStateChanged")
+
+    # the right code pulses the relay
+    page.click("#btn-open")
+    page.fill("#unlock-code", totp.now())
+    page.click("#unlock-send")
+    page.wait_for_selector("#unlock-result[data-result='granted']", timeout=10000)
+    assert page.text_content("#unlock-result") == "Door opened"
+    pulse = station.wait("relay pulse", lambda _s: station.events("LockStateChanged"))
+    assert pulse[0]["state"] == "unlocked"
+    assert pulse[0]["reason"] == "unlock via call"
+
+    page.click("#btn-hangup")
+    wait_call_state(page, "idle")
+    wait_idle_station(station)
+    assert "ended" in page.text_content("#history")
+    assert not [e for e in resident["errors"] if "Content Security Policy" in e]
+
+
+def test_mute_stops_audio_to_the_door(station, resident):
+    page = resident["page"]
+    wait_idle_station(station)
+    station.press()
+    wait_call_state(page, "ringing")
+    page.click("#btn-answer")
+    wait_call_state(page, "in_call")
+    start = speaker(station)["audible_frames"]
+    station.wait("audio at the door", lambda s: s["speaker"]["audible_frames"] > start + 5)
+    page.click("#btn-mute")
+    assert page.get_attribute("#btn-mute", "aria-pressed") == "true"
+    time.sleep(0.5)  # frames already on the way
+    muted = speaker(station)["audible_frames"]
+    time.sleep(1.5)
+    assert speaker(station)["audible_frames"] == muted
+    page.click("#btn-mute")
+    station.wait("audio again", lambda s: s["speaker"]["audible_frames"] > muted + 5)
+    page.click("#btn-hangup")
+    wait_call_state(page, "idle")
+
+
+def test_decline_ends_the_ring_as_missed(station, resident):
+    page = resident["page"]
+    wait_idle_station(station)
+    missed_before = len(station.events("CallMissed"))
+    station.press()
+    wait_call_state(page, "ringing")
+    page.click("#btn-decline")
+    wait_call_state(page, "idle")
+    station.wait("missed call", lambda _s: len(station.events("CallMissed")) > missed_before)
+    assert page.text_content("#history").count("declined") == 1
+
+
+def test_the_device_key_survives_a_reload(station, resident):
+    page = resident["page"]
+    wait_idle_station(station)
+    page.reload()
+    page.wait_for_selector("body[data-link='online']", timeout=20000)
+    stored = page.evaluate(
+        """() => new Promise((resolve) => {
+            const open = indexedDB.open('intercom', 1);
+            open.onsuccess = () => {
+              const get = open.result.transaction('device').objectStore('device').get('device');
+              get.onsuccess = () => resolve({
+                type: get.result.privateKey.type,
+                extractable: get.result.privateKey.extractable,
+                alg: get.result.alg,
+              });
+            };
+          })"""
+    )
+    assert stored == {"type": "private", "extractable": False, "alg": "EdDSA"}
+    station.press()
+    wait_call_state(page, "ringing")
+    page.click("#btn-decline")
+    wait_call_state(page, "idle")
+
+
+def test_the_shell_is_served_as_is_with_its_security_headers(station, resident):
+    page = resident["page"]
+    served = page.evaluate(
+        """async () => {
+            const out = {};
+            for (const name of ['app.js', 'sw.js', 'manifest.webmanifest']) {
+              const r = await fetch(name, {cache: 'no-store'});
+              out[name] = {type: r.headers.get('content-type'),
+                           csp: r.headers.get('content-security-policy'),
+                           body: await r.text()};
+            }
+            return out;
+          }"""
+    )
+    for name, got in served.items():
+        assert got["body"] == (WEB / name).read_text(), name
+        assert "default-src 'self'" in got["csp"]
+    assert served["app.js"]["type"].startswith("text/javascript")
+    assert served["manifest.webmanifest"]["type"] == "application/manifest+json"
+    # the page is an installable PWA: its service worker runs (the pinned certificate
+    # counts as trusted, which a browser demands before it runs a service worker)
+    worker = page.evaluate("() => navigator.serviceWorker.ready.then(r => r.active.scriptURL)")
+    assert worker == station.url + "sw.js"
