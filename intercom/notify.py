@@ -35,7 +35,12 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # Never block the event loop on a service manager that does not read.
+                sock.setblocking(False)
                 sock.sendto("\n".join(lines).encode(), self._address)
+        except BlockingIOError:
+            log.debug("notify socket full, dropped %s", lines[0])
+            return False
         except OSError as exc:
             log.warning("cannot notify the service manager: %s", exc)
             return False

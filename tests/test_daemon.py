@@ -152,3 +152,27 @@ def test_lgpio_missing_is_a_clear_error(tmp_path: Path):
     res = cli("run", "--config", str(conf), "--state-dir", str(tmp_path / "s"))
     assert res.returncode == 1
     assert "hardware.pin_factory: cannot open the lgpio backend" in res.stderr
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_station(tmp_path: Path):
+    """A full notify socket (datagrams block when the reader's queue is full) is not a hang."""
+    listener = NotifyListener(tmp_path / "notify.sock")  # bound, but never read
+    state = tmp_path / "state"
+    env = {**os.environ, "NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "20000"}
+    proc = subprocess.Popen(
+        [*INTERCOM, "run", "--simulate", "--state-dir", str(state)],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            if (state / "control.sock").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(1.5)  # some 150 watchdog pings: far more than the socket queues
+        res = cli("status", "--json", "--state-dir", str(state))
+        assert res.returncode == 0, res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        listener.close()
