@@ -14,6 +14,7 @@ import pyotp
 import pytest
 
 from intercom.calls import signalling
+from intercom.errors import IntercomError
 from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
@@ -326,5 +327,20 @@ async def test_an_internal_fault_is_a_short_500_without_a_trace(
     )
     assert (status, json.loads(body)) == (500, {"error": "internal error"})
     assert "Content-Security-Policy" in headers
+    status, _, _ = await fetch(station, "GET", "api/info")
+    assert status == 200
+
+
+async def test_a_taken_port_is_a_clear_error_and_the_first_station_carries_on(
+    call_station: Station, tmp_path: Path
+):
+    station = call_station
+    assert station.calls is not None
+    port = int(station.calls.url.rsplit(":", 1)[1].strip("/"))
+    settings = kit.call_settings(tmp_path / "other")
+    settings = settings.model_copy(update={"web": settings.web.model_copy(update={"port": port})})
+    second = Station(settings)
+    with pytest.raises(IntercomError, match=f"web: cannot listen on 127.0.0.1:{port}"):
+        await second.start()
     status, _, _ = await fetch(station, "GET", "api/info")
     assert status == 200

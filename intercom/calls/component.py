@@ -67,6 +67,13 @@ class Calls:
 
     async def start(self) -> None:
         """Load or make the certificate, open pairing, start the media, listen."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         station = self.station
         if station.camera is None or station.microphone is None or station.speaker is None:
             raise IntercomError("calls: the camera and audio must be open first")

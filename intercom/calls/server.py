@@ -22,6 +22,7 @@ from aiohttp import web
 from intercom import __version__
 from intercom.calls.pairing import Pairing, PairingError
 from intercom.calls.tls import StationCert
+from intercom.errors import IntercomError
 from intercom.security.limits import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,13 @@ class WebServer:
         site = web.TCPSite(
             self._runner, self.host, self.port, ssl_context=self.cert.server_context()
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise IntercomError(
+                f"web: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
         port = self._bound_port()
         host = self.host
         if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
