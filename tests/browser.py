@@ -241,13 +241,11 @@ def new_device(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
     return context, page
 
 
-def pair_device(page: Page, link: str, name: str = "") -> dict[str, Any]:
+def pair_device(page: Page, link: str) -> dict[str, Any]:
     """Open the pairing link, pair through the page, finish the enrolment; the enrolment."""
     page.goto(link)
     page.wait_for_selector("#screen-pair:not([hidden])")
     page.wait_for_function("() => document.querySelector('#pair-fp-check').textContent.length > 0")
-    if name:
-        page.fill("#pair-name", name)
     page.click("#pair-go")
     page.wait_for_selector("#screen-enrol:not([hidden])")
     enrolment = {

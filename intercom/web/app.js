@@ -18,6 +18,7 @@ const app = {
   pendingUnlock: null, // { jti, resolve }
   rings: [], // diagnostics: { call, at, pressed } epoch ms: ring message, bell press
   frames: [], // diagnostics: epoch ms of the latest presented video frames
+  received: [], // diagnostics: epoch ms their last packet arrived (same order as frames)
 };
 
 // ---------- screens ----------
@@ -27,8 +28,7 @@ function show(screen) {
 }
 
 function setLink(state) {
-  const labels = { online: "online", connecting: "connecting", offline: "offline", refused: "refused" };
-  $("link-state").textContent = labels[state] ?? state;
+  $("link-state").textContent = state;
   $("link-state").dataset.state = state;
   document.body.dataset.link = state;
 }
@@ -110,8 +110,6 @@ async function pair(link) {
   try {
     const key = await makeKeyPair();
     const body = { code: link.code, jwk: key.jwk };
-    const name = $("pair-name").value.trim();
-    if (name) body.name = name;
     const response = await fetch("api/pair", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
@@ -327,7 +325,11 @@ function watchFrames() {
   if (!("requestVideoFrameCallback" in video)) return;
   const onFrame = (_now, meta) => {
     app.frames.push(performance.timeOrigin + meta.presentationTime);
-    if (app.frames.length > 200) app.frames.splice(0, 100);
+    app.received.push(performance.timeOrigin + (meta.receiveTime ?? meta.presentationTime));
+    if (app.frames.length > 200) {
+      app.frames.splice(0, 100);
+      app.received.splice(0, 100);
+    }
     video.requestVideoFrameCallback(onFrame);
   };
   video.requestVideoFrameCallback(onFrame);
@@ -355,6 +357,7 @@ window.intercom = {
   get call() { return app.call; },
   rings: app.rings,
   frames: app.frames,
+  received: app.received,
   stats,
 };
 
@@ -367,7 +370,7 @@ async function main() {
   }
   $("unlock-form").addEventListener("submit", sendUnlock);
   $("unlock-cancel").addEventListener("click", () => { $("unlock-form").hidden = true; });
-  setLink("offline");
+  setLink("not paired");
   if ("serviceWorker" in navigator) {
     navigator.serviceWorker.register("sw.js").catch((err) => {
       console.info("no service worker (the certificate must be trusted): %s", err);
