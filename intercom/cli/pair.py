@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     pair.add_argument("--flat", required=True, help="the flat whose resident pairs")
     pair.add_argument(
-        "--name", help="a name for the device, shown here only (the station does not keep it)"
+        "--name", help="a name for the device, printed here only (never sent to the station)"
     )
     pair.add_argument("--png", type=Path, metavar="FILE", help="also write the QR code as PNG")
     pair.add_argument("--svg", type=Path, metavar="FILE", help="also write the QR code as SVG")
@@ -37,10 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     """Print a pairing code, its link and QR code."""
-    request = {"request": "pair", "flat": args.flat}
-    if args.name:
-        request["name"] = args.name
-    answer = request_sync(state_dir(args), request)
+    answer = request_sync(state_dir(args), {"request": "pair", "flat": args.flat})
     if not answer.get("ok"):
         raise IntercomError(str(answer.get("error", "the station refused the request")))
     link = str(answer["url"])
