@@ -161,6 +161,7 @@ function startHome() {
   $("info-door").textContent = d.door;
   $("info-flat").textContent = d.flat;
   $("info-principal").textContent = d.principal;
+  $("info-fp").textContent = formatFingerprint(d.fingerprint ?? "");
   setCallState("idle", "No call");
   renderHistory();
   watchFrames();
