@@ -73,6 +73,7 @@ def station_worker(source: str, state_dir: str) -> None:
         class Camera(H264Camera):  # type: ignore[misc]
             async def open(self) -> None:
                 await super().open()
+                self._codec.thread_count = 1  # all its work on the timed thread
                 self._codec = TimedCodec(self._codec)
 
         station_module.open_camera = lambda cfg: Camera(cfg.width, cfg.height, cfg.fps)
@@ -146,7 +147,7 @@ def wait_onset(station: SimStation, after: float, timeout: float = 10) -> float:
 
 
 def latency(station: SimStation, page: Any, calls: int) -> dict[str, list[float]]:
-    ring, preview, receive, audio = [], [], [], []
+    ring, preview, receive, decode, audio = [], [], [], [], []
     for _ in range(calls):
         time.sleep(random.uniform(0.5, 2.0))  # noqa: S311 - a pause, not a secret
         station.press()
@@ -156,14 +157,15 @@ def latency(station: SimStation, page: Any, calls: int) -> dict[str, list[float]
             " return window.intercom.frames.some(t => t >= r.pressed); }",
             timeout=10000,
         )
-        pressed, rang, frame, received = page.evaluate(
-            "() => { const r = window.intercom.rings.at(-1);"
-            " const i = window.intercom.frames.findIndex(t => t >= r.pressed);"
-            " return [r.pressed, r.at, window.intercom.frames[i], window.intercom.received[i]]; }"
+        pressed, rang, frame, received, decoded = page.evaluate(
+            "() => { const w = window.intercom, r = w.rings.at(-1);"
+            " const i = w.frames.findIndex(t => t >= r.pressed);"
+            " return [r.pressed, r.at, w.frames[i], w.received[i], w.decoded[i]]; }"
         )
         ring.append(rang - pressed)
         preview.append(frame - pressed)
         receive.append(received - pressed)
+        decode.append(decoded - pressed)
         tapped = time.time()
         page.click("#btn-answer")
         wait_call_state(page, "in_call")
@@ -172,7 +174,13 @@ def latency(station: SimStation, page: Any, calls: int) -> dict[str, list[float]
         page.click("#btn-hangup")
         wait_call_state(page, "idle")
         station.wait("idle", lambda s: s["call"] == "idle")
-    return {"ring": ring, "preview": preview, "receive": receive, "audio": audio}
+    return {
+        "ring": ring,
+        "receive": receive,
+        "decode": decode,
+        "preview": preview,
+        "audio": audio,
+    }
 
 
 def sender_cpu(station: SimStation, pages: list[Any], seconds: float) -> dict[str, float]:
@@ -252,6 +260,7 @@ def report(results: dict[str, Any], calls: int) -> None:
             lat = data["latency"]
             print(summary("press -> ring message at the page", lat["ring"]))
             print(summary("press -> first frame's packets received", lat["receive"]))
+            print(summary("press -> first preview frame decoded", lat["decode"]))
             print(summary("press -> first preview frame shown", lat["preview"]))
             print(summary("answer tap -> first resident audio at door", lat["audio"]))
     if {"software", "passthrough"} <= results.keys():

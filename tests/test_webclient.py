@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from .browser import (
     tone_wav,
     wait_call_state,
 )
+from .conftest import INTERCOM
 
 WEB = Path(__file__).resolve().parent.parent / "intercom" / "web"
 
@@ -242,3 +244,22 @@ def test_the_shell_is_served_as_is_with_its_security_headers(station, resident):
     # counts as trusted, which a browser demands before it runs a service worker)
     worker = page.evaluate("() => navigator.serviceWorker.ready.then(r => r.active.scriptURL)")
     assert worker == station.url + "sw.js"
+
+
+def test_a_revoked_device_is_refused_and_told_so(station, browser):
+    context, page = new_device(browser, station.url)
+    try:
+        pair_device(page, station.pair_link("1"))
+        principal = page.text_content("#info-principal") or ""
+        revoke = subprocess.run(
+            [*INTERCOM, "principals", "revoke", principal, "--state-dir", str(station.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert revoke.returncode == 0, revoke.stderr
+        page.reload()
+        page.wait_for_selector("body[data-link='refused']", timeout=20000)
+        assert "refused this device" in (page.text_content("#call-state") or "")
+    finally:
+        context.close()

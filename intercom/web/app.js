@@ -19,6 +19,7 @@ const app = {
   rings: [], // diagnostics: { call, at, pressed } epoch ms: ring message, bell press
   frames: [], // diagnostics: epoch ms of the latest presented video frames
   received: [], // diagnostics: epoch ms their last packet arrived (same order as frames)
+  decoded: [], // diagnostics: epoch ms they were decoded (arrival + processing duration)
 };
 
 // ---------- screens ----------
@@ -173,13 +174,14 @@ function startHome() {
 
 function onLink(state, detail) {
   setLink(state);
-  if (state === "offline") {
+  if (state === "offline" || state === "refused") {
     app.peer?.close();
     app.peer = null;
     if (app.state !== "idle") endLocally("ended");
   }
   if (state === "refused") {
-    $("call-state").textContent = "The station refused this device (revoked?)";
+    $("call-state").textContent = "The station refused this device: it may have been "
+      + "removed. Ask for a new pairing link.";
   }
   if (state === "online" && detail) {
     for (const key of ["station", "door", "flat"]) if (detail[key]) app.device[key] = detail[key];
@@ -326,10 +328,11 @@ function watchFrames() {
   if (!("requestVideoFrameCallback" in video)) return;
   const onFrame = (_now, meta) => {
     app.frames.push(performance.timeOrigin + meta.presentationTime);
-    app.received.push(performance.timeOrigin + (meta.receiveTime ?? meta.presentationTime));
+    const received = performance.timeOrigin + (meta.receiveTime ?? meta.presentationTime);
+    app.received.push(received);
+    app.decoded.push(received + (meta.processingDuration ?? 0) * 1000);
     if (app.frames.length > 200) {
-      app.frames.splice(0, 100);
-      app.received.splice(0, 100);
+      for (const list of [app.frames, app.received, app.decoded]) list.splice(0, 100);
     }
     video.requestVideoFrameCallback(onFrame);
   };
@@ -359,6 +362,7 @@ window.intercom = {
   rings: app.rings,
   frames: app.frames,
   received: app.received,
+  decoded: app.decoded,
   stats,
 };
 

@@ -47,7 +47,7 @@ export class StationPeer {
     this.channel = null;
     this.onControl = onControl;
     this.remote = new MediaStream();
-    this.pc.ontrack = (event) => this.attach(event.track);
+    this.pc.ontrack = (event) => this.attach(event.track, event.receiver);
     this.pc.ondatachannel = (event) => {
       if (event.channel.label !== "control") return;
       this.channel = event.channel;
@@ -62,8 +62,11 @@ export class StationPeer {
     this.pc.onconnectionstatechange = () => onState(this.pc.connectionState);
   }
 
-  attach(track) {
+  attach(track, receiver) {
     if (track.kind === "video") {
+      // Show each frame as soon as it is decoded: the preview is about now, not smoothness.
+      if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
+      if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
       this.video.srcObject = new MediaStream([track]);
       this.video.play().catch(() => {});
     } else {

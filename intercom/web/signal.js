@@ -16,6 +16,7 @@ export class Signal {
     this.timer = null;
     this.pinger = null;
     this.stopped = false;
+    this.refused = false;
   }
 
   start() {
@@ -39,7 +40,7 @@ export class Signal {
   connect() {
     const url = new URL("ws", location.href);
     url.protocol = "wss:";
-    this.handlers.state("connecting");
+    if (!this.refused) this.handlers.state("connecting");
     const ws = new WebSocket(url);
     this.ws = ws;
     let authed = false;
@@ -58,6 +59,7 @@ export class Signal {
       }
       if (msg.type === "ready") {
         authed = true;
+        this.refused = false;
         this.delay = FIRST_DELAY_MS;
         this.handlers.state("online", msg);
         clearInterval(this.pinger);
@@ -69,11 +71,10 @@ export class Signal {
       clearInterval(this.pinger);
       if (this.ws !== ws) return;
       this.ws = null;
-      this.handlers.state("offline", { code: event.code, authed });
+      this.refused = event.code === 4401; // key unknown or revoked: try again, but rarely
+      this.handlers.state(this.refused ? "refused" : "offline", { code: event.code, authed });
       if (this.stopped) return;
-      if (event.code === 4401) {
-        this.handlers.state("refused", { code: event.code });
-      }
+      if (this.refused) this.delay = MAX_DELAY_MS;
       const wait = this.delay * (0.75 + Math.random() * 0.5);
       this.delay = Math.min(this.delay * 2, MAX_DELAY_MS);
       this.timer = setTimeout(() => this.connect(), wait);
