@@ -95,3 +95,16 @@ async def test_pyaudio_missing_is_clear():
     source, _ = open_audio(AudioConfig(input="pyaudio", output="levels"))
     with pytest.raises(HardwareError, match="pyaudio"):
         await source.open()
+
+
+async def test_tone_skips_ahead_after_a_pause():
+    source = ToneSource()
+    await source.open()
+    await source.next()
+    await asyncio.sleep(0.3)  # nobody read for 15 frames
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    frames = [await source.next() for _ in range(3)]
+    # no burst of stale frames: after the first, they come at the real-time pace
+    assert loop.time() - start >= 0.03
+    assert frames[0].pts >= 14 * 960

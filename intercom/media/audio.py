@@ -61,6 +61,9 @@ class ToneSource:
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        elif delay < -0.1:
+            # Nobody listened for a while: skip ahead rather than burst stale audio.
+            self.frames = int((time.monotonic() - self._start) * SAMPLE_RATE / FRAME_SAMPLES)
         frame = make_frame(self._pcm, self.frames * FRAME_SAMPLES)
         self.frames += 1
         return frame
