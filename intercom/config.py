@@ -170,11 +170,21 @@ class CameraConfig(Model):
     width: int = Field(default=640, ge=160, le=1920)
     height: int = Field(default=480, ge=120, le=1080)
     fps: int = Field(default=15, ge=1, le=30)
+    passthrough: bool = Field(
+        default=False,
+        description="v4l2/file only: send the source's own H.264 as it is, without decoding "
+        "or re-encoding (a UVC camera with H.264 output, or an H.264 file).",
+    )
 
     @model_validator(mode="after")
     def _device_when_needed(self) -> Self:
         if self.source in {"v4l2", "file"} and not self.device:
             raise ValueError(f"device: required when source is {self.source!r}")
+        if self.passthrough and self.source not in {"v4l2", "file"}:
+            raise ValueError(
+                f"passthrough: only for v4l2 or file sources (picamera2 always passes "
+                f"H.264 through), not {self.source!r}"
+            )
         return self
 
 
@@ -399,8 +409,8 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
     """Settings of a simulated station: gpiozero mock pins and synthetic media.
 
     With ``base`` the wiring and the rest come from a real config file; only the pin
-    backend and the media sources change. Without it, a station with one button (flat
-    ``1``), a relay, a door contact and a tamper switch.
+    backend and the media sources change (a video-file camera is kept). Without it, a
+    station with one button (flat ``1``), a relay, a door contact and a tamper switch.
     """
     state_dir = state_dir.resolve()
     media = {"camera": {"source": "synthetic"}, "audio": {"input": "synthetic", "output": "levels"}}
@@ -409,6 +419,8 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["hardware"]["pin_factory"] = "mock"
         camera = data["media"]["camera"]
         data["media"] = media
+        if camera["source"] == "file":  # a video file plays the same anywhere
+            data["media"]["camera"] = camera
         data["media"]["camera"].update({k: camera[k] for k in ("width", "height", "fps")})
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True

@@ -144,3 +144,14 @@ def test_check_config_cli(tmp_path: Path):
     assert res.stderr.strip() == (
         "intercom: config: hardware.relay.max_open_s: must be less than or equal to 30, got 90"
     )
+
+
+def test_simulated_settings_keep_a_video_file_camera(tmp_path: Path):
+    text = GOOD.replace(
+        'source = "v4l2"\ndevice = "/dev/video0"',
+        'source = "file"\ndevice = "door.mp4"\npassthrough = true',
+    )
+    sim = simulated_settings(tmp_path, parse_settings(text))
+    assert sim.media.camera.source == "file"
+    assert sim.media.camera.passthrough
+    assert sim.media.audio.input == "synthetic"

@@ -108,3 +108,64 @@ async def test_tone_skips_ahead_after_a_pause():
     # no burst of stale frames: after the first, they come at the real-time pace
     assert loop.time() - start >= 0.03
     assert frames[0].pts >= 14 * 960
+
+
+async def write_video(path: Path, codec: str, frames: int = 15) -> None:
+    synth = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    await synth.open()
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"g": "5", "tune": "zerolatency"}
+        for i in range(frames):
+            frame = await synth.next()
+            frame.pts = i
+            frame.time_base = Fraction(1, 30)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def nal_types(data: bytes) -> set[int]:
+    types, i = set(), 0
+    while (i := data.find(b"\x00\x00\x01", i)) != -1:
+        types.add(data[i + 3] & 0x1F)
+        i += 3
+    return types
+
+
+async def test_h264_file_passthrough_sends_annexb_packets(tmp_path: Path):
+    path = tmp_path / "door.mp4"  # MP4 stores AVCC: the camera must convert to Annex-B
+    await write_video(path, "libx264")
+    camera = open_camera(CameraConfig(source="file", device=str(path), fps=30, passthrough=True))
+    assert camera.encoded
+    await camera.open()
+    packets = [await asyncio.wait_for(camera.next(), 2) for _ in range(35)]  # loops twice
+    await camera.close()
+    pts = [p.pts for p in packets]
+    assert pts == sorted(pts)
+    assert len(set(pts)) == len(pts)
+    datas = [bytes(p) for p in packets]
+    assert all(d.startswith((b"\x00\x00\x00\x01", b"\x00\x00\x01")) for d in datas)
+    keyframes = [d for d in datas if 5 in nal_types(d)]
+    assert keyframes
+    assert all({7, 8} <= nal_types(d) for d in keyframes)  # SPS and PPS in band
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = [f for d in datas for f in decoder.decode(av.Packet(d))]
+    assert len(decoded) >= 30
+    assert {(f.width, f.height) for f in decoded} == {(320, 240)}
+
+
+async def test_passthrough_refuses_a_source_that_is_not_h264(tmp_path: Path):
+    path = tmp_path / "door.mp4"
+    await write_video(path, "mpeg4", frames=3)
+    camera = open_camera(CameraConfig(source="file", device=str(path), passthrough=True))
+    with pytest.raises(HardwareError, match=r"carries mpeg4, not H\.264"):
+        await camera.open()
+
+
+def test_passthrough_only_for_pyav_sources():
+    with pytest.raises(ValueError, match="passthrough: only for v4l2 or file"):
+        CameraConfig(source="synthetic", passthrough=True)

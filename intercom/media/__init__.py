@@ -20,6 +20,10 @@ def open_camera(config: CameraConfig) -> CameraSource:
         from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
 
         return SyntheticCamera(config.width, config.height, config.fps)
+    if config.source in {"v4l2", "file"} and config.passthrough:
+        from intercom.media.passthrough import H264PassthroughCamera  # noqa: PLC0415
+
+        return H264PassthroughCamera(config.device or "", config.source == "v4l2", config)
     if config.source in {"v4l2", "file"}:
         from intercom.media.pyav import PyAVCamera  # noqa: PLC0415
 

@@ -1,0 +1,127 @@
+"""H.264 straight from a V4L2 camera or a file, as packets: no decoding, no re-encoding.
+
+The packets are Annex-B with SPS/PPS in band (an MP4's AVCC packets go through FFmpeg's
+``h264_mp4toannexb`` filter), which is what aiortc sends as it is. A file loops with
+timestamps that keep rising. Neither source can be asked for an IDR: a new viewer waits
+for the source's next keyframe (keep its keyframe interval short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from intercom.config import CameraConfig
+from intercom.errors import HardwareError
+
+log = logging.getLogger(__name__)
+
+
+class H264PassthroughCamera:
+    """Annex-B H.264 packets read in a thread of their own."""
+
+    encoded = True
+
+    def __init__(self, device: str, v4l2: bool, config: CameraConfig) -> None:
+        self.device = device
+        self.v4l2 = v4l2
+        self.config = config
+        self.name = "v4l2-h264" if v4l2 else "file-h264"
+        self._container: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=60)
+        self.keyframe_requests = 0
+
+    def _open_container(self) -> Any:
+        import av  # noqa: PLC0415
+
+        if self.v4l2:
+            options = {
+                "input_format": "h264",
+                "video_size": f"{self.config.width}x{self.config.height}",
+                "framerate": str(self.config.fps),
+            }
+            return av.open(self.device, format="v4l2", options=options)
+        return av.open(self.device)
+
+    async def open(self) -> None:
+        """Open the device or file; it must carry H.264."""
+        import av  # noqa: PLC0415
+
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._container = await self._loop.run_in_executor(None, self._open_container)
+        except (av.FFmpegError, OSError) as exc:
+            raise HardwareError(f"media.camera.device: cannot open {self.device}: {exc}") from exc
+        streams = self._container.streams.video
+        if not streams or streams[0].codec_context.name != "h264":
+            codec = streams[0].codec_context.name if streams else "no video"
+            self._container.close()
+            raise HardwareError(
+                f"media.camera.passthrough: {self.device} carries {codec}, not H.264"
+            )
+        self._thread = threading.Thread(target=self._read, name=f"camera-{self.name}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _read(self) -> None:
+        from av.bitstream import BitStreamFilterContext  # noqa: PLC0415
+
+        stream = self._container.streams.video[0]
+        annexb = BitStreamFilterContext("h264_mp4toannexb", stream)
+        interval = 1 / self.config.fps
+        offset = 0  # added to a looping file's timestamps
+        due = time.monotonic()
+        while not self._stopping.is_set():
+            last = 0
+            try:
+                for packet in self._container.demux(stream):
+                    if packet.size == 0:
+                        continue
+                    for out in annexb.filter(packet):
+                        if self._stopping.is_set():
+                            return
+                        last = max(last, out.pts or 0)
+                        out.pts = (out.pts or 0) + offset
+                        out.dts = out.pts
+                        self._hand_over(out)
+                        if not self.v4l2:
+                            due += interval
+                            time.sleep(max(0.0, due - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - a device fault must not kill the station
+                log.warning("camera %s: reading stopped: %s", self.device, exc)
+                return
+            if self.v4l2:
+                return
+            offset += last + round(1 / (self.config.fps * stream.time_base))
+            self._container.seek(0)
+
+    def _hand_over(self, packet: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._put, packet)
+
+    def _put(self, packet: Any) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()  # a live view wants the newest
+        self._queue.put_nowait(packet)
+
+    async def next(self) -> Any:
+        """The next packet."""
+        return await self._queue.get()
+
+    def request_keyframe(self) -> None:
+        """Not possible with these sources: the viewer waits for the next keyframe."""
+        self.keyframe_requests += 1
+
+    async def close(self) -> None:
+        """Stop reading and close the source."""
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 2)
+        if self._container is not None:
+            self._container.close()
