@@ -17,6 +17,7 @@ import aiomqtt
 import pytest
 
 from intercom.config import MqttConfig, Settings
+from intercom.events import CallAnswered, CallEnded, CallMissed, CallRinging
 from intercom.mqtt.bridge import MqttBridge
 from intercom.mqtt.link import LinkState
 from intercom.station import Station
@@ -347,3 +348,27 @@ async def test_broker_away_never_delays_the_lock_and_the_link_comes_back(broker,
         seen = await retained(broker.port, f"{PREFIX}/#")
         assert seen[f"{PREFIX}/availability"] == "online"
         assert seen[f"{PREFIX}/state/lock"]["state"] == "locked"
+
+
+async def test_call_state_follows_the_call_events(broker, sim_settings):
+    async with running(mqtt_settings(sim_settings, port=broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as watcher:
+        bridge = bridge_of(station)
+        await until(lambda: bridge.link.state is LinkState.CONNECTED)
+        await watcher.subscribe(f"{PREFIX}/state/call", qos=1)
+        await anext(watcher.messages)  # the retained "idle"
+        steps = [
+            (CallRinging(call="c1", flat="1", devices=2), "ringing"),
+            (CallRinging(call="c2", flat="2", devices=1), None),  # still ringing
+            (CallAnswered(call="c1", principal="p-1"), "in_call"),
+            (CallMissed(call="c2", flat="2"), None),  # c1 still in call
+            (CallEnded(call="c1", reason="hangup", duration_s=3.0), "idle"),
+        ]
+        seen = []
+        for event, expected in steps:
+            station.bus.publish(event)
+            if expected is not None:
+                async with asyncio.timeout(5):
+                    message = await anext(watcher.messages)
+                seen.append(json.loads(message.payload)["state"])  # type: ignore[arg-type]
+        assert seen == ["ringing", "in_call", "idle"]

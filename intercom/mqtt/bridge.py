@@ -36,7 +36,9 @@ BATCH = 500  # events read and published per round (QoS 1, pipelined)
 REPLAY_S = 10.0  # after losing the broker, re-publish what it acked this long before
 CURSOR_FILE = "mqtt.cursor"
 DENIED_REPLIES_PER_S = 20.0  # beyond this, denied commands go unanswered (a flood)
-CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallEnded": "idle"}
+# How call events move one call; the station's call state is the busiest of its calls.
+CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallMissed": None,
+               "CallEnded": None}
 
 
 class LoggedEventLike(Protocol):
@@ -128,6 +130,7 @@ class MqttBridge:
             config, self.topics, config.client_id or f"intercom-{station_id}", self._session
         )
         self._state: dict[str, dict[str, Any]] = {}
+        self._calls: dict[str, str] = {}
         self._state_changed = asyncio.Event()
         self._doorbell: collections.deque[bytes] = collections.deque(maxlen=16)
         self._acks: collections.deque[tuple[float, int]] = collections.deque()
@@ -190,13 +193,23 @@ class MqttBridge:
             self._note("door", {"state": "open" if kind == "DoorOpened" else "closed",
                                 "door": self._door})
         elif kind in CALL_STATES:
-            self._note("call", {"state": CALL_STATES[kind]})
+            self._call_changed(str(getattr(event, "call", "")), CALL_STATES[kind])
         elif kind == "LogCheckpoint":
             self._state_changed.set()
         elif isinstance(event, DoorbellPressed):
             press = {"event_type": "press", "button": event.button, "flat": event.flat}
             self._doorbell.append(json.dumps(press).encode())
             self._state_changed.set()
+
+    def _call_changed(self, call: str, state: str | None) -> None:
+        if state is None:
+            self._calls.pop(call, None)
+        else:
+            self._calls[call] = state
+        states = set(self._calls.values())
+        summary = next((s for s in ("in_call", "ringing") if s in states), "idle")
+        if summary != self._state.get("call", {}).get("state"):
+            self._note("call", {"state": summary})
 
     def _note(self, key: str, value: dict[str, Any]) -> None:
         self._state[key] = {**value, "at": time.time()}
