@@ -48,7 +48,7 @@ CHROMIUM_ARGS = [
     "--use-fake-ui-for-media-stream",
     "--allow-loopback-in-peer-connection",
 ]
-COALESCE_S = 3.1  # hardware.buttons[].coalesce_s (3 s) and a margin
+COALESCE_S = 3.5  # hardware.buttons[].coalesce_s (3 s) and a margin for a loaded machine
 PHONE = {"width": 390, "height": 844}
 
 
