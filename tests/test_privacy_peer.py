@@ -1,4 +1,4 @@
-"""A resident's device, over real WebRTC, receives the camera with the zones masked."""
+"""Over real WebRTC and signalling: masked frames for a resident, no way in for an installer."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from intercom.config import PrivacyConfig
 from intercom.events import DoorbellPressed
 from intercom.privacy.zones import rasterise
+from intercom.security import totp
+from intercom.security.principals import Principal, Role
+from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
 from . import test_calls_client as kit
-from .test_calls_client import Device, call_settings, pair
+from .test_calls_client import Device, DeviceKey, call_settings, pair
 
 devices = kit.devices
 pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
@@ -64,3 +67,26 @@ async def test_rung_device_receives_frames_with_the_zones_masked(tmp_path, devic
     assert luma[inside].max() < 40
     assert luma[outside].mean() > 60, "the rest of the picture arrives"
     assert np.percentile(luma[: frame.height // 2], 90) > 100, "the colour bars are visible"
+
+
+async def test_an_expired_installer_cannot_sign_in_to_the_station_as_a_device(
+    tmp_path, devices
+):
+    station = Station(call_settings(tmp_path / "state"))
+    await station.start()
+    try:
+        key = DeviceKey()
+        store = PrincipalStore(station.state_dir)
+        now = time.time()
+        store.add(Principal(id="installer-old", role=Role.INSTALLER, jwk=key.jwk(),
+                            valid_from=now - 80 * 3600, valid_until=now - 8 * 3600),
+                  totp.new_secret())
+        store.close()
+        installer = Device(station, key, "installer-old", "")
+        devices.append(installer)
+        with pytest.raises(AssertionError):
+            await installer.connect()
+        assert installer.ws is not None
+        assert installer.ws.close_code == 4401
+    finally:
+        await station.stop("test finished")
