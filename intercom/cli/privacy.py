@@ -252,6 +252,7 @@ def cmd_installer_extend(args: argparse.Namespace) -> int:
     try:
         _installer(store, args.id)
         store.set_valid_until(args.id, until)
+        store.sync()  # durable before it is reported done
     finally:
         store.close()
     seq = log_action(state, PrivilegedAction(actor=_actor(), action="installer-extend",
@@ -279,6 +280,7 @@ def cmd_installer_revoke(args: argparse.Namespace) -> int:
     try:
         _installer(store, args.id)
         changed = store.revoke(args.id, time.time())
+        store.sync()
     finally:
         store.close()
     if not changed:

@@ -149,6 +149,7 @@ def erase_principal(state_dir: Path, pid: str, actor: str) -> EraseReport:
         store = PrincipalStore(state_dir)
         try:
             registry = store.erase(pid)
+            store.sync()
         finally:
             store.close()
     log_key = False
