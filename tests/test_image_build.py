@@ -1,0 +1,271 @@
+"""The SD image: built for real by image-build/build, then taken apart and checked.
+
+The image is read without mounting it: sfdisk for the partition table, mtools for the
+FAT boot partition, debugfs for the ext4 root. The root tree then runs under
+qemu-user (binfmt_misc): the package imports, first boot provisions, and the daemon
+reaches READY=1 on arm64. Set INTERCOM_IMAGE to an image built before to skip the
+build step (the checks are the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "image-build" / "build"
+MIB = 1 << 20
+# A PEM private key with its body (code that only names the marker does not match).
+PEM_PRIVATE_KEY = re.compile(
+    rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=\r\n]{40,}-----END"
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    if given := os.environ.get("INTERCOM_IMAGE"):
+        return Path(given)
+    out = tmp_path_factory.mktemp("image")
+    result = subprocess.run(
+        [str(BUILD), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=5000,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^\[10/10\] partitions and image", result.stdout, re.MULTILINE)
+    [img] = out.glob("intercom-*-arm64.img")
+    return img
+
+
+@pytest.fixture(scope="module")
+def table(image):
+    out = subprocess.run(
+        ["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out)["partitiontable"]
+
+
+def extract(image: Path, part: dict, dest: Path) -> Path:
+    with image.open("rb") as src, dest.open("wb") as dst:
+        src.seek(part["start"] * 512)
+        left = part["size"] * 512
+        while left:
+            chunk = src.read(min(left, 16 * MIB))
+            dst.write(chunk)
+            left -= len(chunk)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def boot_img(image, table, tmp_path_factory):
+    return extract(image, table["partitions"][0], tmp_path_factory.mktemp("boot") / "boot.img")
+
+
+@pytest.fixture(scope="module")
+def rootfs(image, table, tmp_path_factory):
+    work = tmp_path_factory.mktemp("root")
+    img = extract(image, table["partitions"][1], work / "root.img")
+    tree = work / "tree"
+    tree.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(img)], capture_output=True, check=True)
+    img.unlink()
+    return tree
+
+
+def test_partition_table_is_boot_fat_then_root_ext4(table, image):
+    assert table["label"] == "dos"
+    boot, root = table["partitions"]
+    assert boot["type"] == "c"
+    assert boot.get("bootable") is True
+    assert boot["start"] * 512 == 4 * MIB
+    assert root["type"] == "83"
+    assert (root["start"] + root["size"]) * 512 <= image.stat().st_size
+
+
+def test_boot_partition_has_firmware_kernel_and_no_installer_file(boot_img):
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", str(boot_img), "::/"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    )
+    names = {Path(line).name for line in listing.stdout.split()}
+    for name in (
+        "config.txt",
+        "cmdline.txt",
+        "start4.elf",
+        "fixup4.dat",
+        "bootcode.bin",
+        "bcm2711-rpi-4-b.dtb",
+        "bcm2837-rpi-3-b.dtb",
+    ):
+        assert name in names, sorted(names)
+    assert any(n.startswith("vmlinuz-") for n in names)
+    assert any(n.startswith("initrd.img-") for n in names)
+    assert "intercom.toml" not in names
+    cmdline = subprocess.run(
+        ["mtype", "-i", str(boot_img), "::/cmdline.txt"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    ).stdout
+    assert "root=LABEL=RASPIROOT" in cmdline
+    label = subprocess.run(
+        ["mlabel", "-s", "-i", str(boot_img), "::"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+    )
+    assert "RASPIFIRM" in label.stdout
+
+
+def test_units_are_enabled(rootfs):
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    enabled = {p.name for p in wants.iterdir()}
+    for unit in (
+        "intercom.service",
+        "intercom-firstboot.service",
+        "systemd-networkd.service",
+        "wpa_supplicant@wlan0.service",
+    ):
+        assert unit in enabled, sorted(enabled)
+    assert (rootfs / "usr/lib/systemd/system/intercom.service").read_text() == (
+        REPO / "systemd/intercom.service"
+    ).read_text()
+    passwd = (rootfs / "etc/passwd").read_text()
+    assert re.search(r"^intercom:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.MULTILINE)
+
+
+def test_no_password_hash_and_no_ssh(rootfs):
+    for line in (rootfs / "etc/shadow").read_text().splitlines():
+        user, field = line.split(":")[:2]
+        assert "$" not in field, f"{user} has a password hash"
+        assert field.startswith(("*", "!")), f"{user} can log in with an empty password"
+    assert not (rootfs / "usr/sbin/sshd").exists()
+    assert not list((rootfs / "etc").glob("ssh/ssh_host_*"))
+    enabled = {p.name for p in (rootfs / "etc/systemd/system").rglob("*ssh*")}
+    assert not enabled
+
+
+def test_no_key_or_secret_inside(rootfs, boot_img):
+    assert (rootfs / "etc/machine-id").read_text() == ""
+    assert not list((rootfs / "var/lib/intercom").iterdir())
+    assert not (rootfs / "etc/intercom/intercom.toml").exists()
+    assert not list((rootfs / "etc/intercom/credentials").iterdir())
+    assert not (rootfs / "var/lib/systemd/random-seed").exists()
+    for top in ("etc", "var", "root", "home", "opt/intercom", "usr/share/intercom"):
+        for path in (rootfs / top).rglob("*"):
+            # Shared libraries in wheels carry their own self-test keys (GnuTLS in PyAV's).
+            if path.is_file() and not path.is_symlink() and ".so" not in path.name:
+                assert not PEM_PRIVATE_KEY.search(path.read_bytes()), path
+            assert path.suffix not in {".key", ".p12", ".pfx"}, path
+    assert not PEM_PRIVATE_KEY.search(boot_img.read_bytes())
+    release = (rootfs / "usr/share/intercom/release-keys/release.pem").read_text()
+    assert release.startswith("-----BEGIN PUBLIC KEY-----")
+
+
+@pytest.fixture(scope="module")
+def arm64_root(rootfs):
+    """The root tree with /dev and /proc, to run its arm64 programs under qemu-user."""
+    mounts = [rootfs / "dev", rootfs / "proc"]
+    subprocess.run(["mount", "--bind", "/dev", str(mounts[0])], check=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(mounts[1])], check=True)
+    yield rootfs
+    for mount in reversed(mounts):
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def in_root(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["chroot", str(root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_the_package_imports_on_arm64(arm64_root):
+    result = in_root(
+        arm64_root,
+        "/opt/intercom/current/bin/python",
+        "-c",
+        "import platform, intercom, intercom.station, intercom.deploy.firstboot; "
+        "print(platform.machine(), intercom.__version__)",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "aarch64"
+
+
+def test_first_boot_and_ready_on_arm64(arm64_root):
+    root = arm64_root
+    boot = root / "boot/firmware"
+    (boot / "intercom.toml").write_text(
+        '[station]\nid = "door-img"\n\n[hardware]\nbuttons = [{ pin = 17, flat = "1" }]\n'
+        "relay = { pin = 27 }\n"
+    )
+    provision = in_root(
+        root, "/opt/intercom/current/bin/intercom", "firstboot", "--owner", "intercom"
+    )
+    assert provision.returncode == 0, provision.stderr
+    assert "TLS certificate SHA-256" in provision.stdout
+    assert not (boot / "intercom.toml").exists()
+    assert (root / "var/lib/intercom/keys/station.key").exists()
+
+    # The daemon itself, simulated pins, started under qemu, must say READY=1.
+    notify = root / "run/intercom-test-notify"
+    notify.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        proc = subprocess.Popen(
+            [
+                "chroot",
+                str(root),
+                "/usr/bin/env",
+                "-i",
+                "PATH=/usr/bin:/bin",
+                "NOTIFY_SOCKET=/run/intercom-test-notify",
+                "/opt/intercom/current/bin/intercom",
+                "run",
+                "--simulate",
+                "--config",
+                "/etc/intercom/intercom.toml",
+                "--state-dir",
+                "/tmp/sim-state",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            ready = False
+            while not ready and time.monotonic() < deadline and proc.poll() is None:
+                if select.select([sock], [], [], 1)[0]:
+                    ready = "READY=1" in sock.recv(4096).decode().splitlines()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    notify.unlink(missing_ok=True)
+    shutil.rmtree(root / "tmp/sim-state", ignore_errors=True)
+    assert ready, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
