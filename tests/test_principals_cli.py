@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import os
 import re
 from pathlib import Path
@@ -177,3 +179,33 @@ def test_list_of_an_empty_state_dir_creates_nothing(
 ) -> None:
     assert main(["principals", "list", "--state-dir", str(tmp_path / "none")]) == 1
     assert not (tmp_path / "none").exists()
+
+
+async def test_principal_changes_are_logged_with_their_actor(
+    tmp_path: Path, sim_settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    station = Station(sim_settings)  # makes the station key and the event log
+    await station.start()
+    await station.stop("test")
+    state = sim_settings.station.state_dir
+    _, pub = write_keypair(tmp_path, "inst")
+    code, out = add(state, capsys, "--role", "installer", "--public-key", str(pub),
+                    "--id", "fitter", "--no-qr")
+    assert code == 0
+    valid = re.search(r"valid +(\S+) \.\. (\S+)", out)
+    assert valid is not None
+    span = dt.datetime.fromisoformat(valid.group(2)) - dt.datetime.fromisoformat(valid.group(1))
+    assert span == dt.timedelta(hours=72)  # installers default to privacy.installer_valid_hours
+    assert main(["principals", "revoke", "fitter", "--state-dir", str(state)]) == 0
+    capsys.readouterr()
+    assert main(["log", "show", "--json", "--state-dir", str(state)]) == 0
+    actions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    actions = [
+        a for a in actions
+        if a["type"] == "PrivilegedAction" and a["details"]["action"].startswith("principal")
+    ]
+    assert [(a["details"]["action"], a["details"]["target"]) for a in actions] == [
+        ("principal-add", "fitter"),
+        ("principal-revoke", "fitter"),
+    ]
+    assert all(a["details"]["actor"].startswith("local:") for a in actions)

@@ -17,7 +17,10 @@ from pathlib import Path
 import segno
 
 from intercom.cli.common import add_state_dir, state_dir
+from intercom.config import PrivacyConfig
 from intercom.errors import IntercomError
+from intercom.events import PrivilegedAction
+from intercom.privacy.audit import local_actor, log_action
 from intercom.security import totp
 from intercom.security.limits import Limits
 from intercom.security.principals import (
@@ -30,7 +33,8 @@ from intercom.security.store import DB_NAME, Guard, PrincipalStore
 
 RELATIVE = re.compile(r"^\+(\d+)([mhd])$")
 UNITS = {"m": 60, "h": 3600, "d": 86400}
-INSTALLER_DEFAULT_S = 8 * 3600
+# Installers are time-boxed; the same default as privacy.installer_valid_hours.
+INSTALLER_DEFAULT_S = int(PrivacyConfig.model_fields["installer_valid_hours"].default * 3600)
 TIME_HELP = "ISO 8601 (UTC unless it has an offset) or relative: +30m, +8h, +90d"
 
 
@@ -59,7 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.add_argument("--id", help="principal id, the JWS kid (default: ROLE-<random>)")
     add.add_argument("--valid-from", metavar="T", help=f"default now; {TIME_HELP}")
     add.add_argument("--valid-until", metavar="T",
-                     help=f"default never (installers: +8h); {TIME_HELP}")
+                     help=f"default never (installers: +72h); {TIME_HELP}")
     add.add_argument("--issuer", default="intercom", help="issuer shown by authenticator apps")
     add.add_argument("--no-qr", action="store_true", help="print the URI only, no QR code")
     add_state_dir(add)
@@ -133,6 +137,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         store.add(principal, secret)
     finally:
         store.close()
+    _audit(args, "principal-add", pid, role.value)
     uri = totp.enrolment_uri(secret, pid, args.issuer)
     print(f"added    {pid} ({role.value}{_scope(principal)}), {principal.key_kind} key")
     print(f"valid    {show_time(valid_from)} .. {show_time(valid_until)}")
@@ -205,6 +210,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         changed = store.revoke(args.id, time.time())
     finally:
         store.close()
+    if changed:
+        _audit(args, "principal-revoke", args.id)
     print(f"revoked  {args.id}" if changed else f"{args.id} was revoked already")
     return 0
 
@@ -216,5 +223,12 @@ def cmd_reset(args: argparse.Namespace) -> int:
         store.reset_guard(args.id)
     finally:
         store.close()
+    _audit(args, "principal-reset", args.id)
     print(f"reset    {args.id}: TOTP failures cleared")
     return 0
+
+
+def _audit(args: argparse.Namespace, action: str, target: str, detail: str = "") -> None:
+    """Log who did a privileged change, in the event log (when the station has one)."""
+    event = PrivilegedAction(actor=local_actor(), action=action, target=target, detail=detail)
+    log_action(state_dir(args), event)
