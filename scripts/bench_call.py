@@ -68,7 +68,9 @@ def station_worker(source: str, state_dir: str) -> None:
                     self.cpu += time.thread_time() - started
                     self.calls += 1
                     if self.calls % 15 == 0:
-                        report.write_text(f"{self.cpu:.6f}")
+                        partial = report.with_suffix(".new")
+                        partial.write_text(f"{self.cpu:.6f}")
+                        partial.replace(report)  # readers never see a half-written file
 
         class Camera(H264Camera):  # type: ignore[misc]
             async def open(self) -> None:
