@@ -16,7 +16,7 @@ from intercom.errors import ConfigError
 from intercom.mqtt.backoff import ReconnectPolicy
 from intercom.mqtt.bridge import event_json
 from intercom.mqtt.cursor import Cursor
-from intercom.mqtt.fairqueue import PER_SIGNER, FairQueue, claimed_kid
+from intercom.mqtt.fairqueue import PER_SIGNER, FairQueue, Rounds, claimed_kid
 from intercom.mqtt.link import read_password
 from intercom.mqtt.topics import Topics
 from intercom.mqtt.url import config_from_url
@@ -222,3 +222,22 @@ async def test_fair_queue_takes_signers_in_turn_and_caps_a_flooding_one():
     assert queue.empty()
     assert rest[-1] == _jws("mallory", 99)  # the newest were kept, the oldest dropped
     assert queue._queue.dropped == 100 - PER_SIGNER
+
+
+def test_rounds_bound_the_backlog_by_dropping_the_oldest():
+    rounds = Rounds(limit=4)
+    for i in range(6):  # a flood that claims a new signer each time
+        rounds.append(_message(_jws(f"nobody-{i}")))
+    assert len(rounds) == 4
+    assert [claimed_kid(m.payload) for m in rounds] == [f"nobody-{i}" for i in range(2, 6)]
+    assert rounds.dropped == 2
+
+
+def test_rounds_stay_consistent_when_the_limit_retires_the_same_signer():
+    rounds = Rounds(limit=2)
+    for i in range(5):
+        rounds.append(_message(_jws("alice", i)))
+    assert len(rounds) == 2
+    assert [m.payload for m in rounds] == [_jws("alice", 3), _jws("alice", 4)]
+    assert [rounds.popleft().payload for _ in range(2)] == [_jws("alice", 3), _jws("alice", 4)]
+    assert len(rounds) == 0

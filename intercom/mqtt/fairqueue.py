@@ -6,7 +6,9 @@ message under the key id (``kid``) its JWS header claims, read without checking 
 naming one id therefore waits behind its own messages only, and each id keeps at most
 ``PER_SIGNER`` waiting messages: beyond that its oldest are dropped (a newer command of
 the same signer is at least as fresh). Claiming an id gains nothing but a turn: the
-signature is checked as before.
+signature is checked as before. At most ``MAX_WAITING`` messages wait in all; beyond
+that the oldest of the next signer in the round is dropped, so under overload the
+station works on fresh commands rather than on a growing backlog.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiomqtt
 log = logging.getLogger(__name__)
 
 PER_SIGNER = 32
+MAX_WAITING = 1024  # about 0.3 s of work at a forgery's cost
 HEADER_PEEK = 512  # bytes of payload looked at to find the claimed kid
 
 
@@ -48,12 +51,13 @@ def claimed_kid(payload: Any) -> str:
 class Rounds:
     """Messages filed by claimed signer, taken round-robin (a deque-like for asyncio.Queue)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_WAITING) -> None:
+        self.limit = limit
         self._by_kid: collections.OrderedDict[str, collections.deque[aiomqtt.Message]] = (
             collections.OrderedDict()
         )
         self._count = 0
-        self.dropped = 0  # messages dropped because their signer had too many waiting
+        self.dropped = 0  # messages dropped: their signer had too many, or all had
 
     def __len__(self) -> int:
         return self._count
@@ -66,17 +70,24 @@ class Rounds:
         """File a message under the signer it claims."""
         kid = claimed_kid(item.payload)
         waiting = self._by_kid.get(kid)
+        if waiting is not None and len(waiting) >= PER_SIGNER:
+            waiting.popleft()
+            self._count -= 1
+            self._dropped(f"more than {PER_SIGNER} commands wait for one signer")
+        elif self._count >= self.limit:
+            self.popleft()
+            self._dropped(f"more than {self.limit} commands wait")
+            waiting = self._by_kid.get(kid)  # popleft may have retired it
         if waiting is None:
             waiting = self._by_kid[kid] = collections.deque()
-        if len(waiting) >= PER_SIGNER:
-            waiting.popleft()
-            self.dropped += 1
-            self._count -= 1
-            level = logging.WARNING if self.dropped == 1 else logging.DEBUG
-            log.log(level, "mqtt: more than %d commands wait for one signer; oldest dropped "
-                    "(%d so far)", PER_SIGNER, self.dropped)
         waiting.append(item)
         self._count += 1
+
+    def _dropped(self, why: str) -> None:
+        self.dropped += 1
+        if not self.dropped & (self.dropped - 1):  # the 1st, 2nd, 4th, 8th, ... drop
+            log.log(logging.WARNING if self.dropped == 1 else logging.DEBUG,
+                    "mqtt: %s; the oldest dropped (%d so far)", why, self.dropped)
 
     def popleft(self) -> aiomqtt.Message:
         """The next signer's oldest message; that signer goes to the back of the round."""

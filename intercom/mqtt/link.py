@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 # Largest packet the station accepts from the broker (MQTT 5 tells the broker so, and
 # the broker drops bigger ones instead of sending them); commands are a few KiB.
 MAX_INCOMING_PACKET = 64 * 1024
-# Incoming messages waiting for the station; beyond this the newest are dropped.
-MAX_QUEUED_INCOMING = 4096
 CONNECT_TIMEOUT_S = 10.0
 # CONNACK codes that mean "I do not speak this protocol version" (3.1.1 and 5).
 PROTOCOL_REFUSED = {1, 132}
@@ -192,7 +190,7 @@ class MqttLink:
             clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self.config.keepalive_s,
             timeout=CONNECT_TIMEOUT_S,
-            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            max_queued_incoming_messages=None,  # FairQueue bounds itself (MAX_WAITING)
             queue_type=FairQueue,
             # paho leaves Nagle on: a command's answer and the state after it would wait
             # for the broker's delayed ACK (up to 40 ms on Linux).
