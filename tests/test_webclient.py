@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -263,3 +264,20 @@ def test_a_revoked_device_is_refused_and_told_so(station, browser):
         assert "refused this device" in (page.text_content("#call-state") or "")
     finally:
         context.close()
+
+
+def test_a_silent_connection_is_noticed_and_replaced(station, resident):
+    page = resident["page"]
+    wait_idle_station(station)
+    station.proc.send_signal(signal.SIGSTOP)  # the network goes quiet; no socket closes
+    try:
+        # coming back on screen makes the page ping; no pong within 10 s: reconnect
+        page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for_selector("body:not([data-link='online'])", timeout=15000)
+    finally:
+        station.proc.send_signal(signal.SIGCONT)
+    page.wait_for_selector("body[data-link='online']", timeout=30000)
+    station.press()
+    wait_call_state(page, "ringing")
+    page.click("#btn-decline")
+    wait_call_state(page, "idle")

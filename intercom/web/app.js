@@ -170,6 +170,9 @@ function startHome() {
   app.signal = new Signal(d, { message: onMessage, state: onLink });
   app.signal.start();
   window.addEventListener("online", () => app.signal.nudge());
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) app.signal.check(); // back on screen: is the station still there?
+  });
 }
 
 function onLink(state, detail) {

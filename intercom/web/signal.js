@@ -5,6 +5,8 @@ import { signChallenge } from "./keys.js";
 const FIRST_DELAY_MS = 500;
 const MAX_DELAY_MS = 30000;
 const PING_EVERY_MS = 25000;
+const PONG_TIMEOUT_MS = 10000;
+const LOGIN_TIMEOUT_MS = 15000;
 
 /** Keeps one authenticated WebSocket to the station open, reconnecting with backoff. */
 export class Signal {
@@ -15,6 +17,7 @@ export class Signal {
     this.delay = FIRST_DELAY_MS;
     this.timer = null;
     this.pinger = null;
+    this.deadline = null;
     this.stopped = false;
     this.refused = false;
   }
@@ -44,6 +47,8 @@ export class Signal {
     const ws = new WebSocket(url);
     this.ws = ws;
     let authed = false;
+    // A silent network (a phone changing Wi-Fi) never closes the socket: give up on it.
+    this.watchdog(ws, LOGIN_TIMEOUT_MS);
     ws.onmessage = async (event) => {
       let msg;
       try {
@@ -61,24 +66,48 @@ export class Signal {
         authed = true;
         this.refused = false;
         this.delay = FIRST_DELAY_MS;
+        clearTimeout(this.deadline);
         this.handlers.state("online", msg);
         clearInterval(this.pinger);
-        this.pinger = setInterval(() => this.send({ type: "ping" }), PING_EVERY_MS);
+        this.pinger = setInterval(() => this.check(), PING_EVERY_MS);
       }
-      if (msg.type !== "pong") this.handlers.message(msg);
+      if (msg.type === "pong") {
+        clearTimeout(this.deadline);
+        return;
+      }
+      this.handlers.message(msg);
     };
-    ws.onclose = (event) => {
-      clearInterval(this.pinger);
-      if (this.ws !== ws) return;
-      this.ws = null;
-      this.refused = event.code === 4401; // key unknown or revoked: try again, but rarely
-      this.handlers.state(this.refused ? "refused" : "offline", { code: event.code, authed });
-      if (this.stopped) return;
-      if (this.refused) this.delay = MAX_DELAY_MS;
-      const wait = this.delay * (0.75 + Math.random() * 0.5);
-      this.delay = Math.min(this.delay * 2, MAX_DELAY_MS);
-      this.timer = setTimeout(() => this.connect(), wait);
-    };
+    ws.onclose = (event) => this.lost(ws, event.code);
+  }
+
+  watchdog(ws, ms) {
+    clearTimeout(this.deadline);
+    this.deadline = setTimeout(() => this.lost(ws, 4000), ms);
+  }
+
+  /** Ask the station for a pong; no answer in time counts as a lost connection. */
+  check() {
+    if (!this.ws) {
+      this.nudge();
+      return;
+    }
+    if (this.send({ type: "ping" })) this.watchdog(this.ws, PONG_TIMEOUT_MS);
+  }
+
+  lost(ws, code) {
+    if (this.ws !== ws) return;
+    clearInterval(this.pinger);
+    clearTimeout(this.deadline);
+    this.ws = null;
+    ws.onclose = null;
+    ws.close();
+    this.refused = code === 4401; // key unknown or revoked: try again, but rarely
+    this.handlers.state(this.refused ? "refused" : "offline", { code });
+    if (this.stopped) return;
+    if (this.refused) this.delay = MAX_DELAY_MS;
+    const wait = this.delay * (0.75 + Math.random() * 0.5);
+    this.delay = Math.min(this.delay * 2, MAX_DELAY_MS);
+    this.timer = setTimeout(() => this.connect(), wait);
   }
 
   /** Reconnect now (e.g. the network came back), skipping the remaining backoff. */
