@@ -149,7 +149,7 @@ def wait_onset(station: SimStation, after: float, timeout: float = 10) -> float:
 
 
 def latency(station: SimStation, page: Any, calls: int) -> dict[str, list[float]]:
-    ring, preview, receive, decode, audio = [], [], [], [], []
+    ring, released, preview, receive, decode, audio = [], [], [], [], [], []
     for _ in range(calls):
         time.sleep(random.uniform(0.5, 2.0))  # noqa: S311 - a pause, not a secret
         station.press()
@@ -173,11 +173,15 @@ def latency(station: SimStation, page: Any, calls: int) -> dict[str, list[float]
         wait_call_state(page, "in_call")
         first_audio = wait_onset(station, tapped)
         audio.append((first_audio - tapped) * 1000)
+        timing = station.status()["calls"]["last_call"] or {}
+        if timing.get("first_frame_at") and timing.get("pressed_at"):
+            released.append((timing["first_frame_at"] - timing["pressed_at"]) * 1000)
         page.click("#btn-hangup")
         wait_call_state(page, "idle")
         station.wait("idle", lambda s: s["call"] == "idle")
     return {
         "ring": ring,
+        "released": released,
         "receive": receive,
         "decode": decode,
         "preview": preview,
@@ -261,6 +265,8 @@ def report(results: dict[str, Any], calls: int) -> None:
         if "latency" in data:
             lat = data["latency"]
             print(summary("press -> ring message at the page", lat["ring"]))
+            if lat["released"]:
+                print(summary("press -> station releases first frame", lat["released"]))
             print(summary("press -> first frame's packets received", lat["receive"]))
             print(summary("press -> first preview frame decoded", lat["decode"]))
             print(summary("press -> first preview frame shown", lat["preview"]))
