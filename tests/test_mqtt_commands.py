@@ -190,7 +190,7 @@ async def test_junk_and_huge_messages_neither_crash_nor_stall(
         expected = len(junk) + 1 if protocol == "3.1.1" else len(junk) - 2
         answers = await results(attacker, expected, 10)
         assert sorted(a["result"] for a in answers) == ["denied"] * (expected - 1) + ["granted"]
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # a bound for "no stall", not a speed goal
         assert energised(station) == 1
         assert bridge_of(station).link.state is LinkState.CONNECTED
 
@@ -244,6 +244,6 @@ async def test_a_forged_flood_naming_one_signer_does_not_hold_up_another(
             async for message in manager.messages:
                 if json.loads(message.payload)["result"] == "granted":  # type: ignore[arg-type]
                     break
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3  # a bound, not a speed goal (see the benchmark)
         assert energised(station) == 1
         assert bridge_of(station).commands < 2000  # the flood's backlog was cut short
