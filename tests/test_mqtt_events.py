@@ -111,12 +111,13 @@ async def test_events_carry_seq_and_type_and_principal_ids_only(tmp_path, sim_se
             await until(lambda: station.eventlog.latest_checkpoint() is not None)  # type: ignore[union-attr]
             latest = station.eventlog.latest_checkpoint()
             assert latest is not None
-            want = json.loads(json.dumps(latest, default=str))
             for _ in range(25):  # published when the bridge next runs its state task
                 seen = await retained(broker.port, f"{PREFIX}/log/checkpoint", 0.2)
+                want = json.loads(json.dumps(station.eventlog.latest_checkpoint(), default=str))
                 if seen.get(f"{PREFIX}/log/checkpoint") == want:
                     break
             assert seen[f"{PREFIX}/log/checkpoint"] == want
+            assert want["seq"] >= latest["seq"]
     finally:
         broker.kill()
 
