@@ -176,3 +176,39 @@ def test_a_notify_socket_nobody_reads_never_blocks_the_station(tmp_path: Path):
         proc.terminate()
         proc.wait(10)
         listener.close()
+
+
+def test_status_text_shows_log_web_and_mqtt_link(tmp_path: Path):
+    from .mosquitto import Broker  # noqa: PLC0415
+
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [
+            *INTERCOM,
+            "run",
+            "--simulate",
+            "--state-dir",
+            str(state),
+            "--mqtt",
+            f"mqtt://127.0.0.1:{broker.port}",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        text = ""
+        while time.monotonic() < deadline:
+            res = cli("status", "--state-dir", str(state))
+            text = res.stdout
+            if "mqtt     connected" in text:
+                break
+            time.sleep(0.1)
+        assert f"mqtt     connected to 127.0.0.1:{broker.port}" in text
+        assert "listen   web: https://127.0.0.1:" in text
+        assert "log      seq " in text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        broker.kill()

@@ -55,6 +55,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("tamper   TRIPPED")
     for name, where in status["listening"].items():
         print(f"listen   {name}: {where}")
+    if mqtt := status.get("mqtt"):
+        error = f", last error: {mqtt['last_error']}" if mqtt.get("last_error") else ""
+        print(
+            f"mqtt     {mqtt['state']} to {mqtt['broker']}{' (TLS)' if mqtt['tls'] else ''}"
+            f", {mqtt['events_published']} events published{error}"
+        )
+    if log := status.get("eventlog"):
+        print(f"log      seq {log['last_seq']}, checkpoint at {log['checkpoint_seq']}")
     for event in status["recent_events"][-5:]:
         print(f"event    {event['type']}")
     return 0
