@@ -59,6 +59,25 @@ def resident(station: SimStation, browser: Browser) -> Iterator[dict[str, Any]]:
     context.close()
 
 
+STORED_KEY = """() => new Promise((resolve) => {
+    const open = indexedDB.open('intercom', 1);
+    open.onsuccess = () => {
+      const get = open.result.transaction('device').objectStore('device').get('device');
+      get.onsuccess = () => resolve({
+        type: get.result.privateKey.type,
+        extractable: get.result.privateKey.extractable,
+        alg: get.result.alg,
+      });
+    };
+  })"""
+
+
+def stored_key(page: Page) -> dict[str, Any]:
+    """What IndexedDB holds about the device key (never the key bytes: it cannot)."""
+    result: dict[str, Any] = page.evaluate(STORED_KEY)
+    return result
+
+
 def stats(page: Page) -> dict[str, Any]:
     result: dict[str, Any] = page.evaluate("window.intercom.stats()")
     return result
@@ -202,19 +221,7 @@ def test_the_device_key_survives_a_reload(station, resident):
     wait_idle_station(station)
     page.reload()
     page.wait_for_selector("body[data-link='online']", timeout=20000)
-    stored = page.evaluate(
-        """() => new Promise((resolve) => {
-            const open = indexedDB.open('intercom', 1);
-            open.onsuccess = () => {
-              const get = open.result.transaction('device').objectStore('device').get('device');
-              get.onsuccess = () => resolve({
-                type: get.result.privateKey.type,
-                extractable: get.result.privateKey.extractable,
-                alg: get.result.alg,
-              });
-            };
-          })"""
-    )
+    stored = stored_key(page)
     assert stored == {"type": "private", "extractable": False, "alg": "EdDSA"}
     station.press()
     wait_call_state(page, "ringing")
@@ -281,3 +288,34 @@ def test_a_silent_connection_is_noticed_and_replaced(station, resident):
     wait_call_state(page, "ringing")
     page.click("#btn-decline")
     wait_call_state(page, "idle")
+
+
+NO_ED25519 = """
+const generateKey = crypto.subtle.generateKey.bind(crypto.subtle);
+crypto.subtle.generateKey = (algorithm, ...rest) =>
+  (algorithm?.name ?? algorithm) === "Ed25519"
+    ? Promise.reject(new DOMException("Ed25519 is not supported", "NotSupportedError"))
+    : generateKey(algorithm, ...rest);
+"""
+
+
+def test_a_browser_without_ed25519_pairs_and_opens_with_p256(station, browser):
+    context, page = new_device(browser, station.url)
+    context.add_init_script(NO_ED25519)  # an older browser
+    try:
+        enrolment = pair_device(page, station.pair_link("1"))
+        assert stored_key(page) == {"type": "private", "extractable": False, "alg": "ES256"}
+        totp = pyotp.parse_uri(enrolment["totp_uri"])
+        wait_idle_station(station)
+        station.press()
+        wait_call_state(page, "ringing", timeout=15)
+        page.click("#btn-answer")
+        wait_call_state(page, "in_call")
+        page.click("#btn-open")
+        page.fill("#unlock-code", totp.now())
+        page.click("#unlock-send")
+        page.wait_for_selector("#unlock-result[data-result='granted']", timeout=10000)
+        page.click("#btn-hangup")
+        wait_call_state(page, "idle")
+    finally:
+        context.close()

@@ -381,7 +381,7 @@ async function main() {
   setLink("not paired");
   if ("serviceWorker" in navigator) {
     navigator.serviceWorker.register("sw.js").catch((err) => {
-      console.info("no service worker (the certificate must be trusted): %s", err);
+      console.info(`no service worker (the certificate must be trusted): ${err}`);
     });
   }
   const link = pairingFromLink();

@@ -10,7 +10,7 @@ export async function microphone() {
       audio: { echoCancellation: true, noiseSuppression: true }, video: false,
     });
   } catch (err) {
-    console.warn("no microphone: %s", err);
+    console.warn(`no microphone: ${err}`);
     micStream = null;
   }
   return micStream;

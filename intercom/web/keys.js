@@ -65,7 +65,7 @@ export async function makeKeyPair() {
     const jwk = await crypto.subtle.exportKey("jwk", pair.publicKey);
     return { privateKey: pair.privateKey, alg: "EdDSA", jwk: publicJwk(jwk) };
   } catch (err) {
-    console.info("Ed25519 unavailable (%s); using ECDSA P-256", err);
+    console.info(`Ed25519 unavailable (${err}); using ECDSA P-256`);
   }
   const pair = await crypto.subtle.generateKey(
     { name: "ECDSA", namedCurve: "P-256" }, false, ["sign", "verify"],
