@@ -319,3 +319,23 @@ def test_a_browser_without_ed25519_pairs_and_opens_with_p256(station, browser):
         wait_call_state(page, "idle")
     finally:
         context.close()
+
+
+def test_the_other_device_stops_ringing_when_one_answers(station, browser, resident):
+    page = resident["page"]
+    context, other = new_device(browser, station.url)
+    try:
+        pair_device(other, station.pair_link("1"))
+        wait_idle_station(station)
+        station.press()
+        wait_call_state(page, "ringing")
+        wait_call_state(other, "ringing")
+        other.click("#btn-answer")
+        wait_call_state(other, "in_call")
+        wait_call_state(page, "idle")
+        assert page.text_content("#call-state") == "Answered on another device"
+        assert "taken" in (page.text_content("#history") or "")
+        other.click("#btn-hangup")
+        wait_call_state(other, "idle")
+    finally:
+        context.close()
