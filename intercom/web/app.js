@@ -35,6 +35,7 @@ function setLink(state) {
 }
 
 function setCallState(state, text) {
+  if (app.state === "ringing" && state !== "ringing") navigator.vibrate?.(0);
   app.state = state;
   document.body.dataset.call = state;
   $("stage").className = `stage ${state === "idle" ? "idle" : "live"}`;
@@ -59,6 +60,7 @@ function renderHistory() {
   const entries = history.calls();
   if (!entries.length) {
     const item = document.createElement("li");
+    item.className = "empty";
     item.textContent = "No calls yet.";
     list.append(item);
     return;
