@@ -219,6 +219,8 @@ async function onMessage(msg) {
       app.rings.push({ call: msg.call, at: Date.now(), pressed: (msg.at ?? 0) * 1000 });
       app.call = msg.call;
       history.note(msg.call, "ringing", { rang: msg.at ?? Date.now() / 1000 });
+      $("unlock-result").textContent = ""; // the last call's result is old news
+      delete $("unlock-result").dataset.result;
       setCallState("ringing", "Someone is at the door");
       navigator.vibrate?.([300, 200, 300]);
       renderHistory();
