@@ -176,8 +176,16 @@ class CameraConfig(Model):
         "or re-encoding (a UVC camera with H.264 output, or an H.264 file).",
     )
 
+    encode_once: bool = Field(
+        default=False,
+        description="Frame sources (synthetic, v4l2, file): encode H.264 once with libx264 "
+        "and send the same packets to every peer, instead of one encoder per peer.",
+    )
+
     @model_validator(mode="after")
     def _device_when_needed(self) -> Self:
+        if self.encode_once and (self.passthrough or self.source == "picamera2"):
+            raise ValueError("encode_once: the source is already H.264 (picamera2, passthrough)")
         if self.source in {"v4l2", "file"} and not self.device:
             raise ValueError(f"device: required when source is {self.source!r}")
         if self.passthrough and self.source not in {"v4l2", "file"}:
@@ -421,7 +429,8 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["media"] = media
         if camera["source"] == "file":  # a video file plays the same anywhere
             data["media"]["camera"] = camera
-        data["media"]["camera"].update({k: camera[k] for k in ("width", "height", "fps")})
+        keep = ("width", "height", "fps", "encode_once")
+        data["media"]["camera"].update({k: camera[k] for k in keep})
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True
         data["mqtt"] = base.mqtt  # as is: a JSON dump would mask its password

@@ -24,6 +24,7 @@ from intercom.hardware.pins import make_pin_factory
 from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
 from intercom.identity import StationIdentity, load_or_create_identity
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
+from intercom.media.encodeonce import EncodeOnceCamera
 from intercom.mqtt.bridge import mqtt_bridge
 from intercom.notify import Notifier
 from intercom.privacy.camera import privacy_camera
@@ -120,7 +121,10 @@ class Station:
             self.simulator = Simulator(self.settings, self.pin_factory)
             self.simulator.prepare()
         # Zones are masked at the source: every consumer of station.camera gets them.
-        self.camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
+        camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
+        if self.settings.media.camera.encode_once:  # after the mask: the encoder sees it
+            camera = EncodeOnceCamera(camera, self.settings.media.camera.fps)
+        self.camera = camera
         await self.camera.open()
         self._closers.append(self.camera.close)
         self.microphone, self.speaker = open_audio(self.settings.media.audio)

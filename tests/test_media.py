@@ -169,3 +169,47 @@ async def test_passthrough_refuses_a_source_that_is_not_h264(tmp_path: Path):
 def test_passthrough_only_for_pyav_sources():
     with pytest.raises(ValueError, match="passthrough: only for v4l2 or file"):
         CameraConfig(source="synthetic", passthrough=True)
+
+
+async def test_encode_once_gives_decodable_h264_with_idr_on_request():
+    from intercom.media.encodeonce import EncodeOnceCamera  # noqa: PLC0415
+
+    inner = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    camera = EncodeOnceCamera(inner, fps=30)
+    assert camera.encoded
+    await camera.open()
+    packets = [await camera.next() for _ in range(6)]
+    camera.request_keyframe()
+    packets += [await camera.next() for _ in range(2)]
+    await camera.close()
+    datas = [bytes(p) for p in packets]
+    assert 5 in nal_types(datas[0])  # the first packet is an IDR
+    assert not any(5 in nal_types(d) for d in datas[1:6])  # then P-frames only
+    assert {5, 7, 8} <= nal_types(datas[6])  # IDR with SPS/PPS after the request
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = [f for d in datas for f in decoder.decode(av.Packet(d))]
+    decoded += decoder.decode(None)
+    assert len(decoded) == 8
+
+
+async def test_station_with_encode_once_shares_one_encoder(tmp_path: Path):
+    from intercom.config import simulated_settings  # noqa: PLC0415
+    from intercom.station import Station  # noqa: PLC0415
+
+    base = simulated_settings(tmp_path / "s")
+    camera = base.media.camera.model_copy(update={"encode_once": True})
+    settings = base.model_copy(update={"media": base.media.model_copy(update={"camera": camera})})
+    station = Station(settings)
+    await station.start()
+    try:
+        assert station.camera is not None
+        assert station.camera.encoded
+        packet = await asyncio.wait_for(station.camera.next(), 5)
+        assert 5 in nal_types(bytes(packet))
+    finally:
+        await station.stop()
+
+
+def test_encode_once_refuses_sources_that_are_h264_already():
+    with pytest.raises(ValueError, match="encode_once: the source is already H"):
+        CameraConfig(source="picamera2", encode_once=True)

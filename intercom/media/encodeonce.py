@@ -1,0 +1,88 @@
+"""Encode once for every peer: a frame camera turned into H.264 packets by one encoder.
+
+aiortc encodes a frame source separately for each peer; with four residents rung that is
+four encoders. This wrapper encodes once (libx264, ultrafast, zero latency, SPS/PPS
+repeated in band) and hands the same Annex-B packets to every peer, as the Pi's hardware
+encoder does. ``request_keyframe`` makes the next packet an IDR. Encoding runs in a
+worker thread, off the event loop. The cost: no per-peer bitrate adaptation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+from typing import Any
+
+from intercom.media.base import CameraSource
+
+TIME_BASE = fractions.Fraction(1, 90_000)
+
+
+class EncodeOnceCamera:
+    """H.264 packets from a frame source, one encoder for all consumers."""
+
+    encoded = True
+
+    def __init__(self, inner: CameraSource, fps: int, bitrate: int = 1_000_000) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+x264"
+        self.fps = fps
+        self.bitrate = bitrate
+        self._codec: Any = None
+        self._keyframe = True
+        self.keyframes_requested = 0
+
+    async def open(self) -> None:
+        """Open the frame source; the encoder is made at the first frame (its size)."""
+        await self.inner.open()
+
+    def _make_codec(self, frame: Any) -> Any:
+        import av  # noqa: PLC0415
+
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height = frame.width, frame.height
+        codec.pix_fmt = "yuv420p"
+        codec.framerate = fractions.Fraction(self.fps, 1)
+        codec.time_base = TIME_BASE
+        codec.bit_rate = self.bitrate
+        codec.options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "x264-params": "repeat-headers=1:keyint=600:min-keyint=600:scenecut=0",
+        }
+        return codec
+
+    def _encode(self, frame: Any, keyframe: bool) -> list[Any]:
+        import av  # noqa: PLC0415
+
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        if self._codec is None:
+            self._codec = self._make_codec(frame)
+        if keyframe:
+            frame.pict_type = av.video.frame.PictureType.I
+        packets: list[Any] = self._codec.encode(frame)
+        return packets
+
+    async def next(self) -> Any:
+        """The next encoded packet (an IDR after ``request_keyframe``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await self.inner.next()
+            keyframe, self._keyframe = self._keyframe, False
+            packets = await loop.run_in_executor(None, self._encode, frame, keyframe)
+            if packets:
+                packet = packets[0]
+                packet.time_base = TIME_BASE
+                return packet
+            self._keyframe = self._keyframe or keyframe
+
+    def request_keyframe(self) -> None:
+        """Make the next packet an IDR (a peer has joined)."""
+        self.keyframes_requested += 1
+        self._keyframe = True
+
+    async def close(self) -> None:
+        """Close the frame source."""
+        await self.inner.close()
+        self._codec = None
