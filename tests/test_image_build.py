@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -184,12 +185,19 @@ def test_no_key_or_secret_inside(rootfs, boot_img):
 @pytest.fixture(scope="module")
 def arm64_root(rootfs):
     """The root tree with /dev and /proc, to run its arm64 programs under qemu-user."""
-    mounts = [rootfs / "dev", rootfs / "proc"]
-    subprocess.run(["mount", "--bind", "/dev", str(mounts[0])], check=True)
-    subprocess.run(["mount", "-t", "proc", "proc", str(mounts[1])], check=True)
+    # Device nodes of its own rather than a bind mount of /dev: a mount left behind by a
+    # killed run must never let a clean-up of the tree reach the host's devices.
+    dev = rootfs / "dev"
+    dev.mkdir(exist_ok=True)
+    (dev / "shm").mkdir(exist_ok=True)
+    for name, minor in (("null", 3), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9)):
+        if not (dev / name).exists():
+            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+            (dev / name).chmod(0o666)
+    proc = rootfs / "proc"
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
     yield rootfs
-    for mount in reversed(mounts):
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    subprocess.run(["umount", "-l", str(proc)], check=False)
 
 
 def in_root(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
