@@ -5,8 +5,8 @@ Latency (--calls N, default 20; a random pause of 0.5-2 s before each press):
   (requestVideoFrameCallback), answer tap -> first audible resident audio at the door.
 Sender CPU: the station process's CPU time per second of video while 1 or 4 devices are
 rung at once, software-encoded (aiortc encodes per peer) versus passthrough (H.264 packets
-encoded once, as the Pi's hardware encoder gives them; the stand-in libx264 encoder's own
-CPU is measured and subtracted, because on a Pi that work is done by the hardware).
+encoded once by intercom.media.encodeonce, as the Pi's hardware encoder gives them; that
+stand-in encoder's own CPU is measured and subtracted: on a Pi the hardware does it).
 
 Usage: scripts/bench call [--calls N] [--cpu-seconds S] [--sources software,passthrough]
 """
@@ -48,37 +48,35 @@ def station_worker(source: str, state_dir: str) -> None:
     import intercom.station as station_module  # noqa: PLC0415
 
     if source == "passthrough":
-        from tests.test_calls_client import H264Camera  # noqa: PLC0415
+        from intercom.media.encodeonce import EncodeOnceCamera  # noqa: PLC0415
+        from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
 
         report = Path(state_dir) / STAND_IN_CPU
+        spent = {"cpu": 0.0, "calls": 0}
 
-        class TimedCodec:
-            """The stand-in encoder, with its CPU time counted (the Pi does this in hardware)."""
+        class Camera(EncodeOnceCamera):
+            """The stand-in for the Pi's hardware encoder, its CPU time counted."""
 
-            def __init__(self, codec: Any) -> None:
-                self.codec = codec
-                self.cpu = 0.0
-                self.calls = 0
+            def _make_codec(self, frame: Any) -> Any:
+                codec = super()._make_codec(frame)
+                codec.thread_count = 1  # all its work on the timed thread
+                return codec
 
-            def encode(self, frame: Any) -> Any:
+            def _encode(self, frame: Any, keyframe: bool) -> list[Any]:
                 started = time.thread_time()
                 try:
-                    return self.codec.encode(frame)
+                    return super()._encode(frame, keyframe)
                 finally:
-                    self.cpu += time.thread_time() - started
-                    self.calls += 1
-                    if self.calls % 15 == 0:
+                    spent["cpu"] += time.thread_time() - started
+                    spent["calls"] += 1
+                    if spent["calls"] % 15 == 0:
                         partial = report.with_suffix(".new")
-                        partial.write_text(f"{self.cpu:.6f}")
+                        partial.write_text(f"{spent['cpu']:.6f}")
                         partial.replace(report)  # readers never see a half-written file
 
-        class Camera(H264Camera):  # type: ignore[misc]
-            async def open(self) -> None:
-                await super().open()
-                self._codec.thread_count = 1  # all its work on the timed thread
-                self._codec = TimedCodec(self._codec)
-
-        station_module.open_camera = lambda cfg: Camera(cfg.width, cfg.height, cfg.fps)
+        station_module.open_camera = lambda cfg: Camera(
+            SyntheticCamera(cfg.width, cfg.height, cfg.fps), cfg.fps
+        )
 
     onsets = Path(state_dir) / SPEAKER_ONSETS
     open_audio = station_module.open_audio

@@ -213,3 +213,24 @@ async def test_station_with_encode_once_shares_one_encoder(tmp_path: Path):
 def test_encode_once_refuses_sources_that_are_h264_already():
     with pytest.raises(ValueError, match="encode_once: the source is already H"):
         CameraConfig(source="picamera2", encode_once=True)
+
+
+async def test_encode_once_makes_an_idr_at_once_on_request():
+    from intercom.media.encodeonce import EncodeOnceCamera  # noqa: PLC0415
+
+    inner = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=2))
+    camera = EncodeOnceCamera(inner, fps=2)
+    await camera.open()
+    await camera.next()  # the first IDR
+    waiting = asyncio.ensure_future(camera.next())  # the next frame is 0.5 s away
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    camera.request_keyframe()
+    packet = await asyncio.wait_for(waiting, 2)
+    assert loop.time() - asked < 0.2  # not the camera's next frame, half a second later
+    assert 5 in nal_types(bytes(packet))
+    following = await asyncio.wait_for(camera.next(), 2)  # then the real next frame
+    assert 5 not in nal_types(bytes(following))
+    assert following.pts > packet.pts
+    await camera.close()

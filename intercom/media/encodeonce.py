@@ -31,6 +31,9 @@ class EncodeOnceCamera:
         self._codec: Any = None
         self._keyframe = True
         self.keyframes_requested = 0
+        self._pending: asyncio.Future[Any] | None = None
+        self._last: Any = None
+        self._wake = asyncio.Event()
 
     async def open(self) -> None:
         """Open the frame source; the encoder is made at the first frame (its size)."""
@@ -65,10 +68,28 @@ class EncodeOnceCamera:
         return packets
 
     async def next(self) -> Any:
-        """The next encoded packet (an IDR after ``request_keyframe``)."""
+        """The next encoded packet; after ``request_keyframe``, an IDR at once.
+
+        The IDR is made from the newest frame already captured (with a timestamp one
+        tick later), so a peer that joins does not wait for the camera's next frame.
+        """
         loop = asyncio.get_running_loop()
         while True:
-            frame = await self.inner.next()
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(self.inner.next())
+            if not (self._keyframe and self._last is not None):
+                self._wake.clear()
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({self._pending, woken}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+            if self._pending.done():
+                frame, self._pending = self._pending.result(), None
+            elif self._keyframe and self._last is not None:
+                frame = self._last
+                frame.pts = (frame.pts or 0) + 1  # a repeat must still move forward
+            else:
+                continue
+            self._last = frame
             keyframe, self._keyframe = self._keyframe, False
             packets = await loop.run_in_executor(None, self._encode, frame, keyframe)
             if packets:
@@ -78,11 +99,14 @@ class EncodeOnceCamera:
             self._keyframe = self._keyframe or keyframe
 
     def request_keyframe(self) -> None:
-        """Make the next packet an IDR (a peer has joined)."""
+        """Make the next packet an IDR, from the newest frame, now (a peer has joined)."""
         self.keyframes_requested += 1
         self._keyframe = True
+        self._wake.set()
 
     async def close(self) -> None:
         """Close the frame source."""
+        if self._pending is not None:
+            self._pending.cancel()
         await self.inner.close()
         self._codec = None
