@@ -28,19 +28,35 @@ def key_dir(state_dir: Path) -> Path:
     return path
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a change to a folder's entries (a new or removed file) durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def write_secret(path: Path, data: bytes) -> None:
-    """Write a new secret file with mode 0600, durably; never overwrite one."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Write a new secret file with mode 0600, atomically and durably; never replace one.
+
+    The data goes to a temporary file first and is linked into place only once synced,
+    so a power cut leaves either no file or the whole secret, never half of it.
+    """
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier power cut
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.link(tmp, path)  # raises FileExistsError rather than replace a secret
     finally:
-        os.close(dir_fd)
+        tmp.unlink()
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

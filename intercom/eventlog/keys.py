@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from intercom.eventlog.errors import MasterKeyError
-from intercom.identity import key_dir
+from intercom.identity import key_dir, write_secret
 
 MASTER_KEY_FILE = "eventlog.key"
 CREDENTIAL_NAME = "eventlog.key"
@@ -83,27 +83,11 @@ def read_master_key(source: MasterKeySource) -> bytes:
 def create_master_key(state_dir: Path) -> bytes:
     """Make a new master key file atomically (never over an existing one)."""
     path = key_dir(state_dir) / MASTER_KEY_FILE
-    for stale in path.parent.glob(f".{MASTER_KEY_FILE}.*.tmp"):  # left by a power cut
-        stale.unlink(missing_ok=True)
     key = os.urandom(KEY_BYTES)
-    tmp = path.with_name(f".{MASTER_KEY_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # fails if a key appeared meanwhile: never replace one
+        write_secret(path, key)
     except FileExistsError as exc:
         raise MasterKeyError(f"event log master key {path} appeared while creating it") from exc
-    finally:
-        tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return key
 
 
