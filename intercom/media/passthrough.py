@@ -10,64 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Any
 
 from intercom.config import CameraConfig
 from intercom.errors import HardwareError
+from intercom.media.pyav import PyAVCamera
 
 log = logging.getLogger(__name__)
 
 
-class H264PassthroughCamera:
+class H264PassthroughCamera(PyAVCamera):
     """Annex-B H.264 packets read in a thread of their own."""
 
     encoded = True
 
     def __init__(self, device: str, v4l2: bool, config: CameraConfig) -> None:
-        self.device = device
-        self.v4l2 = v4l2
-        self.config = config
+        super().__init__(device, v4l2, config)
         self.name = "v4l2-h264" if v4l2 else "file-h264"
-        self._container: Any = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=60)
         self.keyframe_requests = 0
 
-    def _open_container(self) -> Any:
-        import av  # noqa: PLC0415
+    def _v4l2_options(self) -> dict[str, str]:
+        return {**super()._v4l2_options(), "input_format": "h264"}
 
-        if self.v4l2:
-            options = {
-                "input_format": "h264",
-                "video_size": f"{self.config.width}x{self.config.height}",
-                "framerate": str(self.config.fps),
-            }
-            return av.open(self.device, format="v4l2", options=options)
-        return av.open(self.device)
-
-    async def open(self) -> None:
-        """Open the device or file; it must carry H.264."""
-        import av  # noqa: PLC0415
-
-        self._loop = asyncio.get_running_loop()
-        try:
-            self._container = await self._loop.run_in_executor(None, self._open_container)
-        except (av.FFmpegError, OSError) as exc:
-            raise HardwareError(f"media.camera.device: cannot open {self.device}: {exc}") from exc
-        streams = self._container.streams.video
-        if not streams or streams[0].codec_context.name != "h264":
-            codec = streams[0].codec_context.name if streams else "no video"
-            self._container.close()
+    def _check_stream(self, stream: Any) -> None:
+        """Refuse a stream that is not H.264: it cannot pass through."""
+        if stream.codec_context.name != "h264":
             raise HardwareError(
-                f"media.camera.passthrough: {self.device} carries {codec}, not H.264"
+                f"media.camera.passthrough: {self.device} carries "
+                f"{stream.codec_context.name}, not H.264"
             )
-        self._thread = threading.Thread(target=self._read, name=f"camera-{self.name}")
-        self._thread.daemon = True
-        self._thread.start()
+
+    def _run(self) -> None:
+        self._read()
 
     def _read(self) -> None:
         from av.bitstream import BitStreamFilterContext  # noqa: PLC0415
@@ -117,11 +93,3 @@ class H264PassthroughCamera:
     def request_keyframe(self) -> None:
         """Not possible with these sources: the viewer waits for the next keyframe."""
         self.keyframe_requests += 1
-
-    async def close(self) -> None:
-        """Stop reading and close the source."""
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 2)
-        if self._container is not None:
-            self._container.close()

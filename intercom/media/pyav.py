@@ -31,14 +31,24 @@ class PyAVCamera:
         self._latest: Any = None
         self._fresh = asyncio.Event()
 
+    def _v4l2_options(self) -> dict[str, str]:
+        size = f"{self.config.width}x{self.config.height}"
+        return {"video_size": size, "framerate": str(self.config.fps)}
+
     def _open_container(self) -> Any:
         import av  # noqa: PLC0415
 
         if self.v4l2:
-            size = f"{self.config.width}x{self.config.height}"
-            options = {"video_size": size, "framerate": str(self.config.fps)}
-            return av.open(self.device, format="v4l2", options=options)
+            return av.open(self.device, format="v4l2", options=self._v4l2_options())
         return av.open(self.device)
+
+    def _check_container(self) -> None:
+        if not self._container.streams.video:
+            raise HardwareError(f"media.camera.device: {self.device} has no video stream")
+        self._check_stream(self._container.streams.video[0])
+
+    def _check_stream(self, stream: Any) -> None:
+        """Refuse a video stream this camera cannot use (any will do here)."""
 
     async def open(self) -> None:
         """Open the device or file; a missing one is a HardwareError naming it."""
@@ -49,12 +59,17 @@ class PyAVCamera:
             self._container = await self._loop.run_in_executor(None, self._open_container)
         except (av.FFmpegError, OSError) as exc:
             raise HardwareError(f"media.camera.device: cannot open {self.device}: {exc}") from exc
-        if not self._container.streams.video:
+        try:
+            self._check_container()
+        except HardwareError:
             self._container.close()
-            raise HardwareError(f"media.camera.device: {self.device} has no video stream")
-        self._thread = threading.Thread(target=self._decode, name=f"camera-{self.name}")
+            raise
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}")
         self._thread.daemon = True
         self._thread.start()
+
+    def _run(self) -> None:
+        self._decode()
 
     def _decode(self) -> None:
         if self._loop is None:
