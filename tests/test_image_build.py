@@ -277,3 +277,69 @@ def test_first_boot_and_ready_on_arm64(arm64_root):
     notify.unlink(missing_ok=True)
     shutil.rmtree(root / "tmp/sim-state", ignore_errors=True)
     assert ready, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+
+
+BOOT_CONFIG = """\
+[station]
+id = "door-qemu"
+
+[hardware]
+pin_factory = "mock"
+buttons = [{ pin = 17, flat = "1" }]
+relay = { pin = 27 }
+
+[media.camera]
+source = "synthetic"
+
+[media.audio]
+input = "synthetic"
+output = "levels"
+"""
+
+
+def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
+    """The image's own kernel and systemd: first boot provisions, intercom.service READY."""
+    disk = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
+    boot = f"{disk}@@{table['partitions'][0]['start'] * 512}"
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
+                           check=True, env=mtools).stdout.split()
+    kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
+    initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
+    for name in (kernel, initrd):
+        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(tmp_path / name)], check=True,
+                       env=mtools)
+    (tmp_path / "intercom.toml").write_text(BOOT_CONFIG)
+    subprocess.run(["mcopy", "-i", boot, str(tmp_path / "intercom.toml"), "::/intercom.toml"],
+                   check=True, env=mtools)
+    serial = tmp_path / "serial.log"
+    with serial.open("wb") as out:
+        qemu = subprocess.Popen(
+            ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a53", "-smp", "2",
+             "-m", "1536", "-nographic", "-no-reboot",
+             "-kernel", str(tmp_path / kernel), "-initrd", str(tmp_path / initrd),
+             "-append", ("root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait "
+             "systemd.journald.forward_to_console=1"),
+             "-drive", f"file={disk},if=virtio,format=raw",
+             "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile="],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and qemu.poll() is None:
+                text = serial.read_bytes().decode(errors="replace")
+                if "Started intercom.service" in text or "Failed to start intercom" in text:
+                    break
+                time.sleep(2)
+        finally:
+            qemu.kill()
+            qemu.wait()
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", serial.read_bytes().decode(errors="replace"))
+    assert "Finished intercom-firstboot.service" in text, text[-3000:]
+    assert "TLS certificate SHA-256" in text
+    assert "Started intercom.service" in text, text[-3000:]
+    assert "station door-qemu ready" in text
+    after = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
+                           check=True, env=mtools).stdout
+    assert "intercom.toml" not in after
