@@ -144,9 +144,11 @@ def test_units_are_enabled(rootfs):
         "intercom.service",
         "intercom-firstboot.service",
         "systemd-networkd.service",
-        "wpa_supplicant@wlan0.service",
     ):
         assert unit in enabled, sorted(enabled)
+    wlan = rootfs / "etc/systemd/system/sys-subsystem-net-devices-wlan0.device.wants"
+    assert (wlan / "wpa_supplicant@wlan0.service").is_symlink()
+    assert "wpa_supplicant@wlan0.service" not in enabled  # no 90 s wait without wlan0
     assert (rootfs / "usr/lib/systemd/system/intercom.service").read_text() == (
         REPO / "systemd/intercom.service"
     ).read_text()
@@ -340,6 +342,7 @@ def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
     assert "TLS certificate SHA-256" in text
     assert "Started intercom.service" in text, text[-3000:]
     assert "station door-qemu ready" in text
+    assert "sys-subsystem-net-devices-wlan0.device" not in text  # nothing waits for Wi-Fi
     after = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
                            check=True, env=mtools).stdout
     assert "intercom.toml" not in after
