@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pwd
+import re
 import secrets
 import subprocess
 import sys
@@ -14,8 +15,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from joserfc.jwk import OKPKey
 
+from intercom.calls.pairing import Pairing, PairingError
 from intercom.deploy.firstboot import wpa_psk
+from intercom.events import EventBus
 from intercom.security.principals import Role
 from intercom.security.store import PrincipalStore
 
@@ -52,7 +56,7 @@ country = "DE"
 
 [installer]
 public_key = '''{installer_public_key()}'''
-valid_days = 7
+valid_hours = 72
 {extra}"""
 
 
@@ -62,17 +66,34 @@ def dirs(tmp_path):
     boot.mkdir()
     (boot / "config.txt").write_text("arm_64bit=1\n")
     return {
-        "boot": boot, "etc": tmp_path / "etc/intercom", "state": tmp_path / "state",
+        "boot": boot,
+        "etc": tmp_path / "etc/intercom",
+        "state": tmp_path / "state",
         "wifi": tmp_path / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
     }
 
 
 def firstboot(dirs, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "intercom", "firstboot", "--boot-dir", str(dirs["boot"]),
-         "--etc-dir", str(dirs["etc"]), "--state-dir", str(dirs["state"]),
-         "--wifi-conf", str(dirs["wifi"]), *extra],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "intercom",
+            "firstboot",
+            "--boot-dir",
+            str(dirs["boot"]),
+            "--etc-dir",
+            str(dirs["etc"]),
+            "--state-dir",
+            str(dirs["state"]),
+            "--wifi-conf",
+            str(dirs["wifi"]),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -105,8 +126,12 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
     text = config.read_text()
     assert BROKER_SECRET not in text
     assert 'password_credential = "intercom_mqtt-password"' in text
-    check = subprocess.run([sys.executable, "-m", "intercom", "check-config", str(config)],
-                           capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        [sys.executable, "-m", "intercom", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
 
     # Secrets went to root-only files; the Wi-Fi passphrase only as its derived PSK.
@@ -126,7 +151,7 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
     cert = x509.load_pem_x509_certificate((keys / "tls.crt").read_bytes())
     assert cert.subject.rfc4514_string().startswith("O=intercom door station,CN=door-1")
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    assert ":".join(digest[i:i + 2] for i in range(0, 64, 2)) in result.stdout
+    assert ":".join(digest[i : i + 2] for i in range(0, 64, 2)) in result.stdout
 
     # A time-boxed installer principal, its TOTP enrolment printed once.
     store = PrincipalStore(dirs["state"])
@@ -136,7 +161,7 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
         store.close()
     assert installer.role is Role.INSTALLER
     assert installer.valid_until is not None
-    assert abs(installer.valid_until - (started + 7 * 86400)) < 60
+    assert abs(installer.valid_until - (started + 72 * 3600)) < 60  # privacy default
     assert "otpauth://totp/" in result.stdout
     assert BROKER_SECRET not in result.stdout + result.stderr
 
@@ -197,3 +222,37 @@ def test_state_is_handed_to_the_daemon_user(dirs):
     uid = pwd.getpwnam("daemon").pw_uid
     assert all(p.stat().st_uid == uid for p in [dirs["state"], *dirs["state"].rglob("*")])
     assert (dirs["etc"] / "intercom.toml").stat().st_uid == 0
+
+
+def test_first_boot_spools_the_first_pairing_code(dirs):
+    (dirs["boot"] / "intercom.toml").write_text(installer_file())
+    result = firstboot(dirs)
+    assert result.returncode == 0, result.stderr
+    cert = x509.load_pem_x509_certificate((dirs["state"] / "keys" / "tls.crt").read_bytes())
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    # The first pairing code, for the first button's flat, spooled for the station:
+    # only its hash is on disk; the station takes it at start and it pairs a device.
+    link = re.search(r"pairing link: (https://\S+)#pair=(\w+)&fp=([0-9a-f]{64})", result.stdout)
+    assert link is not None, result.stdout
+    assert link.group(3) == digest.lower()
+    code = link.group(2)
+    spool = (dirs["state"] / "pairing-spool.json").read_text()
+    assert code not in spool
+    assert (dirs["state"] / "pairing-spool.json").stat().st_mode & 0o777 == 0o600
+    pairing = Pairing(dirs["state"], "door-1", frozenset({"1"}), EventBus())
+    pairing.open()
+    try:
+        assert not (dirs["state"] / "pairing-spool.json").exists()
+        device = Ed25519PrivateKey.generate().public_key()
+        jwk = OKPKey.import_key(device).as_dict(private=False)
+        paired = pairing.redeem(code, jwk)
+        assert paired.flat == "1"
+        with pytest.raises(PairingError):
+            pairing.redeem(code, jwk)  # single use
+    finally:
+        pairing.close()
+
+    again = firstboot(dirs)  # no new installer file: no new code
+    assert again.returncode == 0, again.stderr
+    assert "pairing link" not in again.stdout

@@ -8,6 +8,7 @@ flat with a fresh TOTP secret; the device keeps its private key.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -28,6 +29,7 @@ CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no 0/O, 1/I: read aloud, t
 CODE_LENGTH = 12  # 60 bits
 CODE_TTL_S = 600.0
 MAX_PENDING = 64
+SPOOL = "pairing-spool.json"
 INVALID_CODE = "pairing code invalid or expired"
 JWK_MEMBERS = frozenset({"kty", "crv", "x", "y"})
 
@@ -65,6 +67,29 @@ def _digest(code: str) -> str:
     return hashlib.sha256(normal.encode()).hexdigest()
 
 
+def _new_code() -> str:
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+
+def spool_code(state_dir: Path, flat: str, now: float) -> tuple[str, float]:
+    """A code made while the station is not running (first boot); it takes it at start.
+
+    Only the code's hash, its flat and its expiry are written (``pairing-spool.json``,
+    0600); the code itself is shown once, to whoever made it.
+    """
+    code = _new_code()
+    expires_at = now + CODE_TTL_S
+    path = state_dir / SPOOL
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append({"digest": _digest(code), "flat": flat, "expires_at": expires_at})
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=0o600)
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(path)
+    return code, expires_at
+
+
 class Pairing:
     """Makes pairing codes and redeems them into resident principals."""
 
@@ -85,8 +110,23 @@ class Pairing:
         self._store: PrincipalStore | None = None
 
     def open(self) -> None:
-        """Open the principals database."""
+        """Open the principals database; take the codes spooled while it was stopped."""
         self._store = PrincipalStore(self.state_dir)
+        path = self.state_dir / SPOOL
+        if not path.exists():
+            return
+        try:
+            entries = json.loads(path.read_text())
+            for entry in entries:
+                if entry["flat"] in self.flats:
+                    self._codes[str(entry["digest"])] = Pending(
+                        str(entry["flat"]), float(entry["expires_at"])
+                    )
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("pairing: ignored an unreadable %s: %s", SPOOL, exc)
+        path.unlink()
+        self._purge(self._clock())
+        log.info("pairing: %d spooled code(s) pending", len(self._codes))
 
     def close(self) -> None:
         """Close the database and forget every pending code."""
@@ -114,7 +154,7 @@ class Pairing:
         self._purge(now)
         if len(self._codes) >= MAX_PENDING:
             raise PairingError("too many pairing codes pending; wait for some to expire")
-        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        code = _new_code()
         expires_at = now + CODE_TTL_S
         self._codes[_digest(code)] = Pending(flat, expires_at)
         log.info("pairing code made for flat %s, expires in %.0f s", flat, CODE_TTL_S)

@@ -4,7 +4,8 @@ The installer writes ``intercom.toml`` to the FAT boot partition: a station conf
 (``intercom check-config`` rules) plus two sections only first boot reads::
 
     [wifi]        ssid, psk, country        -> wpa_supplicant (root-only), PSK hashed
-    [installer]   public_key, valid_days    -> a time-boxed installer principal
+    [installer]   public_key, valid_hours   -> a time-boxed installer principal
+    [pairing]     flat                      -> the first pairing code (default: first button's)
 
 Secrets leave the FAT partition: the Wi-Fi passphrase becomes a wpa_supplicant PSK,
 an ``mqtt.password`` becomes the root-only file ``credentials/mqtt-password`` that
@@ -21,6 +22,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import time
 import tomllib
 from collections.abc import Callable
@@ -31,7 +33,8 @@ from typing import Any, NoReturn
 import tomli_w
 
 from intercom import __version__
-from intercom.config import parse_settings
+from intercom.calls.pairing import spool_code
+from intercom.config import Settings, parse_settings
 from intercom.deploy.tlscert import load_or_create_tls
 from intercom.errors import ConfigError, IntercomError
 from intercom.eventlog.keys import create_master_key, master_key_source
@@ -49,8 +52,7 @@ MQTT_CRED_FILE = "mqtt-password"
 MQTT_CREDENTIAL = f"intercom_{MQTT_CRED_FILE}"
 DEFAULT_WIFI_CONF = Path("/etc/wpa_supplicant/wpa_supplicant-wlan0.conf")
 MARKER = "provisioned.json"
-INSTALLER_DAYS = 7
-MAX_INSTALLER_DAYS = 30
+MAX_INSTALLER_HOURS = 30 * 24
 
 
 @dataclass
@@ -136,7 +138,8 @@ class FirstBoot:
         """Provision; raise ConfigError when the installer file is unusable."""
         installer = self.boot_dir / INSTALLER_FILE
         extra: dict[str, Any] = {}
-        if installer.exists():
+        took_file = installer.exists()
+        if took_file:
             extra = self._take_installer_file(installer)
         config = self.etc_dir / CONFIG_FILE
         if not config.exists():
@@ -155,7 +158,11 @@ class FirstBoot:
             create_master_key(self.state_dir)
             self.report.add("event log master key made")
         if "installer" in extra:
-            self._installer_principal(extra["installer"], settings.station.id)
+            hours = settings.privacy.installer_valid_hours
+            self._installer_principal(extra["installer"], settings.station.id, hours)
+        if took_file:  # a new installer file: a new first pairing code with it
+            link_fp = tls.fingerprint.replace(":", "").lower()  # the form pairing links carry
+            self._first_pairing_code(settings, extra.get("pairing"), link_fp)
         _write_private(
             self.state_dir / MARKER,
             json.dumps({"at": int(self.now()), "version": __version__}).encode(),
@@ -171,7 +178,9 @@ class FirstBoot:
             data = tomllib.loads(raw.decode())
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             self._reject(installer, raw, [f"{installer}: not valid TOML: {exc}"])
-        extra: dict[str, Any] = {k: data.pop(k) for k in ("wifi", "installer") if k in data}
+        extra: dict[str, Any] = {
+            k: data.pop(k) for k in ("wifi", "installer", "pairing") if k in data
+        }
         mqtt = data.get("mqtt")
         password = mqtt.pop("password", None) if isinstance(mqtt, dict) else None
         if password is not None and not isinstance(password, str):
@@ -207,13 +216,30 @@ class FirstBoot:
         )
         raise ConfigError(problems)
 
-    def _installer_principal(self, section: Any, station_id: str) -> None:
+    def _first_pairing_code(self, settings: Settings, section: Any, fingerprint: str) -> None:
+        """Spool the first pairing code for the station to take when it starts."""
+        flat = settings.hardware.buttons[0].flat
+        if isinstance(section, dict) and "flat" in section:
+            flat = str(section["flat"])
+        if flat not in {b.flat for b in settings.hardware.buttons}:
+            raise ConfigError([f"pairing.flat: {flat!r} is not served by this station"])
+        code, expires = spool_code(self.state_dir, flat, self.now())
+        web = settings.web
+        host = web.host
+        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
+            host = f"{socket.gethostname()}.local"
+        url = web.public_url or f"https://{host}:{web.port}/"
+        until = time.strftime("%H:%M UTC", time.gmtime(expires))
+        self.report.add(f"first pairing code for flat {flat}: {code} (single use, until {until})")
+        self.report.add(f"pairing link: {url.rstrip('/')}/#pair={code}&fp={fingerprint}")
+
+    def _installer_principal(self, section: Any, station_id: str, default_hours: float) -> None:
         """Register a time-boxed installer with a fresh TOTP secret; print its enrolment."""
         if not isinstance(section, dict) or not isinstance(section.get("public_key"), str):
             raise ConfigError(["installer.public_key: required (PEM or JWK of the installer)"])
-        days = section.get("valid_days", INSTALLER_DAYS)
-        if not isinstance(days, int) or not 1 <= days <= MAX_INSTALLER_DAYS:
-            raise ConfigError([f"installer.valid_days: 1 to {MAX_INSTALLER_DAYS}"])
+        hours = section.get("valid_hours", default_hours)
+        if not isinstance(hours, int | float) or not 1 <= hours <= MAX_INSTALLER_HOURS:
+            raise ConfigError([f"installer.valid_hours: 1 to {MAX_INSTALLER_HOURS}"])
         now = self.now()
         pid = f"installer-{time.strftime('%Y%m%d', time.gmtime(now))}"
         store = PrincipalStore(self.state_dir)
@@ -224,13 +250,13 @@ class FirstBoot:
             principal = Principal(
                 id=pid, role=Role.INSTALLER,
                 jwk=public_jwk_from_file(section["public_key"].encode()),
-                valid_from=now, valid_until=now + days * 86400, created_at=now,
+                valid_from=now, valid_until=now + hours * 3600, created_at=now,
             )
             secret = new_secret()
             store.add(principal, secret)
         finally:
             store.close()
-        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + days * 86400))
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + hours * 3600))
         self.report.add(f"installer principal {pid}, valid until {until}")
         self.report.add(f"enrol its TOTP: {enrolment_uri(secret, pid, f'intercom {station_id}')}")
 
