@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fractions
 import json
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from intercom.calls.tracks import SourceTrack
 from intercom.config import Settings, simulated_settings
 from intercom.media.audio import ToneSource, rms_level
+from intercom.media.encodeonce import EncodeOnceCamera
+from intercom.media.synthetic import SyntheticCamera
 from intercom.security import command
 from intercom.station import Station
 
@@ -292,60 +293,10 @@ async def devices() -> AsyncIterator[list[Device]]:
         await device.close()
 
 
-class H264Camera:
-    """Stands in for the Pi's hardware encoder: Annex-B H.264 packets with SPS/PPS in band.
+def H264Camera(width: int = 320, height: int = 240, fps: int = 15) -> EncodeOnceCamera:  # noqa: N802
+    """Stands in for the Pi's hardware encoder: the package's encode-once camera.
 
-    Frames of the synthetic camera are encoded once here (libx264, one encoder for all
-    peers); ``request_keyframe`` makes the next packet an IDR, as the V4L2 control does.
+    Frames of the synthetic camera are encoded once (libx264, one encoder for all peers);
+    ``request_keyframe`` makes the next packet an IDR, as the V4L2 control does.
     """
-
-    encoded = True
-    name = "h264-test"
-
-    def __init__(self, width: int = 320, height: int = 240, fps: int = 15) -> None:
-        from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
-
-        self._frames = SyntheticCamera(width, height, fps)
-        self.fps = fps
-        self._codec: Any = None
-        self._keyframe = True
-        self.keyframes_requested = 0
-        self.packets = 0
-
-    async def open(self) -> None:
-        import av  # noqa: PLC0415
-
-        await self._frames.open()
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height = self._frames.width, self._frames.height
-        codec.pix_fmt = "yuv420p"
-        codec.framerate = fractions.Fraction(self.fps, 1)
-        codec.time_base = fractions.Fraction(1, 90_000)
-        codec.options = {
-            "preset": "ultrafast",
-            "tune": "zerolatency",
-            "x264-params": "repeat-headers=1:keyint=600:min-keyint=600:scenecut=0",
-        }
-        self._codec = codec
-
-    async def next(self) -> Any:
-        import av  # noqa: PLC0415
-
-        while True:
-            frame = await self._frames.next()
-            if self._keyframe:
-                frame.pict_type = av.video.frame.PictureType.I
-                self._keyframe = False
-            packets = self._codec.encode(frame)
-            if packets:
-                packet = packets[0]
-                packet.time_base = fractions.Fraction(1, 90_000)
-                self.packets += 1
-                return packet
-
-    def request_keyframe(self) -> None:
-        self.keyframes_requested += 1
-        self._keyframe = True
-
-    async def close(self) -> None:
-        self._codec = None
+    return EncodeOnceCamera(SyntheticCamera(width, height, fps), fps)
