@@ -15,6 +15,8 @@ from intercom.config import Settings, simulated_settings
 from intercom.events import Event, EventBus
 from intercom.station import Station
 
+from .mosquitto import Broker
+
 os.environ.setdefault("GPIOZERO_PIN_FACTORY", "mock")
 
 INTERCOM = [sys.executable, "-m", "intercom"]
@@ -48,6 +50,15 @@ def pin_factory() -> Iterator[MockFactory]:
     factory = MockFactory()
     yield factory
     factory.close()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto on a free loopback port."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.kill()
 
 
 @pytest.fixture

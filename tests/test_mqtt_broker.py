@@ -27,14 +27,6 @@ INTERCOM = [sys.executable, "-m", "intercom"]
 PREFIX = "building/door-1"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
-
-
 def mqtt_settings(settings: Settings, **mqtt: Any) -> Settings:
     config = MqttConfig(host="127.0.0.1", topic_prefix=PREFIX, reconnect_min_s=0.05,
                         reconnect_max_s=0.5, **mqtt)

@@ -10,8 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
@@ -23,7 +22,6 @@ from intercom.config import Settings
 from intercom.mqtt.link import LinkState
 from intercom.security.store import PrincipalStore
 from intercom.station import Station
-from tests.mosquitto import Broker
 from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, until
 from tests.test_security_kit import STATION, Clock, Signer, add_principal
 from tests.test_verifier import ADVERSARIAL
@@ -33,14 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
 COMMAND = f"{PREFIX}/command"
 RESULT = f"{PREFIX}/command/result"
 INTERCOM = [sys.executable, "-m", "intercom"]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
 
 
 def command_settings(sim_settings: Settings, port: int, **mqtt: Any) -> Settings:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Self
 
 import aiomqtt
@@ -14,13 +13,19 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from intercom.config import Settings
 from intercom.events import DoorbellPressed, UnlockGranted
 from intercom.mqtt.link import LinkState
 from intercom.security.store import PrincipalStore
 from intercom.station import Station
 from tests.mosquitto import Broker
-from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, retained, until
+from tests.test_mqtt_broker import (
+    PREFIX,
+    bridge_of,
+    mqtt_settings,
+    retained,
+    running,
+    until,
+)
 from tests.test_mqtt_commands import command_settings, energised
 from tests.test_security_kit import Clock, add_principal
 
@@ -69,16 +74,6 @@ class Watcher:
                         self.seqs[body["seq"]] = body
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Station]:
-    station = Station(settings)
-    await station.start()
-    try:
-        yield station
-    finally:
-        await station.stop("test finished")
 
 
 def logged_seqs(station: Station, after: int) -> dict[int, str]:
