@@ -9,6 +9,10 @@ the same signer is at least as fresh). Claiming an id gains nothing but a turn: 
 signature is checked as before. At most ``MAX_WAITING`` messages wait in all; beyond
 that the oldest of the next signer in the round is dropped, so under overload the
 station works on fresh commands rather than on a growing backlog.
+
+``FairQueue`` is its own class, not an ``asyncio.Queue`` with private methods replaced:
+it offers the few public methods aiomqtt calls, built on a deque per signer and an
+``asyncio.Event``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def claimed_kid(payload: Any) -> str:
 
 
 class Rounds:
-    """Messages filed by claimed signer, taken round-robin (a deque-like for asyncio.Queue)."""
+    """Messages filed by claimed signer, taken round-robin: what ``FairQueue`` holds."""
 
     def __init__(self, limit: int = MAX_WAITING) -> None:
         self.limit = limit
@@ -100,8 +104,52 @@ class Rounds:
         return item
 
 
-class FairQueue(asyncio.Queue[aiomqtt.Message]):
-    """An asyncio queue that takes messages round-robin between claimed signers."""
+class FairQueue:
+    """aiomqtt's incoming queue (``queue_type``), taking messages round-robin by signer.
 
-    def _init(self, _maxsize: int) -> None:
-        self._queue = Rounds()
+    aiomqtt types ``queue_type`` as ``asyncio.Queue`` but only builds it with ``maxsize``
+    and calls ``put_nowait``, ``get`` and ``qsize`` (tests/test_contracts.py pins that).
+    This class has those, with asyncio.Queue's meaning, on public asyncio parts only.
+    ``maxsize`` lowers the bound on waiting messages below ``MAX_WAITING``; beyond it
+    the oldest is dropped as well, so ``put_nowait`` never refuses the newest message.
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self.maxsize = maxsize
+        self._queue = Rounds(min(maxsize, MAX_WAITING) if maxsize > 0 else MAX_WAITING)
+        self._ready = asyncio.Event()  # set while messages wait
+
+    @property
+    def dropped(self) -> int:
+        """How many messages were dropped to keep the bounds."""
+        return self._queue.dropped
+
+    def qsize(self) -> int:
+        """How many messages wait."""
+        return len(self._queue)
+
+    def empty(self) -> bool:
+        """Whether no message waits."""
+        return not self._queue
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        """File a message under its claimed signer; never blocks, never refuses."""
+        self._queue.append(item)
+        self._ready.set()
+
+    def get_nowait(self) -> aiomqtt.Message:
+        """The next signer's oldest message; ``asyncio.QueueEmpty`` when none waits."""
+        if not self._queue:
+            raise asyncio.QueueEmpty
+        item = self._queue.popleft()
+        if not self._queue:
+            self._ready.clear()
+        return item
+
+    async def get(self) -> aiomqtt.Message:
+        """The next signer's oldest message, once there is one."""
+        while not self._queue:
+            # Taking happens only after the wait, in one step: a getter cancelled
+            # while waiting loses nothing, and several getters share the messages.
+            await self._ready.wait()
+        return self.get_nowait()

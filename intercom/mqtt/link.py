@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -191,7 +191,9 @@ class MqttLink:
             keepalive=self.config.keepalive_s,
             timeout=CONNECT_TIMEOUT_S,
             max_queued_incoming_messages=None,  # FairQueue bounds itself (MAX_WAITING)
-            queue_type=FairQueue,
+            # aiomqtt types this as asyncio.Queue but calls only put_nowait, get and
+            # qsize, which FairQueue has (tests/test_contracts.py pins the list).
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", FairQueue),
             # paho leaves Nagle on: a command's answer and the state after it would wait
             # for the broker's delayed ACK (up to 40 ms on Linux).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
