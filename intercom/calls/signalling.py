@@ -3,6 +3,11 @@
 Until a socket has signed the station's challenge with a registered device key, it
 gets nothing but the challenge. Messages are JSON objects with a ``type``; a malformed
 one closes that socket only (4400), a failed authentication closes it with 4401.
+
+Sockets not yet signed in are a scarce resource: at most ``MAX_UNAUTHENTICATED`` of
+them, at most ``MAX_UNAUTHENTICATED_PER_ADDRESS`` from one source address (an IPv6
+/64), each for at most ``AUTH_TIMEOUT_S`` from the upgrade, a deadline that no frame
+(a PING included) extends.
 """
 
 from __future__ import annotations
@@ -27,17 +32,21 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from intercom.calls.peer import DevicePeer
 from intercom.calls.ringgroup import RingGroup
 from intercom.calls.tracks import MediaHub
-from intercom.security.limits import TokenBucket
+from intercom.security.limits import RefusalLog, TokenBucket, source_key
 from intercom.security.principals import ID_PATTERN, Principal, Role
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024
 MAX_SDP = 60 * 1024
-AUTH_TIMEOUT_S = 10.0
+AUTH_TIMEOUT_S = 10.0  # from the upgrade to a signed challenge, whatever frames arrive
 HEARTBEAT_S = 10.0
 MAX_UNAUTHENTICATED = 32
+MAX_UNAUTHENTICATED_PER_ADDRESS = 4
+MAX_CONTAINERS = 256  # "[" and "{" in one message (strings included); real ones have a few
 MESSAGES_PER_S = (20.0, 40.0)  # rate, burst
+CLOSE_NORMAL = 1000
+CLOSE_INTERNAL = 1011
 CLOSE_TOO_BIG = 1009
 CLOSE_MALFORMED = 4400
 CLOSE_AUTH = 4401
@@ -171,36 +180,68 @@ class Signalling:
         self._peer_factory = peer_factory
         self._ice_servers = ice_servers
         self.sessions: dict[str, Session] = {}
-        self._unauthenticated = 0
+        self._unauthenticated: dict[str, int] = {}  # source address -> sockets signing in
+        self._refusals = RefusalLog(log)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """One WebSocket from challenge to close."""
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=HEARTBEAT_S)
         await ws.prepare(request)
-        if self._unauthenticated >= MAX_UNAUTHENTICATED:
-            log.warning("signalling: too many unauthenticated sockets; refused one")
+        source = source_key(request.remote)
+        held = self._unauthenticated.get(source, 0)
+        if held >= MAX_UNAUTHENTICATED_PER_ADDRESS or (
+            sum(self._unauthenticated.values()) >= MAX_UNAUTHENTICATED
+        ):
+            self._refusals.refused(
+                time.monotonic(), "signalling: busy, refused a socket from %s", source
+            )
             await ws.close(code=CLOSE_BUSY, message=b"busy")
             return ws
-        self._unauthenticated += 1
+        self._unauthenticated[source] = held + 1
+        outcome: Principal | Refused
         try:
-            principal = await self._authenticate(ws)
+            outcome = await self._sign_in(ws)
         except Refused as exc:
-            log.warning("signalling: socket refused (%d): %s", exc.code, exc.reason)
-            told = "authentication failed" if exc.code == CLOSE_AUTH else exc.reason
-            await ws.close(code=exc.code, message=told.encode()[:120])
+            outcome = exc
+        except Exception:
+            log.exception("signalling: sign-in failed")
+            outcome = Refused(CLOSE_INTERNAL, "internal error")
+        finally:  # the slot is free before the close handshake, however long that takes
+            if (left := self._unauthenticated[source] - 1) > 0:
+                self._unauthenticated[source] = left
+            else:
+                del self._unauthenticated[source]
+        if isinstance(outcome, Refused):
+            if outcome.code == CLOSE_NORMAL:
+                log.debug("signalling: socket from %s left before signing in", source)
+            elif outcome.code != CLOSE_INTERNAL:
+                self._refusals.refused(
+                    time.monotonic(),
+                    "signalling: socket from %s refused (%d): %s",
+                    source,
+                    outcome.code,
+                    outcome.reason,
+                )
+            told = "authentication failed" if outcome.code == CLOSE_AUTH else outcome.reason
+            await ws.close(code=outcome.code, message=told.encode()[:120])
             return ws
-        finally:
-            self._unauthenticated -= 1
-        await self._serve(ws, principal)
+        await self._serve(ws, outcome)
         return ws
+
+    async def _sign_in(self, ws: web.WebSocketResponse) -> Principal:
+        """Authenticate within one deadline, computed once: control frames never extend it."""
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT_S):
+                return await self._authenticate(ws)
+        except TimeoutError as exc:
+            raise Refused(CLOSE_AUTH, "no authentication in time") from exc
 
     async def _authenticate(self, ws: web.WebSocketResponse) -> Principal:
         nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
         await ws.send_json({"type": "challenge", "station": self.station, "nonce": nonce})
-        try:
-            message = await ws.receive(timeout=AUTH_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise Refused(CLOSE_AUTH, "no authentication in time") from exc
+        message = await ws.receive()
+        if message.type in {WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED}:
+            raise Refused(CLOSE_NORMAL, "left before signing in")
         data = parse(message)
         if data.get("type") != "auth":
             raise Refused(CLOSE_AUTH, "authenticate first")
@@ -335,8 +376,13 @@ def parse(message: Any) -> dict[str, Any]:
         if message.type is WSMsgType.ERROR:
             raise Refused(CLOSE_TOO_BIG, "message too big or broken")
         raise Refused(CLOSE_MALFORMED, "only JSON text messages")
+    text = str(message.data)
+    if text.count("[") + text.count("{") > MAX_CONTAINERS:  # cheap bound on nesting
+        raise Refused(CLOSE_MALFORMED, "too many nested JSON values")
     try:
-        data = json.loads(message.data)
+        data = json.loads(text)
+    except RecursionError as exc:
+        raise Refused(CLOSE_MALFORMED, "too many nested JSON values") from exc
     except ValueError as exc:
         raise Refused(CLOSE_MALFORMED, "not JSON") from exc
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
