@@ -1,13 +1,17 @@
 """The station's HTTPS server: the resident web client, /api/info, /api/pair and /ws.
 
 Everything a resident's browser sends is hostile until verified: bodies are capped,
-pairing is rate limited per address and overall, errors carry a short reason and
-never a stack trace.
+pairing attempts are rate limited per source address (charged when the request
+arrives, before its body is read; given back when the pairing succeeds), errors carry a
+short reason and never a stack trace.
+
+There is no station-wide pairing limit on purpose: wrong codes from other addresses
+must never block a resident's valid code. A code is 12 random base32 characters (60
+bits) and expires in 10 minutes, so guessing from many addresses is no shortcut.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import socket
@@ -23,15 +27,14 @@ from intercom import __version__
 from intercom.calls.pairing import Pairing, PairingError
 from intercom.calls.tls import StationCert
 from intercom.errors import IntercomError
-from intercom.security.limits import TokenBucket
+from intercom.security.limits import BucketTable, RefusalLog, source_key
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY = 16 * 1024
-PAIR_RATE_PER_ADDRESS = (10 / 60, 10.0)  # refused attempts per second, burst
-PAIR_RATE_OVERALL = (1.0, 60.0)
-MAX_TRACKED_ADDRESSES = 1024
+PAIR_RATE_PER_ADDRESS = (10 / 60, 10.0)  # attempts per second, burst; successes refunded
+MAX_TRACKED_ADDRESSES = 1024  # beyond: the address seen longest ago is forgotten
 CSP = (
     "default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
     "connect-src 'self' wss:; frame-ancestors 'none'; base-uri 'none'"
@@ -107,8 +110,8 @@ class WebServer:
         self.url = ""
         self.ws_handler: WsHandler | None = None
         self._runner: web.AppRunner | None = None
-        self._overall = TokenBucket(*PAIR_RATE_OVERALL)
-        self._per_address: dict[str, TokenBucket] = {}
+        self._per_address = BucketTable(*PAIR_RATE_PER_ADDRESS, size=MAX_TRACKED_ADDRESSES)
+        self._pair_refusals = RefusalLog(log)
 
     def app(self) -> web.Application:
         """The aiohttp application."""
@@ -167,15 +170,17 @@ class WebServer:
         return web.json_response({**self.info, "version": __version__})
 
     async def _pair(self, request: web.Request) -> web.Response:
-        address = request.remote or "?"
-        now = self._clock()
-        if self._blocked(address, now):
-            log.warning("web: pairing attempt refused, rate limit (%s)", address)
+        address = source_key(request.remote)
+        # Charged now, in one step with the check, before the body is awaited: attempts
+        # sent concurrently (headers first) cannot all pass a check made before any paid.
+        if not self._per_address.take(address, self._clock()):
+            self._pair_refusals.refused(
+                self._clock(), "web: pairing attempt refused, rate limit (%s)", address
+            )
             return error(429, "too many pairing attempts; wait a minute")
         response = await self._pair_checked(request)
-        if response.status != 200:
-            self._per_address[address].take(now)
-            self._overall.take(now)
+        if response.status == 200:
+            self._per_address.refund(address)
         return response
 
     async def _pair_checked(self, request: web.Request) -> web.Response:
@@ -207,15 +212,6 @@ class WebServer:
             },
             headers={"Cache-Control": "no-store"},
         )
-
-    def _blocked(self, address: str, now: float) -> bool:
-        """Whether refused attempts from ``address`` (or from all) used up their budget."""
-        bucket = self._per_address.get(address)
-        if bucket is None:
-            if len(self._per_address) >= MAX_TRACKED_ADDRESSES:
-                self._per_address.clear()
-            bucket = self._per_address[address] = TokenBucket(*PAIR_RATE_PER_ADDRESS)
-        return not (copy.copy(bucket).take(now) and copy.copy(self._overall).take(now))
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.ws_handler is None:
