@@ -3,6 +3,9 @@
 The station is the offerer: video sendonly (gated until this device is rung), audio
 sendrecv (door microphone gated until this device answers; its audio reaches the door
 speaker only while it is in the call) and a data channel ``control`` for unlocking.
+
+Every message on the data channel gets one ``unlock-result`` answer, ``denied`` when it
+is refused (binary, oversized, beyond the channel's rate) or when answering it fails.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from aiortc import (
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.config import IceServerConfig
 from intercom.media.audio import LevelSink, rms_level
+from intercom.security import command
+from intercom.security.limits import RefusalLog, TokenBucket
 
 log = logging.getLogger(__name__)
 
 MAX_CHANNEL_MESSAGE = 8192
+CHANNEL_RATE = (2.0, 10.0)  # messages per second, burst: a person opens a door now and then
+MAX_ANSWERS_BUFFERED = 1 << 20  # bytes queued for a device that does not read its answers
 AUDIBLE = LevelSink.SILENCE
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
@@ -47,6 +54,19 @@ def ice_servers(config: list[IceServerConfig]) -> list[RTCIceServer]:
         )
         for server in config
     ]
+
+
+def denied(jti: str | None) -> dict[str, Any]:
+    """The answer to a refused data-channel message."""
+    return {"type": "unlock-result", "jti": jti, "result": "denied"}
+
+
+def jti_of(token: str) -> str | None:
+    """The command id of ``token`` when it has a well-formed one, for the answer."""
+    try:
+        return command.parse(token).jti
+    except Exception:  # noqa: BLE001 - only for the answer; the refusal stands whatever this is
+        return None
 
 
 def without_mdns(sdp: str) -> str:
@@ -85,6 +105,8 @@ class DevicePeer:
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
         self._answered = False
+        self._bucket = TokenBucket(*CHANNEL_RATE)
+        self._refusals = RefusalLog(log)
 
     def _forward_keyframe_requests(self) -> None:
         """Send the device's PLI/FIR to the camera's encoder.
@@ -169,15 +191,29 @@ class DevicePeer:
             self._on_lost()
 
     def _on_message(self, message: Any) -> None:
+        now = time.monotonic()
         if not isinstance(message, str) or len(message) > MAX_CHANNEL_MESSAGE:
-            log.warning("peer: refused a data channel message (binary or oversized)")
-            return
-        self._spawn(self._answer_unlock(message), "call-unlock")
+            self._refusals.refused(now, "peer: refused a data channel message (binary or too big)")
+            self._answer(denied(None))
+        elif not self._bucket.take(now):
+            rate = CHANNEL_RATE[0]
+            self._refusals.refused(now, "peer: refused data channel messages beyond %.0f/s", rate)
+            self._answer(denied(None))
+        else:
+            self._spawn(self._answer_unlock(message), "call-unlock")
 
     async def _answer_unlock(self, token: str) -> None:
-        result = await self._unlock(token.strip())
-        if self.channel.readyState == "open":
-            self.channel.send(json.dumps(result))
+        try:
+            result = await self._unlock(token.strip())
+        except Exception:
+            log.exception("peer: answering an unlock command failed; it is denied")
+            result = denied(jti_of(token))
+        self._answer(result)
+
+    def _answer(self, result: dict[str, Any]) -> None:
+        channel = self.channel
+        if channel.readyState == "open" and channel.bufferedAmount < MAX_ANSWERS_BUFFERED:
+            channel.send(json.dumps(result))
 
     async def close(self) -> None:
         """Close the connection and stop the tracks."""

@@ -33,6 +33,7 @@ from intercom.security.principals import (
 
 MAX_TOKEN_BYTES = 4096
 MAX_LIFETIME_S = 60
+MAX_TIME = 2**53  # |iat|, |exp| in seconds: every such integer is exact as a float
 HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 CLAIM_KEYS = frozenset({"aud", "cmd", "door", "iat", "exp", "jti", "totp"})
 JTI_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
@@ -105,8 +106,13 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
 
 def _number(claims: dict[str, Any], name: str) -> float:
     value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise CommandFormatError(f"claim {name} must be a number")
+    # Compared before any conversion: float() of a 400-digit integer raises OverflowError.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CommandFormatError(f"claim {name} must be a number")
+    if not -MAX_TIME <= value <= MAX_TIME:
+        raise CommandFormatError("iat/exp out of range")
     return float(value)
 
 
