@@ -9,17 +9,20 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from intercom.config import Settings
+from intercom.mqtt.fairqueue import PER_SIGNER
 from intercom.mqtt.link import LinkState
+from intercom.security.principals import Role
 from intercom.security.store import PrincipalStore
 from intercom.station import Station
 from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, until
@@ -55,12 +58,24 @@ def clock() -> Clock:
     return Clock()
 
 
-def principals(station: Station, clock: Clock, *names: str) -> list[Signer]:
+def principals(
+    station: Station, clock: Clock, *names: str, role: Role = Role.RESIDENT
+) -> list[Signer]:
     store = PrincipalStore(station.state_dir)
     try:
-        return [add_principal(store, clock, name, flats=("1",)) for name in names]
+        # Residents of flat 1, or managers of the door.
+        return [add_principal(store, clock, name, role) for name in names]
     finally:
         store.close()
+
+
+def denials_at_grants(station: Station) -> list[int]:
+    """How many commands the verifier had denied at each grant, read as it is announced."""
+    verifier = station.verifier
+    assert verifier is not None
+    seen: list[int] = []
+    station.bus.on(lambda e: seen.append(verifier.denied) if e.type == "UnlockGranted" else None)
+    return seen
 
 
 def energised(station: Station) -> int:
@@ -173,16 +188,16 @@ async def test_junk_and_huge_messages_neither_crash_nor_stall(
                 "é.€.😀".encode(), b"\x00" * 70_000, os.urandom(1 << 20), b"." * (1 << 20)]
         for payload in junk:
             await attacker.publish(COMMAND, payload, qos=1)
-        started = time.monotonic()
         await attacker.publish(COMMAND, alice.token(), qos=1)
         # MQTT 5 tells the broker the largest packet the station takes: it drops the
         # three big ones. MQTT 3.1.1 cannot, so the station gets them and denies them.
         expected = len(junk) + 1 if protocol == "3.1.1" else len(junk) - 2
         answers = await results(attacker, expected, 10)
         assert sorted(a["result"] for a in answers) == ["denied"] * (expected - 1) + ["granted"]
-        assert time.monotonic() - started < 5  # a bound for "no stall", not a speed goal
         assert energised(station) == 1
+        # No stall: the link stayed up throughout, never dropped and came back.
         assert bridge_of(station).link.state is LinkState.CONNECTED
+        assert bridge_of(station).link.connects == 1
 
 
 async def test_home_assistant_recipe_from_the_docs(broker, sim_settings, tmp_path):
@@ -225,15 +240,89 @@ async def test_a_forged_flood_naming_one_signer_does_not_hold_up_another(
             aiomqtt.Client("127.0.0.1", broker.port) as manager:
         _alice, mallory = principals(station, clock, "alice", "mallory")
         forged = [mallory.token(kid="alice") for _ in range(50)]  # mallory's key, alice's id
+        denials = denials_at_grants(station)
         await manager.subscribe(RESULT, qos=1)
-        for i in range(2000):
-            await attacker.publish(COMMAND, forged[i % len(forged)], qos=0)
-        started = time.monotonic()
+        for i in range(2000):  # the last one acknowledged: the broker has them all, in order
+            await attacker.publish(COMMAND, forged[i % len(forged)], qos=0 if i < 1999 else 1)
         await manager.publish(COMMAND, mallory.token(), qos=1)
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(10):  # a guard against hanging, not a speed goal
             async for message in manager.messages:
                 if json.loads(message.payload)["result"] == "granted":  # type: ignore[arg-type]
                     break
-        assert time.monotonic() - started < 3  # a bound, not a speed goal (see the benchmark)
         assert energised(station) == 1
-        assert bridge_of(station).commands < 2000  # the flood's backlog was cut short
+        # Granted before the flood ahead of it was all decided (a FIFO queue would
+        # decide all 2,000 first), and the flood's backlog was cut short.
+        (denied,) = denials
+        assert denied < 2000
+        assert bridge_of(station).commands < 2000
+
+
+def publish_acknowledged(client: mqtt.Client, tokens: list[str]) -> None:
+    """QoS 0 but the last, QoS 1: its acknowledgement means the broker has taken them all."""
+    for token in tokens[:-1]:
+        client.publish(COMMAND, token, qos=0)
+    last = client.publish(COMMAND, tokens[-1], qos=1)
+    last.wait_for_publish(10)
+    assert last.is_published()
+
+
+def flood_around(port: int, flood: list[str], genuine: str, before: int) -> None:
+    """Publish ``before`` of the flood, then ``genuine``, then the rest: in this order.
+
+    Blocking on purpose: called on the station's loop, it holds that loop, so that all
+    of it waits for the station (in its socket, or queued at the broker) when the
+    station looks again, as at a busy station. No timing decides what comes first.
+    """
+    attacker = mqtt.Client(CallbackAPIVersion.VERSION2)
+    manager = mqtt.Client(CallbackAPIVersion.VERSION2)
+    for client in (attacker, manager):
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+    try:
+        publish_acknowledged(attacker, flood[:before])
+        publish_acknowledged(manager, [genuine])
+        publish_acknowledged(attacker, flood[before:])
+    finally:
+        for client in (attacker, manager):
+            client.disconnect()  # first: its network thread then ends at once
+            client.loop_stop()
+
+
+async def test_a_manager_command_overtakes_the_forged_flood_ahead_of_it(
+    broker, sim_settings, clock
+):
+    """A manager's command published amid a forged flood is decided before the flood ahead.
+
+    1,000 forged commands (mallory's key, alice's id), the manager's command, then 1,000
+    more reach the broker while the station's loop is held (``flood_around``), so all
+    wait when the station reads on: no timing decides, only the order the station reads
+    and queues them in. client.py reads them all at once, and the fair queue takes
+    alice's id and the manager's in turn, so the command is decided after one or two of
+    the flood. Checked by hand: with a plain FIFO ``asyncio.Queue`` as ``queue_type`` in
+    link.py the verifier has denied all 1,000 ahead of the command when it grants it,
+    and this test fails; with aiomqtt's own reader (one packet per wake-up) in place of
+    client.py's, 70 to 335 in the runs checked, and it fails too.
+    """
+    async with connected_station(command_settings(sim_settings, broker.port)) as station, \
+            aiomqtt.Client("127.0.0.1", broker.port) as watcher:
+        _alice, mallory = principals(station, clock, "alice", "mallory")
+        (manager,) = principals(station, clock, "manager", role=Role.MANAGER)
+        forged = [mallory.token(kid="alice") for _ in range(50)]
+        flood = [forged[i % len(forged)] for i in range(2000)]
+        denials = denials_at_grants(station)
+        # The station subscribes to commands before it publishes its state: once the
+        # lock's state is out, none of the flood can be published before it listens.
+        await watcher.subscribe(f"{PREFIX}/state/lock", qos=1)
+        async with asyncio.timeout(10):
+            await anext(watcher.messages)
+        await watcher.unsubscribe(f"{PREFIX}/state/lock")
+        await watcher.subscribe(RESULT, qos=1)
+        flood_around(broker.port, flood, manager.token(), before=1000)
+        async with asyncio.timeout(10):  # a guard against hanging, not a speed goal
+            while (await results(watcher, 1))[0]["result"] != "granted":
+                pass
+        assert energised(station) == 1
+        # Decided within one signer's share of the flood (here 1 or 2), not after the
+        # 1,000 forged commands ahead of it, as a FIFO queue decides it.
+        (denied,) = denials
+        assert denied < PER_SIGNER, denied
