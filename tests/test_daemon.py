@@ -104,11 +104,11 @@ def test_simulated_station_end_to_end(daemon):
     text = cli("status", "--state-dir", str(state))
     assert f"station  {info['station']} (simulated)" in text.stdout
 
-    started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     listener.wait_for("STOPPING=1", timeout=5)
-    assert proc.wait(timeout=5) == 0
-    assert time.monotonic() - started < 5
+    assert proc.wait(timeout=5) == 0  # by itself, cleanly; the limit only guards a hang
+    notified = [line for message in listener.messages for line in message.split("\n")]
+    assert notified.index("READY=1") < notified.index("STOPPING=1")
     _, err = proc.communicate()
     assert "relay off" in err
     assert not (state / "control.sock").exists()

@@ -335,9 +335,9 @@ async def test_broker_away_never_delays_the_lock_and_the_link_comes_back(broker,
         assert pin.state  # energised within the call, with no await: the broker cannot delay it
         await asyncio.sleep(1.0)
         broker.start()
-        returned = time.monotonic()
-        await until(lambda: bridge.link.state is LinkState.CONNECTED, what="reconnect")
-        assert time.monotonic() - returned < 5
+        # The link comes back by itself (its retries are at most 0.5 s apart here); the
+        # wait's limit only keeps a broken link from hanging the test.
+        await until(lambda: bridge.link.state is LinkState.CONNECTED, 10, "reconnect")
         assert bridge.link.connects == 2
         seen = await retained(broker.port, f"{PREFIX}/#")
         assert seen[f"{PREFIX}/availability"] == "online"
