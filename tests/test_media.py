@@ -106,15 +106,21 @@ async def test_pyaudio_missing_is_clear():
 
 async def test_tone_skips_ahead_after_a_pause():
     source = ToneSource()
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
     await source.open()
     await source.next()
     await asyncio.sleep(0.3)  # nobody read for 15 frames
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    frames = [await source.next() for _ in range(3)]
-    # no burst of stale frames: after the first, they come at the real-time pace
-    assert loop.time() - start >= 0.03
+    frames, came = [], []
+    for _ in range(3):
+        frames.append(await source.next())
+        came.append(loop.time() - opened)
+    # No burst of stale frames: it skipped past the pause, then kept the real-time pace,
+    # no frame before its slot (its pts) on the source's clock.
     assert frames[0].pts >= 14 * 960
+    slots = [float(f.pts * f.time_base) for f in frames]
+    assert slots == sorted(set(slots))
+    assert all(at >= slot for at, slot in zip(came, slots, strict=True)), (came, slots)
 
 
 async def write_video(path: Path, codec: str, frames: int = 15) -> None:
