@@ -184,7 +184,7 @@ class WebServer:
         return response
 
     async def _pair_checked(self, request: web.Request) -> web.Response:
-        address = request.remote or "?"
+        address = source_key(request.remote)
         try:
             body = json.loads(await request.read())
         except ValueError:
@@ -198,7 +198,8 @@ class WebServer:
             paired = self.pairing.redeem(body.get("code"), body.get("jwk"))
         except PairingError as exc:
             status = 403 if str(exc) == "pairing code invalid or expired" else 400
-            log.warning("web: pairing refused (%s): %s", address, exc)
+            refused = "web: pairing refused (%s): %s"
+            self._pair_refusals.refused(self._clock(), refused, address, exc)
             return error(status, str(exc))
         qr = segno.make(paired.totp_uri, error="m").svg_inline(scale=4)
         return web.json_response(
