@@ -434,7 +434,8 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True
         data["mqtt"] = base.mqtt  # as is: a JSON dump would mask its password
-        data["web"] = base.web.model_copy(update={"host": "127.0.0.1", "port": 0})
+        # Loopback only, on the config's port: a paired browser finds it again after a restart.
+        data["web"] = base.web.model_copy(update={"host": "127.0.0.1"})
         return Settings.model_validate(data)
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:6]
     return Settings.model_validate(

@@ -1,8 +1,9 @@
 """The local control socket: one JSON request line in, one JSON answer line out.
 
 The socket lives in the state directory with mode 0600, so only the station's own user
-(and root) can use it. Components register the requests they answer; the CLI's
-``status``, ``sim`` and ``unlock`` commands are its clients.
+(and root) can use it. Components register the requests they answer; the CLI is its
+client. Each request is stamped with its ``actor``, ``local:<user>``, from the socket's
+peer credentials (``SO_PEERCRED``): whatever a client writes there is overwritten.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import contextlib
 import json
 import logging
 import os
+import pwd
+import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,51 @@ SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def user_actor(uid: int, sudo_user: object = None) -> str:
+    """``local:<user>`` for ``uid``, with who used sudo when root says so."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid{uid}"
+    actor = f"local:{user}"
+    sudo = sudo_user if isinstance(sudo_user, str) and USER_NAME.match(sudo_user) else None
+    if uid == 0 and sudo is not None and sudo != user:
+        actor += f" (sudo by {sudo})"
+    return actor
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The uid of the process at the other end of a Unix socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def answer(handlers: dict[str, Handler], request: Any) -> dict[str, Any]:
+    """The answer of ``handlers`` to one request: an error names what was wrong."""
+    if not isinstance(request, dict) or not isinstance(request.get("request"), str):
+        return {"ok": False, "error": "request must be an object with a 'request' string"}
+    handler = handlers.get(request["request"])
+    if handler is None:
+        log.warning("control: unknown request %.40r", request["request"])
+        return {"ok": False, "error": f"unknown request {request['request']!r}"}
+    try:
+        return await handler(request)
+    except IntercomError as exc:
+        log.warning("control: %s refused: %s", request["request"], exc)
+        return {"ok": False, "error": str(exc)}
+    except Exception:
+        log.exception("control: %s failed", request["request"])
+        return {"ok": False, "error": "internal error (see the station's log)"}
 
 
 class ControlServer:
@@ -65,34 +115,24 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            answer = await self._answer(line)
-            writer.write(json.dumps(answer).encode() + b"\n")
+            result = await self._answer(line, peer_uid(writer))
+            writer.write(json.dumps(result).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError) as exc:
             log.debug("control connection dropped: %s", exc)
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, uid: int | None) -> dict[str, Any]:
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("control: refused a request that is not JSON")
             return {"ok": False, "error": "request is not JSON"}
-        if not isinstance(request, dict) or not isinstance(request.get("request"), str):
-            return {"ok": False, "error": "request must be an object with a 'request' string"}
-        handler = self._handlers.get(request["request"])
-        if handler is None:
-            log.warning("control: unknown request %.40r", request["request"])
-            return {"ok": False, "error": f"unknown request {request['request']!r}"}
-        try:
-            return await handler(request)
-        except IntercomError as exc:
-            log.warning("control: %s refused: %s", request["request"], exc)
-            return {"ok": False, "error": str(exc)}
-        except Exception:
-            log.exception("control: %s failed", request["request"])
-            return {"ok": False, "error": "internal error (see the station's log)"}
+        if isinstance(request, dict):
+            sudo = request.pop("sudo_user", None)
+            request["actor"] = user_actor(os.getuid() if uid is None else uid, sudo)
+        return await answer(self._handlers, request)
 
 
 async def _answers(path: Path) -> bool:
@@ -121,8 +161,8 @@ async def request(state_dir: Path, payload: dict[str, Any], timeout: float = 10)
         writer.close()
     if not line:
         raise StationNotRunningError(f"the station at {state_dir} closed the connection")
-    answer: dict[str, Any] = json.loads(line)
-    return answer
+    result: dict[str, Any] = json.loads(line)
+    return result
 
 
 def request_sync(state_dir: Path, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any]:

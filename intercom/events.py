@@ -346,15 +346,32 @@ class EventBus:
     ``publish`` never blocks and never raises: each subscriber has its own queue, so a
     slow subscriber cannot delay the hardware or another subscriber. Handlers
     registered with ``on`` run synchronously at publication and must be quick.
+
+    An event published from inside a handler is delivered after the event being
+    delivered has reached every handler and queue: every subscriber sees every event
+    in the same order, the order of publication.
     """
 
     def __init__(self, history: int = 50) -> None:
         self._queues: list[asyncio.Queue[Event]] = []
         self._handlers: list[Handler] = []
+        self._pending: deque[Event] = deque()
+        self._delivering = False
         self.recent: deque[Event] = deque(maxlen=history)
 
     def publish(self, event: Event) -> None:
-        """Send an event to every subscriber."""
+        """Send an event to every subscriber (after the ones published before it)."""
+        self._pending.append(event)
+        if self._delivering:
+            return  # published by a handler: the loop below delivers it next
+        self._delivering = True
+        try:
+            while self._pending:
+                self._deliver(self._pending.popleft())
+        finally:
+            self._delivering = False
+
+    def _deliver(self, event: Event) -> None:
         log.info("event %s %s", event.type, _public_details(event))
         self.recent.append(event)
         for handler in list(self._handlers):
@@ -362,7 +379,7 @@ class EventBus:
                 handler(event)
             except Exception:
                 log.exception("event handler %r failed on %s", handler, event.type)
-        for queue in self._queues:
+        for queue in list(self._queues):
             queue.put_nowait(event)
 
     def on(self, handler: Handler) -> Callable[[], None]:

@@ -2,6 +2,12 @@
 
 It signs event-log checkpoints and other statements the station makes. The private key
 is kept in ``STATE_DIR/keys/station.key`` (PEM, PKCS#8, mode 0600).
+
+Keys are made in one place: first boot and the daemon's start call the ``create_*``
+functions; every other process only reads keys (``load_identity``) and fails clearly
+when they are absent. Secrets that systemd hands over come from
+``$CREDENTIALS_DIRECTORY``, named as the unit's ``LoadCredential=intercom:DIR`` names
+them (``credential``).
 """
 
 from __future__ import annotations
@@ -19,13 +25,36 @@ from intercom.errors import IntercomError
 
 KEY_DIR = "keys"
 STATION_KEY = "station.key"
+# systemd/intercom.service: LoadCredential=intercom:/etc/intercom/credentials loads each
+# file FILE of that folder as the credential "intercom_FILE".
+CREDENTIAL_ID = "intercom"
 
 
-def key_dir(state_dir: Path) -> Path:
-    """The folder of the station's secrets (mode 0700), created when missing."""
+class MissingKeyError(IntercomError, FileNotFoundError):
+    """A key the station makes at its first start is not there (yet)."""
+
+
+def key_dir(state_dir: Path, *, create: bool = False) -> Path:
+    """The folder of the station's secrets (mode 0700); made only with ``create``."""
     path = state_dir / KEY_DIR
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def credential_name(file: str) -> str:
+    """The credential name systemd gives ``file`` of the unit's credential folder."""
+    return f"{CREDENTIAL_ID}_{file}"
+
+
+def credential(file: str, environ: dict[str, str] | None = None) -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/intercom_FILE`` when systemd passed it, else None."""
+    env = os.environ if environ is None else environ
+    folder = env.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / credential_name(file)
+    return path if path.is_file() else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -87,9 +116,9 @@ class StationIdentity:
         return self.private_key.sign(data)
 
 
-def load_or_create_identity(state_dir: Path) -> StationIdentity:
-    """Load the station key, making it on first start; a corrupt key is an error."""
-    path = key_dir(state_dir) / STATION_KEY
+def create_identity(state_dir: Path) -> StationIdentity:
+    """The station key, made when missing: for first boot and the daemon's start only."""
+    path = key_dir(state_dir, create=True) / STATION_KEY
     if not path.exists():
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
@@ -99,6 +128,17 @@ def load_or_create_identity(state_dir: Path) -> StationIdentity:
         )
         write_secret(path, pem)
         return StationIdentity(key)
+    return load_identity(state_dir)
+
+
+def load_identity(state_dir: Path) -> StationIdentity:
+    """Load the station key; MissingKeyError when absent, IntercomError when corrupt."""
+    path = key_dir(state_dir) / STATION_KEY
+    if not path.is_file():
+        raise MissingKeyError(
+            f"no station key {path}: the station makes it at its first start "
+            "(or first boot); is the state directory right?"
+        )
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, OSError) as exc:

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from intercom import __version__
+from intercom.admin import Admin
 from intercom.calls import Calls
+from intercom.calls.component import Media
 from intercom.config import Settings
 from intercom.control import ControlServer
 from intercom.errors import CommandRefusedError, IntercomError
@@ -22,15 +24,17 @@ from intercom.hardware.doorbell import Doorbell
 from intercom.hardware.lock import Lock
 from intercom.hardware.pins import make_pin_factory
 from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
-from intercom.identity import StationIdentity, load_or_create_identity
+from intercom.identity import StationIdentity, create_identity
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.media.encodeonce import EncodeOnceCamera
 from intercom.mqtt.bridge import mqtt_bridge
 from intercom.notify import Notifier
 from intercom.privacy.camera import privacy_camera
 from intercom.privacy.component import Privacy
-from intercom.security import Verifier
+from intercom.security import Registry, Site, Verifier
+from intercom.security.secretbox import create_key
 from intercom.simulator import Simulator
+from intercom.statedir import CLI_WAIT_S, InstanceLock
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,18 @@ class Component(Protocol):
 
 
 class Station:
-    """One door station: hardware, media, control socket and the components on the bus."""
+    """One door station: hardware, media, control socket and the components on the bus.
+
+    The station builds the parts and hands each one only what it uses (the bus, the
+    media, the registry's reads, the verifier's ``submit``); none is given the station.
+    Only the verifier holds the lock.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state_dir: Path = settings.station.state_dir
         self.bus = EventBus()
+        self.instance = InstanceLock(self.state_dir, "run")
         self.control = ControlServer(self.state_dir)
         self.started_at = time.time()
         self.components: list[Component] = []
@@ -70,6 +80,7 @@ class Station:
         self.simulator: Simulator | None = None
         self.identity: StationIdentity | None = None
         self.verifier: Verifier | None = None
+        self.registry: Registry | None = None
         self.calls: Calls | None = None
         self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
@@ -93,8 +104,7 @@ class Station:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         hw = self.settings.hardware
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.identity = load_or_create_identity(self.state_dir)
+        identity, principals_key = await self._own_state()
         self.pin_factory = make_pin_factory(hw.pin_factory)
         self._closers.append(self.pin_factory.close)
         # The relay first, so that it is driven off before anything else happens.
@@ -132,6 +142,7 @@ class Station:
         self._closers.append(self.microphone.close)
         await self.speaker.open()
         self._closers.append(self.speaker.close)
+        media = Media(self.camera, self.microphone, self.speaker)
 
         for bell in self.doorbells:
             bell.start(loop)
@@ -140,7 +151,11 @@ class Station:
         if self.tamper:
             self.tamper.start(loop)
 
-        self.components.extend(self._build_components())
+        self.registry = Registry.for_state_dir(self.state_dir, principals_key, self.bus,
+                                               create=True)
+        await self.registry.open()
+        self._closers.append(self.registry.close)
+        self.components.extend(self._build_components(identity, self.registry, media))
         for component in self.components:
             await component.start()
             self._closers.append(component.stop)
@@ -154,20 +169,43 @@ class Station:
             StationStarted(station=self.id, version=__version__, simulated=self.settings.simulated)
         )
 
-    def _build_components(self) -> list[Component]:
+    async def _own_state(self) -> tuple[StationIdentity, bytes]:
+        """Take the instance lock, then load or make the station's keys (only here)."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Before anything else is opened: a second station on this state dir stops here.
+        await asyncio.to_thread(self.instance.acquire, CLI_WAIT_S)
+        self._closers.append(self.instance.release)
+        self.identity = create_identity(self.state_dir)  # keys: made here or by first boot
+        return self.identity, create_key(self.state_dir)
+
+    def _build_components(
+        self, identity: StationIdentity, registry: Registry, media: Media
+    ) -> list[Component]:
         """The components that plug into the bus and the control socket."""
+        settings, bus, register = self.settings, self.bus, self.control.register
+        hw = settings.hardware
         components: list[Component] = []
-        identity = self.identity or load_or_create_identity(self.state_dir)
-        self.eventlog = EventLog(self.state_dir, identity, self.bus, self.settings.eventlog)
+        self.eventlog = EventLog(self.state_dir, identity, bus, settings.eventlog)
         components.append(self.eventlog)  # first: it records what the others do
-        self.verifier = Verifier.for_station(self)  # every unlock, whatever the transport
-        self.control.register("unlock", self.verifier.control_request)
+        site = Site(self.id, hw.relay.door, frozenset(b.flat for b in hw.buttons))
+        self.verifier = Verifier(registry, site, bus, self.lock)  # the lock's only holder
+        register("unlock", self.verifier.control_request)
         components.append(self.verifier)
-        self.calls = Calls(self)  # rings residents on a press; unlocks through the verifier
+        for name, handler in Admin(registry, bus, self.eventlog).handlers().items():
+            register(name, handler)
+        self.calls = Calls(settings, media, bus, registry, self.verifier.submit, register)
         components.append(self.calls)
-        components.append(Privacy(self))  # snapshots at rings, config-change audit
-        if self.settings.mqtt is not None:  # last: it reads the event log, uses the verifier
-            components.append(mqtt_bridge(self))
+        components.append(Privacy(settings, bus, media.camera, self.eventlog, register))
+        if settings.mqtt is not None:  # last: it reads the event log, uses the verifier
+            lock, contact = self.lock, self.contact
+
+            def initial_state() -> dict[str, str]:
+                door = contact.state.value if contact is not None else "unknown"
+                return {"lock": lock.state.value if lock else "locked", "door": door}
+
+            components.append(
+                mqtt_bridge(settings, bus, self.eventlog, self.verifier.submit, initial_state)
+            )
         return components
 
     async def stop(self, reason: str = "stop requested") -> None:

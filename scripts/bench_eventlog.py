@@ -22,7 +22,7 @@ from intercom.eventlog.store import open_log
 from intercom.eventlog.verify import verify
 from intercom.eventlog.writer import LogWriter
 from intercom.events import DoorbellPressed, EventBus, UnlockGranted
-from intercom.identity import load_or_create_identity
+from intercom.identity import create_identity
 
 
 def event(n: int) -> DoorbellPressed | UnlockGranted:
@@ -33,7 +33,7 @@ def event(n: int) -> DoorbellPressed | UnlockGranted:
 
 async def appends(state: Path, count: int, concurrency: int) -> float:
     """Durable appends per second with ``concurrency`` appenders awaiting each append."""
-    log = EventLog(state, load_or_create_identity(state), EventBus(), EventLogConfig())
+    log = EventLog(state, create_identity(state), EventBus(), EventLogConfig())
     await log.start()
     per_task = count // concurrency
 
@@ -71,7 +71,7 @@ def baseline(path: Path, commits: int = 500) -> None:
 def build(state: Path, records: int) -> None:
     """Fill a log with ``records`` records in transactions of 1,000."""
     conn, keyring = open_log(state, create=True)
-    writer = LogWriter(conn, keyring, load_or_create_identity(state), EventLogConfig())
+    writer = LogWriter(conn, keyring, create_identity(state), EventLogConfig())
     started = time.perf_counter()
     batch = 1000
     for start in range(0, records, batch):
@@ -86,7 +86,7 @@ def build(state: Path, records: int) -> None:
 def check(state: Path) -> None:
     """Verify the chain and checkpoints without keys, then read back with keys."""
     conn, keyring = open_log(state, create=False)
-    public = load_or_create_identity(state).public_key
+    public = create_identity(state).public_key
     started = time.perf_counter()
     verdict = verify(conn, public)
     elapsed = time.perf_counter() - started

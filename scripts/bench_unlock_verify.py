@@ -1,9 +1,10 @@
 """Benchmark the unlock verifier: throughput for valid and forged commands, and the p99
 latency of valid commands while a flood of forged commands arrives.
 
-Everything is real except the transport: a real principals.db (SQLite, synchronous=FULL),
-a real relay on gpiozero mock pins, the real event bus. Commands are handed to
-``Verifier.submit`` as the MQTT bridge and the call code do.
+Everything is real except the transport: a real registry over principals.db (SQLite,
+synchronous=FULL, written in the registry's own thread), a real relay on gpiozero mock
+pins, the real event bus. Commands are handed to ``Verifier.submit`` as the MQTT bridge
+and the call code do.
 
 Usage: scripts/bench unlock-verify [--seconds S] [--flood-rate N]
 """
@@ -29,13 +30,15 @@ from gpiozero.pins.mock import MockFactory  # noqa: E402
 from intercom.events import EventBus  # noqa: E402
 from intercom.security.limits import Limits  # noqa: E402
 from intercom.security.principals import Role  # noqa: E402
-from intercom.security.store import PrincipalStore  # noqa: E402
+from intercom.security.registry import Registry  # noqa: E402
+from intercom.security.store import Guard  # noqa: E402
 from intercom.security.verifier import Verifier  # noqa: E402
 from tests.test_security_kit import (  # noqa: E402
     SITE,
     Clock,
     Signer,
     add_principal,
+    open_registry,
     relay_lock,
 )
 
@@ -44,16 +47,25 @@ UNLIMITED = Limits(shared_rate=1e9, shared_burst=1e9, denied_events_per_s=20)
 
 def make_rig(
     state: Path, loop: asyncio.AbstractEventLoop, limits: Limits, clock: Clock, n: int
-) -> tuple[Verifier, list[Signer], MockFactory]:
-    store = PrincipalStore(state)
-    signers = [add_principal(store, clock, f"p{i}", Role.ADMIN) for i in range(n)]
-    store.close()
+) -> tuple[Verifier, Registry, list[Signer], MockFactory]:
+    """A started verifier over an open registry of ``n`` admins (close both after)."""
     factory = MockFactory()
     bus = EventBus(history=10)
+    registry = loop.run_until_complete(open_registry(state, bus, clock))
+
+    async def register() -> list[Signer]:
+        return [await add_principal(registry, clock, f"p{i}", Role.ADMIN) for i in range(n)]
+
+    signers = loop.run_until_complete(register())
     lock = relay_lock(factory, bus, loop)
-    verifier = Verifier(state, SITE, bus, lock, limits=limits, clock=clock)
+    verifier = Verifier(registry, SITE, bus, lock, limits=limits, clock=clock)
     loop.run_until_complete(verifier.start())
-    return verifier, signers, factory
+    return verifier, registry, signers, factory
+
+
+def stop_rig(loop: asyncio.AbstractEventLoop, verifier: Verifier, registry: Registry) -> None:
+    loop.run_until_complete(verifier.stop())
+    loop.run_until_complete(registry.close())
 
 
 def rate(loop: asyncio.AbstractEventLoop, verifier: Verifier, tokens: list[str],
@@ -79,7 +91,7 @@ def throughput(n: int) -> None:
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
-        verifier, signers, _ = make_rig(Path(tmp), loop, UNLIMITED, clock, 3)
+        verifier, registry, signers, _ = make_rig(Path(tmp), loop, UNLIMITED, clock, 3)
         alice, mallory = signers[0], signers[1]
         # Valid: one principal, the clock moving one TOTP step per command.
         t0 = clock.now
@@ -96,16 +108,16 @@ def throughput(n: int) -> None:
         print(f"forged, unknown kid:                                {per_s:8.0f} /s  {reasons}")
         per_s, reasons = rate(loop, verifier, ["x" * 200] * n)
         print(f"malformed:                                          {per_s:8.0f} /s  {reasons}")
-        loop.run_until_complete(verifier.stop())
+        stop_rig(loop, verifier, registry)
     budget = Limits()
     loop2 = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
-        verifier, signers, _ = make_rig(Path(tmp), loop2, budget, clock, 2)
+        verifier, registry, signers, _ = make_rig(Path(tmp), loop2, budget, clock, 2)
         forged = [signers[1].token(kid=signers[0].pid, jti=f"forged-{i:08d}") for i in range(n)]
         per_s, reasons = rate(loop2, verifier, forged)
         print(f"forged, known kid, default budget (mostly refused): {per_s:8.0f} /s  {reasons}")
-        loop2.run_until_complete(verifier.stop())
+        stop_rig(loop2, verifier, registry)
 
 
 def forged_commands(kind: str, valid: list[Signer], target: Signer) -> list[str]:
@@ -139,30 +151,29 @@ def report(
     )
 
 
-def time_syncs(verifier: Verifier) -> list[float]:
-    """Record how long each fsync of the principals database takes (it runs off the loop)."""
-    store = verifier._store  # noqa: SLF001 - the benchmark looks inside
-    if store is None:
-        raise RuntimeError("start the verifier first")
-    real = store.sync
+def time_writes(registry: Registry) -> list[float]:
+    """Record how long each durable write of a command's use takes (it runs off the loop).
+
+    ``submit`` awaits the registry's write (SQLite commit with fsync, in the registry's
+    thread) before it answers; this is the time of that wait.
+    """
+    real = registry.persist_use
     times: list[float] = []
 
-    def timed() -> None:
+    async def timed(pid: str, guard: Guard, jti: str, keep_until: float) -> None:
         began = time.perf_counter()
-        real()
+        await real(pid, guard, jti, keep_until)
         times.append(time.perf_counter() - began)
 
-    store.sync = timed  # type: ignore[method-assign]
+    registry.persist_use = timed  # type: ignore[method-assign]
     return times
 
 
-def register(state: Path, n: int) -> tuple[list[Signer], Signer]:
+async def register(registry: Registry, n: int) -> tuple[list[Signer], Signer]:
     """``n`` admins for the valid senders, and one more principal as a flood target."""
     clock = Clock()
-    store = PrincipalStore(state)
-    valid = [add_principal(store, clock, f"v{i}", Role.ADMIN) for i in range(n)]
-    target = add_principal(store, clock, "target", Role.ADMIN)
-    store.close()
+    valid = [await add_principal(registry, clock, f"v{i}", Role.ADMIN) for i in range(n)]
+    target = await add_principal(registry, clock, "target", Role.ADMIN)
     return valid, target
 
 
@@ -172,17 +183,18 @@ async def flood_scenario(
     """p50/p99/max latency of valid commands (10/s) while forged ones arrive at flood_rate/s."""
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        valid, target = register(Path(tmp), n_valid_principals)
         factory = MockFactory()
         bus = EventBus(history=10)
+        registry = await open_registry(Path(tmp), bus)  # the wall clock, as in production
+        valid, target = await register(registry, n_valid_principals)
         lock = relay_lock(factory, bus, loop)
         # The wall clock: TOTP and freshness as in production.
-        verifier = Verifier(Path(tmp), SITE, bus, lock, limits=Limits())
+        verifier = Verifier(registry, SITE, bus, lock, limits=Limits())
         await verifier.start()
-        syncs = time_syncs(verifier)
+        syncs = time_writes(registry)
         forged_pool = forged_commands(kind, valid, target)
         latencies: list[float] = []  # from the command's arrival time to the decision
-        service: list[float] = []  # inside submit, less the fsync wait (off the loop)
+        service: list[float] = []  # inside submit, less the durable write (off the loop)
         outcomes: dict[str, int] = {}
         stop_at = loop.time() + seconds
         forged_sent = 0
@@ -220,6 +232,7 @@ async def flood_scenario(
         await asyncio.gather(flood(), valid_sender())
         cpu = (time.process_time() - cpu) / seconds
         await verifier.stop()
+        await registry.close()
         lock.close()
         factory.close()
     report(name, forged_sent / seconds, cpu, latencies, service, outcomes)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from intercom.calls.pairing import Pairing
 from intercom.calls.peer import DevicePeer, ice_servers
@@ -15,19 +16,29 @@ from intercom.calls.server import WebServer
 from intercom.calls.signalling import Session, Signalling
 from intercom.calls.tls import StationCert, load_station_cert
 from intercom.calls.tracks import MediaHub
-from intercom.errors import CommandRefusedError, IntercomError
+from intercom.config import Settings
+from intercom.errors import CommandRefusedError
+from intercom.events import EventBus
+from intercom.media import AudioSink, AudioSource, CameraSource
 from intercom.media.audio import LevelSink
-from intercom.security import command
-from intercom.security.principals import Principal
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from intercom.station import Station
+from intercom.security.registry import Registry
+from intercom.security.verifier import Context, Decision
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_S = 2.0
+HOUSEKEEPING_S = 2.0  # expiries are noticed this often; revocations at once
+
+Submit = Callable[[str, Context], Awaitable[Decision]]
+Register = Callable[[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]], None]
+
+
+@dataclass(frozen=True)
+class Media:
+    """The door's camera, microphone and speaker, opened by the station."""
+
+    camera: CameraSource
+    microphone: AudioSource
+    speaker: AudioSink
 
 
 class Calls:
@@ -35,19 +46,33 @@ class Calls:
 
     name = "calls"
 
-    def __init__(self, station: Station) -> None:
-        self.station = station
-        settings = station.settings
+    def __init__(
+        self,
+        settings: Settings,
+        media: Media,
+        bus: EventBus,
+        registry: Registry,
+        submit: Submit,
+        register: Register,
+    ) -> None:
+        self.station_id = settings.station.id
+        self.state_dir = settings.station.state_dir  # for the TLS certificate files
         self.web_config = settings.web
         self.door = settings.hardware.relay.door
         self.flats = frozenset(b.flat for b in settings.hardware.buttons)
-        self.pairing = Pairing(station.state_dir, station.id, self.flats, station.bus)
-        self.ring_group = RingGroup(station.bus, settings.calls, self._is_active)
+        self._devices = media
+        self._bus = bus
+        self._registry = registry
+        self._submit = submit
+        self._register = register
+        self.pairing = Pairing(self.state_dir, self.station_id, self.flats, bus, registry)
+        self.ring_group = RingGroup(bus, settings.calls, registry.is_active)
         self.cert: StationCert | None = None
         self.server: WebServer | None = None
         self.media: MediaHub | None = None
         self.signalling: Signalling | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -74,28 +99,27 @@ class Calls:
             raise
 
     async def _start(self) -> None:
-        station = self.station
-        if station.camera is None or station.microphone is None or station.speaker is None:
-            raise IntercomError("calls: the camera and audio must be open first")
-        self.cert = load_station_cert(station.state_dir, station.id)
+        devices = self._devices
+        self.cert = load_station_cert(self.state_dir, self.station_id)
         self.pairing.open()
-        self.media = MediaHub(station.camera, station.microphone, station.speaker)
+        self.media = MediaHub(devices.camera, devices.microphone, devices.speaker)
         self.media.start()
         servers = [
             {"urls": s.urls, "username": s.username, "credential": s.credential.get_secret_value()}
             for s in self.web_config.ice_servers
         ]
         self.signalling = Signalling(
-            station.id,
+            self.station_id,
             self.door,
             self.flats,
-            self._principal_of,
+            self._registry.get,
             self.ring_group,
             self.media,
             self._make_peer,
             servers,
         )
-        info = {"station": station.id, "door": self.door, "fingerprint": self.cert.fingerprint}
+        info = {"station": self.station_id, "door": self.door,
+                "fingerprint": self.cert.fingerprint}
         self.server = WebServer(
             self.cert,
             self.pairing,
@@ -106,9 +130,10 @@ class Calls:
         )
         self.server.ws_handler = self.signalling.handle
         await self.server.start()
-        self._unsubscribe = station.bus.on(self.ring_group.on_event)
-        station.control.register("pair", self.pair_request)
-        station.control.register("hangup", self.hangup_request)
+        self._unsubscribe = self._bus.on(self.ring_group.on_event)
+        self._unwatch = self._registry.watch(self._principal_changed)
+        self._register("pair", self.pair_request)
+        self._register("hangup", self.hangup_request)
         self._task = asyncio.create_task(self._housekeeping(), name="calls-housekeeping")
 
     async def stop(self) -> None:
@@ -120,6 +145,9 @@ class Calls:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         self.ring_group.close()
         if self.signalling is not None:
             await self.signalling.close()
@@ -143,7 +171,7 @@ class Calls:
                 "last_call": self.last_call_timing(),
             }
         }
-        speaker = self.station.speaker
+        speaker = self._devices.speaker
         if isinstance(speaker, LevelSink):  # the simulated speaker: what the door heard
             info["speaker"] = {"frames": speaker.frames, "audible_frames": speaker.audible_frames}
         return info
@@ -174,16 +202,10 @@ class Calls:
 
     # --- parts handed to the others -------------------------------------------------------
 
-    def _principal_of(self, pid: str) -> Principal | None:
-        try:
-            return self.pairing.store.get(pid)
-        except IntercomError:
-            log.exception("calls: cannot read the principals database")
-            return None
-
-    def _is_active(self, pid: str) -> bool:
-        principal = self._principal_of(pid)
-        return principal is not None and principal.inactive_reason(time.time()) is None
+    def _principal_changed(self, _pid: str) -> None:
+        """A principal was revoked, erased or changed: drop every device no longer active."""
+        if self.signalling is not None:
+            self.signalling.revoke_check()
 
     def _make_peer(self, media: MediaHub, session: Session) -> DevicePeer:
         servers = ice_servers(self.web_config.ice_servers)
@@ -198,25 +220,16 @@ class Calls:
         return DevicePeer(media, servers, unlock, lost)
 
     async def _unlock(self, session: Session, token: str) -> dict[str, Any]:
-        """An unlock command from a device's data channel: only from a rung or answering one."""
-        try:
-            cmd = command.parse(token)
-        except command.CommandFormatError:
-            cmd = None
-        jti = cmd.jti if cmd else None
-        denied = {"type": "unlock-result", "jti": jti, "result": "denied"}
-        verifier = self.station.verifier
-        if cmd is None or cmd.kid != session.principal:
-            log.warning("calls: unlock refused: malformed, or signed by another principal")
-            return denied
-        if not self.ring_group.may_unlock(session):
-            log.warning("calls: unlock refused: the device is not rung or in the call")
-            return denied
-        if verifier is None:
-            return denied
-        decision = await verifier.submit(token, "call")
+        """An unlock command from a device's data channel, judged by the verifier.
+
+        The call tells the verifier who the device is and whether it may unlock now
+        (rung or answering); every denial, these included, is the verifier's.
+        """
+        refusal = "" if self.ring_group.may_unlock(session) else "device not rung or in the call"
+        context = Context("call", signer=session.principal, refusal=refusal)
+        decision = await self._submit(token, context)
         result = "granted" if decision.granted else "denied"
-        return {"type": "unlock-result", "jti": decision.jti or jti, "result": result}
+        return {"type": "unlock-result", "jti": decision.jti, "result": result}
 
     # --- control socket -------------------------------------------------------------------
 
@@ -241,13 +254,10 @@ class Calls:
         return {"ok": True, "ended": self.ring_group.hangup_door()}
 
     async def _housekeeping(self) -> None:
-        version = -1
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             try:
-                current = self.pairing.store.data_version()
-                if current != version and self.signalling is not None:
-                    version = current
-                    self.signalling.revoke_check()
+                if self.signalling is not None:
+                    self.signalling.revoke_check()  # principals whose time ran out
             except Exception:
                 log.exception("calls: housekeeping failed")

@@ -7,7 +7,6 @@ flat with a fresh TOTP secret; the device keeps its private key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -20,16 +19,15 @@ from typing import Any
 from intercom.errors import CommandRefusedError
 from intercom.events import EventBus, PrincipalPaired
 from intercom.security import totp
+from intercom.security.pairingcodes import CODE_TTL_S, SPOOL
+from intercom.security.pairingcodes import digest as _digest
+from intercom.security.pairingcodes import new_code as _new_code
 from intercom.security.principals import Principal, PrincipalError, Role, import_public_jwk
-from intercom.security.store import PrincipalStore
+from intercom.security.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no 0/O, 1/I: read aloud, typed
-CODE_LENGTH = 12  # 60 bits
-CODE_TTL_S = 600.0
 MAX_PENDING = 64
-SPOOL = "pairing-spool.json"
 INVALID_CODE = "pairing code invalid or expired"
 JWK_MEMBERS = frozenset({"kty", "crv", "x", "y"})
 
@@ -62,34 +60,6 @@ class Paired:
     totp_uri: str
 
 
-def _digest(code: str) -> str:
-    normal = code.strip().upper().replace("-", "").replace(" ", "")
-    return hashlib.sha256(normal.encode()).hexdigest()
-
-
-def _new_code() -> str:
-    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
-
-
-def spool_code(state_dir: Path, flat: str, now: float) -> tuple[str, float]:
-    """A code made while the station is not running (first boot); it takes it at start.
-
-    Only the code's hash, its flat and its expiry are written (``pairing-spool.json``,
-    0600); the code itself is shown once, to whoever made it.
-    """
-    code = _new_code()
-    expires_at = now + CODE_TTL_S
-    path = state_dir / SPOOL
-    entries = json.loads(path.read_text()) if path.exists() else []
-    entries.append({"digest": _digest(code), "flat": flat, "expires_at": expires_at})
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(path)
-    return code, expires_at
-
-
 class Pairing:
     """Makes pairing codes and redeems them into resident principals."""
 
@@ -99,19 +69,19 @@ class Pairing:
         station: str,
         flats: frozenset[str],
         bus: EventBus,
+        registry: Registry,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state_dir = state_dir
         self.station = station
         self.flats = flats
         self._bus = bus
+        self._registry = registry
         self._clock = clock
         self._codes: dict[str, Pending] = {}
-        self._store: PrincipalStore | None = None
 
     def open(self) -> None:
-        """Open the principals database; take the codes spooled while it was stopped."""
-        self._store = PrincipalStore(self.state_dir)
+        """Take the codes spooled while the station was stopped (first boot's)."""
         path = self.state_dir / SPOOL
         if not path.exists():
             return
@@ -129,18 +99,8 @@ class Pairing:
         log.info("pairing: %d spooled code(s) pending", len(self._codes))
 
     def close(self) -> None:
-        """Close the database and forget every pending code."""
+        """Forget every pending code."""
         self._codes.clear()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-    @property
-    def store(self) -> PrincipalStore:
-        """The principals database (open)."""
-        if self._store is None:
-            raise PairingError("pairing is not running")
-        return self._store
 
     def _purge(self, now: float) -> None:
         for digest in [d for d, p in self._codes.items() if p.expires_at <= now]:
@@ -160,7 +120,7 @@ class Pairing:
         log.info("pairing code made for flat %s, expires in %.0f s", flat, CODE_TTL_S)
         return code, expires_at
 
-    def redeem(self, code: Any, jwk: Any) -> Paired:
+    async def redeem(self, code: Any, jwk: Any) -> Paired:
         """Register the device key under ``code``; the code is spent either way once valid."""
         if not isinstance(jwk, dict):
             raise PairingError("jwk must be a public key (JWK object)")
@@ -187,7 +147,7 @@ class Pairing:
             flats=(pending.flat,),
             created_at=now,
         )
-        self.store.add(principal, secret)
+        await self._registry.add(principal, secret)
         uri = totp.enrolment_uri(secret, account=pid, issuer=f"intercom {self.station}")
         self._bus.publish(PrincipalPaired(principal=pid, flat=pending.flat))
         return Paired(pid, pending.flat, uri)

@@ -195,7 +195,7 @@ class WebServer:
         if name is not None and (not isinstance(name, str) or len(name) > 64):
             return error(400, "name must be a string of at most 64 characters")
         try:
-            paired = self.pairing.redeem(body.get("code"), body.get("jwk"))
+            paired = await self.pairing.redeem(body.get("code"), body.get("jwk"))
         except PairingError as exc:
             status = 403 if str(exc) == "pairing code invalid or expired" else 400
             refused = "web: pairing refused (%s): %s"

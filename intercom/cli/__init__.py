@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from intercom import __version__
 from intercom.errors import ConfigError, IntercomError, StationNotRunningError
+from intercom.statedir import InstanceLockedError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -77,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StationNotRunningError as exc:
         print(f"intercom: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except InstanceLockedError as exc:  # a second station, or a command beside one
+        print(f"intercom: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except IntercomError as exc:
         print(f"intercom: {exc}", file=sys.stderr)
         return EXIT_FAILED

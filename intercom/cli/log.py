@@ -15,18 +15,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from intercom.cli.common import add_state_dir, state_dir
-from intercom.config import EventLogConfig
-from intercom.errors import ConfigError, IntercomError
+from intercom.cli.common import add_state_dir, ask, station_dir
+from intercom.errors import ConfigError
 from intercom.eventlog import checkpoints
 from intercom.eventlog.errors import MasterKeyError, NoLogError
 from intercom.eventlog.reader import LogReader, Query, to_jsonl
-from intercom.eventlog.records import Entry, LoggedEvent
+from intercom.eventlog.records import LoggedEvent
 from intercom.eventlog.store import connect, db_path, open_log
 from intercom.eventlog.verify import verify
-from intercom.eventlog.writer import LogWriter
-from intercom.events import LogPurged
-from intercom.identity import STATION_KEY, StationIdentity, load_or_create_identity
+from intercom.identity import StationIdentity, load_identity
 
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -37,9 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "log",
         help="read, verify, export or purge the event log",
-        description="The encrypted, hash-chained event log in the state directory. These "
-        "commands open the database directly (beside a running station) and need the "
-        "state directory's keys.",
+        description="The encrypted, hash-chained event log in the state directory. Reading "
+        "(show, verify, export, checkpoint) opens the database through SQLite beside a "
+        "running station; purge asks the station to shred (or, with none running, "
+        "shreds under the state directory's lock).",
     )
     cmds = parser.add_subparsers(dest="log_command", metavar="ACTION", required=True)
 
@@ -109,9 +107,7 @@ def when(text: str) -> float:
 
 
 def _identity(state: Path) -> StationIdentity:
-    if not (state / "keys" / STATION_KEY).exists():
-        raise NoLogError(f"no station key in {state / 'keys'}")
-    return load_or_create_identity(state)
+    return load_identity(state)
 
 
 def _reader(state: Path) -> LogReader:
@@ -132,7 +128,7 @@ def _show(value: Any) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print decrypted events."""
-    reader = _reader(state_dir(args))
+    reader = _reader(station_dir(args))
     query = Query(since=args.since, until=args.until, types=frozenset(args.types))
     for event in reader.query(query):
         print(to_jsonl(event) if args.json else _line(event))
@@ -141,7 +137,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check chain and checkpoints; exit 1 naming the first bad seq."""
-    state = state_dir(args)
+    state = station_dir(args)
     public_key: Ed25519PublicKey = _identity(state).public_key
     witness = checkpoints.load_file(args.checkpoint) if args.checkpoint else None
     reader: LogReader | None = None
@@ -175,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write JSON lines."""
-    reader = _reader(state_dir(args))
+    reader = _reader(station_dir(args))
     if args.principal is not None and reader.principal_key_id(args.principal) is None:
         print("intercom: the log holds no key for this principal (never seen, or erased)",
               file=sys.stderr)
@@ -192,47 +188,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _create_private(path: Path) -> int:
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as exc:
-        raise IntercomError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    from intercom.safefiles import create_new  # noqa: PLC0415
+
+    return create_new(path)  # a new 0600 file: an existing file or link is refused
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    """Shred old epochs and log the purge."""
+    """Shred old epochs and log the purge (by the station, or here under its lock)."""
     if args.older_than < 0:
         raise ConfigError(["--older-than: must be 0 or more hours"])
-    state = state_dir(args)
-    identity = _identity(state)
-    conn, keyring = open_log(state, create=False)
-    writer = LogWriter(conn, keyring, identity, EventLogConfig())
-    try:
-        shredded = writer.shred(args.older_than * 3600)
-        epochs = shredded.epochs if shredded else 0
-        records = shredded.records if shredded else 0
-        through = shredded.through_seq if shredded else 0
-        event = LogPurged(reason="purge", older_than_hours=args.older_than, epochs=epochs,
-                          records=records, through_seq=through)
-        seqs, _ = writer.append([Entry.from_event(event)])
-        for _ in range(20):  # a reader beside us may hold the WAL for a moment
-            if not writer.wal_pending:
-                break
-            time.sleep(0.1)
-            writer.checkpoint()
-        if writer.wal_pending:
-            print("intercom: warning: a reader kept the WAL from being truncated; shredded "
-                  "page images stay in eventlog.db-wal until the next shred or the station's "
-                  "restart", file=sys.stderr)
-    finally:
-        writer.close()
-    print(f"shredded {epochs} epochs, {records} records"
-          + (f" (through seq {through})" if through else "") + f"; logged as seq {seqs[0]}")
+    answer = ask(station_dir(args), {"request": "log-purge", "hours": args.older_than})
+    through = answer["through_seq"]
+    print(f"shredded {answer['epochs']} epochs, {answer['records']} records"
+          + (f" (through seq {through})" if through else "")
+          + f"; logged as seq {answer['logged_seq']}")
     return 0
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """Print the newest checkpoint."""
-    state = state_dir(args)
+    state = station_dir(args)
     if not db_path(state).exists():
         raise NoLogError(f"no event log at {db_path(state)}")
     conn = connect(db_path(state))

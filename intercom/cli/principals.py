@@ -1,7 +1,9 @@
 """``intercom principals``: register, list, show, revoke and reset who may unlock.
 
-It acts on ``STATE_DIR/principals.db`` directly, so it works with or without a running
-station; a running station sees each change within a second (and at the next command).
+A running station makes each change itself (asked over its control socket), so it
+takes effect at once: a revoked principal's commands are denied and its devices
+dropped. With no station running, this command makes the change under the state
+directory's instance lock, through the same registry.
 """
 
 from __future__ import annotations
@@ -9,27 +11,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import segno
 
-from intercom.cli.common import add_state_dir, state_dir
+from intercom.cli.common import add_state_dir, ask, station_dir
 from intercom.config import PrivacyConfig
 from intercom.errors import IntercomError
-from intercom.events import PrivilegedAction
-from intercom.privacy.audit import local_actor, log_action
-from intercom.security import totp
-from intercom.security.limits import Limits
-from intercom.security.principals import (
-    Principal,
-    PrincipalError,
-    Role,
-    public_jwk_from_file,
-)
-from intercom.security.store import DB_NAME, Guard, PrincipalStore
+from intercom.security.principals import Role, public_jwk_from_file
 
 RELATIVE = re.compile(r"^\+(\d+)([mhd])$")
 UNITS = {"m": 60, "h": 3600, "d": 86400}
@@ -44,8 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "principals",
         help="manage who may send unlock commands",
         description="Register, list, show, revoke and reset the principals whose signed "
-        "commands may unlock the door. Acts on the state directory's principals.db; a "
-        "running station picks changes up by itself.",
+        "commands may unlock the door. A running station makes each change at once; "
+        "with none running, the command makes it under the state directory's lock.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -104,13 +96,6 @@ def show_time(value: float | None) -> str:
     return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _open(args: argparse.Namespace, create: bool = False) -> PrincipalStore:
-    folder = state_dir(args)
-    if not create and not (folder / DB_NAME).exists():
-        raise IntercomError(f"no principals in {folder} (add one with 'principals add')")
-    return PrincipalStore(folder)
-
-
 def cmd_add(args: argparse.Namespace) -> int:
     """Register a principal; print its id and TOTP enrolment."""
     now = time.time()
@@ -123,24 +108,15 @@ def cmd_add(args: argparse.Namespace) -> int:
     valid_until = parse_time(args.valid_until, now) if args.valid_until else None
     if role is Role.INSTALLER and valid_until is None:
         valid_until = valid_from + INSTALLER_DEFAULT_S
-    pid = args.id or f"{role.value}-{secrets.token_hex(3)}"
-    try:
-        principal = Principal(
-            id=pid, role=role, jwk=jwk, valid_from=valid_from, valid_until=valid_until,
-            flats=tuple(args.flat), doors=tuple(args.door), created_at=now,
-        )
-    except PrincipalError as exc:
-        raise IntercomError(str(exc)) from exc
-    secret = totp.new_secret()
-    store = _open(args, create=True)
-    try:
-        store.add(principal, secret)
-    finally:
-        store.close()
-    _audit(args, "principal-add", pid, role.value)
-    uri = totp.enrolment_uri(secret, pid, args.issuer)
-    print(f"added    {pid} ({role.value}{_scope(principal)}), {principal.key_kind} key")
-    print(f"valid    {show_time(valid_from)} .. {show_time(valid_until)}")
+    answer = ask(station_dir(args), {
+        "request": "principals", "action": "add", "role": role.value, "jwk": jwk,
+        "id": args.id, "flats": args.flat, "doors": args.door, "valid_from": valid_from,
+        "valid_until": valid_until, "issuer": args.issuer,
+    })
+    p = answer["principal"]
+    uri = str(answer["totp_uri"])
+    print(f"added    {p['id']} ({p['role']}{_scope(p)}), {p['key_kind']} key")
+    print(f"valid    {show_time(p['valid_from'])} .. {show_time(p['valid_until'])}")
     print("TOTP enrolment (shown once; scan it into the signer or an authenticator app):")
     print(uri)
     if not args.no_qr:
@@ -148,87 +124,52 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scope(p: Principal) -> str:
-    if p.flats:
-        return ", flats " + ",".join(p.flats)
-    if p.doors:
-        return ", doors " + ",".join(p.doors)
+def _scope(p: dict[str, Any]) -> str:
+    if p["flats"]:
+        return ", flats " + ",".join(p["flats"])
+    if p["doors"]:
+        return ", doors " + ",".join(p["doors"])
     return ""
-
-
-def _state(p: Principal, guard: Guard | None, now: float) -> str:
-    if reason := p.inactive_reason(now):
-        return reason.removeprefix("principal ")
-    if guard is not None and guard.failures >= Limits().lockout_after:
-        return "locked out"
-    return "active"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print one line per principal."""
-    store = _open(args)
-    try:
-        principals, guards = store.principals(), store.guards()
-    finally:
-        store.close()
-    now = time.time()
+    answer = ask(station_dir(args), {"request": "principals", "action": "list"})
     print(f"{'ID':<24} {'ROLE':<9} {'SCOPE':<16} {'KEY':<7} {'VALID UNTIL':<20} STATE")
-    for p in principals:
-        scope = ",".join(p.flats or p.doors) or "*"
+    for p in answer["principals"]:
+        scope = ",".join(p["flats"] or p["doors"]) or "*"
         print(
-            f"{p.id:<24} {p.role.value:<9} {scope:<16} {p.key_kind:<7} "
-            f"{show_time(p.valid_until):<20} {_state(p, guards.get(p.id), now)}"
+            f"{p['id']:<24} {p['role']:<9} {scope:<16} {p['key_kind']:<7} "
+            f"{show_time(p['valid_until']):<20} {p['state']}"
         )
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print one principal's record (never its secret)."""
-    store = _open(args)
-    try:
-        p, guard = store.get(args.id), store.guards().get(args.id)
-    finally:
-        store.close()
-    if p is None:
-        raise IntercomError(f"no principal {args.id!r}")
-    print(f"id           {p.id}")
-    print(f"role         {p.role.value}{_scope(p)}")
-    print(f"key          {p.key_kind}, JWK thumbprint {p.key.thumbprint()}")
-    print(f"algorithms   {', '.join(sorted(p.algorithms))}")
-    print(f"valid        {show_time(p.valid_from)} .. {show_time(p.valid_until)}")
-    print(f"revoked      {show_time(p.revoked_at)}")
-    print(f"state        {_state(p, guard, time.time())}")
-    if guard is not None:
-        print(f"failures     {guard.failures} consecutive TOTP failures")
+    answer = ask(station_dir(args), {"request": "principals", "action": "show", "id": args.id})
+    p = answer["principal"]
+    print(f"id           {p['id']}")
+    print(f"role         {p['role']}{_scope(p)}")
+    print(f"key          {p['key_kind']}, JWK thumbprint {p['thumbprint']}")
+    print(f"algorithms   {', '.join(p['algorithms'])}")
+    print(f"valid        {show_time(p['valid_from'])} .. {show_time(p['valid_until'])}")
+    print(f"revoked      {show_time(p['revoked_at'])}")
+    print(f"state        {p['state']}")
+    if p["failures"]:
+        print(f"failures     {p['failures']} consecutive TOTP failures")
     return 0
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    """Revoke a principal."""
-    store = _open(args)
-    try:
-        changed = store.revoke(args.id, time.time())
-    finally:
-        store.close()
-    if changed:
-        _audit(args, "principal-revoke", args.id)
-    print(f"revoked  {args.id}" if changed else f"{args.id} was revoked already")
+    """Revoke a principal: denied, disconnected and no longer rung, at once."""
+    answer = ask(station_dir(args), {"request": "principals", "action": "revoke", "id": args.id})
+    print(f"revoked  {args.id}" if answer["changed"] else f"{args.id} was revoked already")
     return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
     """Clear a principal's failure count and lockout."""
-    store = _open(args)
-    try:
-        store.reset_guard(args.id)
-    finally:
-        store.close()
-    _audit(args, "principal-reset", args.id)
+    ask(station_dir(args), {"request": "principals", "action": "reset", "id": args.id})
     print(f"reset    {args.id}: TOTP failures cleared")
     return 0
-
-
-def _audit(args: argparse.Namespace, action: str, target: str, detail: str = "") -> None:
-    """Log who did a privileged change, in the event log (when the station has one)."""
-    event = PrivilegedAction(actor=local_actor(), action=action, target=target, detail=detail)
-    log_action(state_dir(args), event)

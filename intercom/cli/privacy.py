@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from intercom.cli.common import add_state_dir, state_dir
+from intercom.cli.common import add_state_dir, ask, state_dir, station_dir
 from intercom.cli.principals import show_time
 from intercom.config import DEFAULT_CONFIG, PrivacyConfig, Settings
 from intercom.control import SOCKET_NAME, request_sync
 from intercom.errors import IntercomError
-from intercom.events import PrivilegedAction
-from intercom.security.principals import Role
-from intercom.security.store import DB_NAME, PrincipalStore
 
 ZONE_COLOUR = (0, 255, 0)  # BGR: the outline drawn over the masked zones
 MAX_EXTEND_HOURS = 24 * 30
@@ -169,6 +165,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     """Write the readable snapshots for one audience."""
     from intercom.privacy.dsr import open_reader  # noqa: PLC0415
     from intercom.privacy.snapshots import read_snapshots  # noqa: PLC0415
+    from intercom.safefiles import make_private_dir, write_new  # noqa: PLC0415
 
     if args.audience == "resident" and not args.flat:
         raise IntercomError("--for resident needs --flat: a resident sees only their flat's")
@@ -176,14 +173,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     if reader is None:
         raise IntercomError("no event log in the state directory")
     flats = frozenset(args.flat) if args.flat else None
-    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(args.out)  # new, 0700: an existing folder or link is refused
     count = 0
     try:
         for snap in read_snapshots(reader, args.audience, flats=flats):
-            path = args.out / f"snapshot-{snap.seq}.jpg"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(snap.jpeg)
+            path = write_new(args.out, f"snapshot-{snap.seq}.jpg", snap.jpeg)
             count += 1
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snap.at))
             print(f"{path}  {when}  flat {snap.flat}" + ("  (redacted)" if snap.redacted else ""))
@@ -195,47 +189,42 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export what is held about a principal."""
-    from intercom.privacy.dsr import export_principal  # noqa: PLC0415
+    from intercom.privacy.dsr import export_principal, registry_entry  # noqa: PLC0415
 
-    report = export_principal(state_dir(args), args.principal, args.out, _actor())
+    state = station_dir(args)
+    try:
+        shown = ask(state, {"request": "principals", "action": "show", "id": args.principal})
+        entry: dict[str, Any] | None = registry_entry(shown["principal"])
+    except IntercomError as exc:
+        if not str(exc).startswith("no principal"):
+            raise
+        entry = None
+    report = export_principal(state, args.principal, args.out, _actor(), entry)
     if not report.found:
         print(f"nothing is held about {args.principal}; wrote an empty export to {args.out}")
         return 0
+    answer = ask(state, {"request": "audit", "action": "export", "target": args.principal,
+                         "known": True,
+                         "detail": f"{report.events} events, {report.snapshots} snapshots"})
     print(f"exported {args.principal} to {args.out}: registry entry, {report.events} events, "
-          f"{report.snapshots} snapshots" + _logged(report.logged_seq))
+          f"{report.snapshots} snapshots" + _logged(answer.get("logged_seq")))
     return 0
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
     """Erase a principal."""
-    from intercom.privacy.dsr import erase_principal  # noqa: PLC0415
-
-    report = erase_principal(state_dir(args), args.principal, _actor())
-    if not report.registry and not report.log_key:
+    answer = ask(station_dir(args), {"request": "erase", "id": args.principal})
+    if not answer["registry"] and not answer["log_key"]:
         raise IntercomError(f"nothing is held about {args.principal}: nothing erased")
     print(f"erased {args.principal}: "
-          + ("registry entry deleted, " if report.registry else "no registry entry, ")
-          + ("event-log key destroyed" if report.log_key else "no event-log key")
-          + _logged(report.logged_seq))
+          + ("registry entry deleted, " if answer["registry"] else "no registry entry, ")
+          + ("event-log key destroyed" if answer["log_key"] else "no event-log key")
+          + _logged(answer.get("logged_seq")))
     return 0
 
 
 def _logged(seq: int | None) -> str:
     return f"; logged as seq {seq}" if seq is not None else "; NOT logged (no event log)"
-
-
-def _store(state: Path) -> PrincipalStore:
-    if not (state / DB_NAME).exists():  # never make a registry where there is none
-        raise IntercomError(f"no principals in {state}")
-    return PrincipalStore(state)
-
-
-def _installer(store: PrincipalStore, pid: str) -> None:
-    principal = store.get(pid)
-    if principal is None:
-        raise IntercomError(f"no principal {pid!r}")
-    if principal.role is not Role.INSTALLER:
-        raise IntercomError(f"{pid} is a {principal.role.value}, not an installer")
 
 
 def cmd_installer_extend(args: argparse.Namespace) -> int:
@@ -244,20 +233,11 @@ def cmd_installer_extend(args: argparse.Namespace) -> int:
         args.hours = _installer_hours(args.config)
     if not 0 < args.hours <= MAX_EXTEND_HOURS:
         raise IntercomError(f"--hours: more than 0, at most {MAX_EXTEND_HOURS}")
-    from intercom.privacy.audit import log_action  # noqa: PLC0415
-
-    state = state_dir(args)
     until = time.time() + args.hours * 3600
-    store = _store(state)
-    try:
-        _installer(store, args.id)
-        store.set_valid_until(args.id, until)
-        store.sync()  # durable before it is reported done
-    finally:
-        store.close()
-    seq = log_action(state, PrivilegedAction(actor=_actor(), action="installer-extend",
-                                             target=args.id, detail=f"until {show_time(until)}"))
-    print(f"installer {args.id} valid until {show_time(until)}" + _logged(seq))
+    answer = ask(station_dir(args), {"request": "installer", "action": "extend", "id": args.id,
+                                     "until": until})
+    print(f"installer {args.id} valid until {show_time(until)}"
+          + _logged(answer.get("logged_seq")))
     return 0
 
 
@@ -273,19 +253,9 @@ def _installer_hours(config: Path | None) -> float:
 
 def cmd_installer_revoke(args: argparse.Namespace) -> int:
     """Revoke an installer."""
-    from intercom.privacy.audit import log_action  # noqa: PLC0415
-
-    state = state_dir(args)
-    store = _store(state)
-    try:
-        _installer(store, args.id)
-        changed = store.revoke(args.id, time.time())
-        store.sync()
-    finally:
-        store.close()
-    if not changed:
+    answer = ask(station_dir(args), {"request": "installer", "action": "revoke", "id": args.id})
+    if not answer["changed"]:
         print(f"{args.id} was revoked already")
         return 0
-    seq = log_action(state, PrivilegedAction(actor=_actor(), action="revoke", target=args.id))
-    print(f"revoked installer {args.id}" + _logged(seq))
+    print(f"revoked installer {args.id}" + _logged(answer.get("logged_seq")))
     return 0

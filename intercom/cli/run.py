@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from intercom.config import (
     wiring_warnings,
 )
 from intercom.logsetup import setup_logging
+from intercom.statedir import CONFIG_ENV, STATE_ENV, resolve
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,14 +33,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--config",
         type=Path,
         default=None,
-        help=f"config file (default {DEFAULT_CONFIG}; optional with --simulate)",
+        help=f"config file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG}; optional with "
+        "--simulate, which then keeps its wiring and web port)",
     )
     run.add_argument(
         "--state-dir",
         type=Path,
         default=None,
-        help="state directory, overriding station.state_dir "
-        f"(default with --simulate: {SIM_STATE_DIR})",
+        help=f"state directory (default ${STATE_ENV}, else the config's station.state_dir, "
+        f"else /var/lib/intercom; with --simulate {SIM_STATE_DIR})",
     )
     run.add_argument(
         "--simulate",
@@ -76,14 +79,14 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
 
 def _settings_for(args: argparse.Namespace) -> Settings:
+    config = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     if args.simulate:
-        base = load_settings(args.config) if args.config else None
-        state_dir = args.state_dir or (base.station.state_dir if base else SIM_STATE_DIR)
-        return simulated_settings(Path(state_dir), base)
-    settings = load_settings(args.config or DEFAULT_CONFIG)
-    if args.state_dir:
-        settings = settings.with_state_dir(Path(args.state_dir))
-    return settings
+        base = load_settings(config) if config else None
+        where = resolve(args.state_dir, config, simulate=True, settings=base)
+        return simulated_settings(where.state_dir, base)
+    settings = load_settings(config or DEFAULT_CONFIG)
+    where = resolve(args.state_dir, config or DEFAULT_CONFIG, settings=settings)
+    return settings.with_state_dir(where.state_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     sim.add_argument("action", choices=ACTIONS)
     sim.add_argument("--button", help="button name or flat to press (default: the first)")
-    add_state_dir(sim)
+    add_state_dir(sim, simulate=True)
     sim.set_defaults(func=cmd_sim)
 
 

@@ -16,6 +16,7 @@ replaces one.
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import hashlib
 import json
@@ -33,15 +34,18 @@ from typing import Any, NoReturn
 import tomli_w
 
 from intercom import __version__
-from intercom.calls.pairing import spool_code
 from intercom.config import Settings, parse_settings
 from intercom.deploy.tlscert import load_or_create_tls
 from intercom.errors import ConfigError, IntercomError
 from intercom.eventlog.keys import create_master_key, master_key_source
-from intercom.identity import load_or_create_identity
+from intercom.events import EventBus
+from intercom.identity import create_identity
+from intercom.security.pairingcodes import spool_code
 from intercom.security.principals import Principal, Role, public_jwk_from_file
-from intercom.security.store import PrincipalStore
+from intercom.security.registry import Registry
+from intercom.security.secretbox import create_key
 from intercom.security.totp import enrolment_uri, new_secret
+from intercom.statedir import InstanceLock
 
 INSTALLER_FILE = "intercom.toml"
 ERROR_FILE = "intercom-error.txt"
@@ -95,6 +99,15 @@ def _scrub(path: Path) -> None:
         os.close(dir_fd)
 
 
+def keys_only(problems: list[str]) -> list[str]:
+    """Config problems without the values they echo: first boot's output names keys only.
+
+    Its error file lands on the FAT boot partition and its messages in the journal; a
+    secret given with the wrong type (a TURN credential as a number) must not follow.
+    """
+    return [line.split(", got ", 1)[0] for line in problems]
+
+
 def wpa_psk(ssid: str, passphrase: str) -> str:
     """The WPA2 pre-shared key wpa_supplicant derives from a passphrase (hex)."""
     if not 8 <= len(passphrase) <= 63:
@@ -146,9 +159,18 @@ class FirstBoot:
             raise IntercomError(
                 f"no {config} and no installer file {installer}: nothing to provision from"
             )
-        settings = parse_settings(config.read_text(), source=str(config))
+        try:
+            settings = parse_settings(config.read_text(), source=str(config))
+        except ConfigError as exc:  # for the journal: keys, never values
+            raise ConfigError(keys_only(exc.problems)) from None
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        identity = load_or_create_identity(self.state_dir)
+        with InstanceLock(self.state_dir, "cli"):  # no station runs beside first boot
+            return self._provision(settings, extra, took_file)
+
+    def _provision(self, settings: Any, extra: dict[str, Any], took_file: bool) -> Report:
+        """Make the keys, the installer and the first pairing code (under the lock)."""
+        identity = create_identity(self.state_dir)  # first boot is one of the key makers
+        create_key(self.state_dir)
         tls, made = load_or_create_tls(self.state_dir, settings.station.id)
         self.report.add(f"station {settings.station.id}, intercom {__version__}")
         self.report.add(f"station key fingerprint {identity.fingerprint}")
@@ -207,6 +229,7 @@ class FirstBoot:
 
     def _reject(self, installer: Path, raw: bytes, problems: list[str]) -> NoReturn:
         """Keep a bad installer file root-only, leave the reasons on the boot partition."""
+        problems = keys_only(problems)
         _write_private(self.etc_dir / "installer-rejected.toml", raw)
         _scrub(installer)
         (self.boot_dir / ERROR_FILE).write_text(
@@ -214,7 +237,7 @@ class FirstBoot:
             + "".join(f"  {p}\n" for p in problems)
             + "Fix it and put a corrected intercom.toml here.\n"
         )
-        raise ConfigError(problems)
+        raise ConfigError(problems) from None  # the cause would carry the values
 
     def _first_pairing_code(self, settings: Settings, section: Any, fingerprint: str) -> None:
         """Spool the first pairing code for the station to take when it starts."""
@@ -242,23 +265,32 @@ class FirstBoot:
             raise ConfigError([f"installer.valid_hours: 1 to {MAX_INSTALLER_HOURS}"])
         now = self.now()
         pid = f"installer-{time.strftime('%Y%m%d', time.gmtime(now))}"
-        store = PrincipalStore(self.state_dir)
-        try:
-            if store.get(pid) is not None:
-                self.report.add(f"installer principal {pid} exists already; unchanged")
-                return
-            principal = Principal(
-                id=pid, role=Role.INSTALLER,
-                jwk=public_jwk_from_file(section["public_key"].encode()),
-                valid_from=now, valid_until=now + hours * 3600, created_at=now,
-            )
-            secret = new_secret()
-            store.add(principal, secret)
-        finally:
-            store.close()
+        principal = Principal(
+            id=pid, role=Role.INSTALLER,
+            jwk=public_jwk_from_file(section["public_key"].encode()),
+            valid_from=now, valid_until=now + hours * 3600, created_at=now,
+        )
+        secret = new_secret()
+        if not asyncio.run(self._register(principal, secret)):
+            self.report.add(f"installer principal {pid} exists already; unchanged")
+            return
         until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now + hours * 3600))
         self.report.add(f"installer principal {pid}, valid until {until}")
         self.report.add(f"enrol its TOTP: {enrolment_uri(secret, pid, f'intercom {station_id}')}")
+
+    async def _register(self, principal: Principal, secret: str) -> bool:
+        """Add the installer through the registry; False when the id exists already."""
+        registry = Registry.for_state_dir(
+            self.state_dir, create_key(self.state_dir), EventBus(), create=True
+        )
+        await registry.open()
+        try:
+            if registry.get(principal.id) is not None:
+                return False
+            await registry.add(principal, secret, actor="local:first-boot")
+            return True
+        finally:
+            await registry.close()
 
     def _hand_over(self) -> None:
         """Give the state folder to the daemon's user and the config to its group."""

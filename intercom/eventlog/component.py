@@ -42,6 +42,8 @@ class EventLog:
         clock: Callable[[], float] = time.time,
         *,
         retention_poll_s: float = RETENTION_POLL_S,
+        create: bool = True,
+        retention: bool = True,
     ) -> None:
         self.state_dir = state_dir
         self.identity = identity
@@ -49,6 +51,8 @@ class EventLog:
         self.config = config
         self.clock = clock
         self.retention_poll_s = retention_poll_s
+        self.create = create  # False: a command's own log access; never a new log
+        self.retention = retention  # False: a command's, which knows no retention setting
         self._last_seq = 0
         self._thread: WriterThread | None = None
         self._reader: LogReader | None = None
@@ -63,7 +67,7 @@ class EventLog:
         """Open (or create) the log, subscribe to the bus, enforce retention."""
         self._loop = asyncio.get_running_loop()
         conn, keyring = await asyncio.to_thread(
-            open_log, self.state_dir, create=True, epoch_s=self.config.epoch_minutes * 60
+            open_log, self.state_dir, create=self.create, epoch_s=self.config.epoch_minutes * 60
         )
         writer = LogWriter(conn, keyring, self.identity, self.config, self.clock)
         if writer.epoch_s != self.config.epoch_minutes * 60:
@@ -77,6 +81,9 @@ class EventLog:
         self._thread = WriterThread(writer, self._deliver_threadsafe)
         self._thread.start()
         self._unsubscribe = self.bus.on(self._on_event)
+        if not self.retention:
+            log.info("event log open at seq %d", self._last_seq)
+            return
         try:
             await self.enforce_retention()
         except EventLogError as exc:  # the log still takes events; the timer retries
@@ -175,6 +182,18 @@ class EventLog:
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest signed checkpoint as JSON."""
         return None if self._latest is None else self._latest.to_dict()
+
+    async def flush(self) -> int:
+        """Wait until every event published so far is durable; the last seq."""
+        await self._submit(Kind.CHECKPOINT)  # the writer takes operations in order
+        return self._last_seq
+
+    async def shred(self, older_than_s: float) -> Shredded | None:
+        """Shred every epoch that ended more than ``older_than_s`` ago (not logged here)."""
+        shredded: Shredded | None = await self._submit(Kind.SHRED, older_than_s)
+        if shredded is not None:
+            self._shredded += shredded.records
+        return shredded
 
     async def erase_principal(self, principal_id: str) -> bool:
         """Destroy a principal's key; False when the log holds none for them."""

@@ -1,7 +1,8 @@
 """The master key and the epoch and principal keys it wraps.
 
 The master key (32 random bytes) comes from a systemd credential when
-``$CREDENTIALS_DIRECTORY/eventlog.key`` exists, else from ``STATE_DIR/keys/eventlog.key``
+``$CREDENTIALS_DIRECTORY/intercom_eventlog.key`` exists (the unit's ``LoadCredential=intercom:DIR``
+names ``DIR/eventlog.key`` so), else from ``STATE_DIR/keys/eventlog.key``
 (mode 0600). It never encrypts a record: it wraps one random key per epoch and one per
 principal, which live in the database and are deleted to shred what they encrypted.
 """
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from intercom.eventlog.errors import MasterKeyError
-from intercom.identity import key_dir, write_secret
+from intercom.identity import credential, key_dir, write_secret
 
 MASTER_KEY_FILE = "eventlog.key"
 CREDENTIAL_NAME = "eventlog.key"
@@ -41,12 +42,10 @@ class MasterKeySource:
 
 
 def master_key_source(state_dir: Path) -> MasterKeySource:
-    """The systemd credential when present, else the file in the state dir."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        path = Path(creds) / CREDENTIAL_NAME
-        if path.exists():
-            return MasterKeySource(path, credential=True)
+    """The systemd credential (``intercom_eventlog.key``) when present, else the state dir's."""
+    path = credential(CREDENTIAL_NAME)
+    if path is not None:
+        return MasterKeySource(path, credential=True)
     return MasterKeySource(state_dir / "keys" / MASTER_KEY_FILE, credential=False)
 
 
@@ -82,7 +81,7 @@ def read_master_key(source: MasterKeySource) -> bytes:
 
 def create_master_key(state_dir: Path) -> bytes:
     """Make a new master key file atomically (never over an existing one)."""
-    path = key_dir(state_dir) / MASTER_KEY_FILE
+    path = key_dir(state_dir, create=True) / MASTER_KEY_FILE
     key = os.urandom(KEY_BYTES)
     try:
         write_secret(path, key)

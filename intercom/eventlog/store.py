@@ -114,8 +114,13 @@ def open_log(
         if not create:
             raise NoLogError(f"no event log at {path}")
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    conn = connect(path)
+        old = os.umask(0o177)  # SQLite makes the file (and its -wal/-shm) 0600
+        try:
+            conn = connect(path)
+        finally:
+            os.umask(old)
+    else:
+        conn = connect(path)
     try:
         keyring = _open_keyring(conn, state_dir, create=create, epoch_s=epoch_s)
     except BaseException:

@@ -1,10 +1,10 @@
 """The lock relay: timed pulses, a hard maximum open time, off on stop and on crash.
 
-The relay is energised only through ``pulse`` (a granted unlock) or ``energise`` (hold
-until ``release``). Whatever the caller does afterwards, an independent guard thread
-releases the relay once it has been energised for ``max_open_s`` without a break: a
-caller that never releases, a task that crashes mid-pulse, even a blocked event loop
-cannot hold the door open longer.
+The relay is energised only through ``pulse``, and only the command verifier holds the
+lock (the station hands it to nobody else). Whatever happens afterwards, an independent
+guard thread releases the relay once it has been energised for ``max_open_s`` without a
+break: a pulse whose timer never fires, a task that crashes mid-pulse, even a blocked
+event loop cannot hold the door open longer.
 
 What happens when the process dies: ``close`` runs on a clean stop and from ``atexit``;
 on SIGKILL or a power cut the GPIO line is released and goes back to its power-on
@@ -104,15 +104,6 @@ class Lock:
             self._timer.cancel()
         self._timer = self._loop.call_later(remaining, self.release, "pulse ended")
         return remaining
-
-    def energise(self, reason: str) -> None:
-        """Energise until ``release``; the guard releases it after ``max_open_s``."""
-        with self._mutex:
-            if self._closed:
-                return
-            now = self._clock()
-            self._energise_locked(reason, now)
-            self._release_at = self._opened_at + self.config.max_open_s
 
     def _energise_locked(self, reason: str, now: float) -> None:
         self.last_unlocked_at = now

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from intercom.config import MqttConfig
+from intercom.config import MqttConfig, Settings
 from intercom.errors import ConfigError
 from intercom.events import EVENT_TYPES, DoorbellPressed, Event, EventBus
 from intercom.mqtt.cursor import Cursor
@@ -29,6 +29,7 @@ from intercom.mqtt.discovery import discovery_messages
 from intercom.mqtt.link import MqttLink
 from intercom.mqtt.topics import Topics, default_prefix
 from intercom.security.limits import TokenBucket
+from intercom.security.verifier import Context
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,18 @@ class EventSource(Protocol):
 class DecisionLike(Protocol):
     """What the bridge reads of a verifier's decision."""
 
-    granted: bool
-    jti: str | None
+    @property
+    def granted(self) -> bool:
+        """Whether the command was granted."""
+
+    @property
+    def jti(self) -> str | None:
+        """The command's id, when it had one."""
 
 
-class CommandVerifier(Protocol):
-    """The one verifier every command goes through."""
-
-    async def submit(self, token: str | bytes, via: str) -> Any:
-        """Check a token; on grant pulse the lock. Never raises on bad input."""
+MQTT_CONTEXT = Context("mqtt")
+# The one verifier's ``submit(token, context)``: every command goes through it.
+Submit = Callable[[Any, Context], Awaitable[DecisionLike]]
 
 
 def event_json(event: LoggedEventLike) -> bytes:
@@ -110,7 +114,7 @@ class MqttBridge:
         state_dir: Path,
         bus: EventBus,
         eventlog: EventSource | None,
-        verifier: CommandVerifier | None,
+        submit: Submit | None,
         door: str,
         initial_state: Callable[[], dict[str, str]] | None = None,
     ) -> None:
@@ -122,7 +126,7 @@ class MqttBridge:
         )
         self._bus = bus
         self._log = eventlog
-        self._verifier = verifier
+        self._submit = submit
         self._door = door
         self._initial_state = initial_state
         self.cursor = Cursor(state_dir / CURSOR_FILE)
@@ -317,11 +321,11 @@ class MqttBridge:
             task.add_done_callback(self._tasks.discard)
 
     async def _decide(self, token: str | bytes) -> tuple[bool, str | None]:
-        if self._verifier is None:
+        if self._submit is None:
             log.warning("mqtt command refused: this station has no command verifier")
             return False, None
         try:
-            decision = await self._verifier.submit(token, "mqtt")
+            decision = await self._submit(token, MQTT_CONTEXT)
         except Exception:
             log.exception("the verifier failed on an MQTT command; denied")
             return False, None
@@ -349,24 +353,23 @@ class MqttBridge:
             await client.publish(topic, answer, qos=0, properties=props)
 
 
-def mqtt_bridge(station: Any) -> MqttBridge:
-    """The bridge for a station, with its event log and verifier (when it has them)."""
-    settings = station.settings
+def mqtt_bridge(
+    settings: Settings,
+    bus: EventBus,
+    eventlog: EventSource | None,
+    submit: Submit | None,
+    initial_state: Callable[[], dict[str, str]] | None = None,
+) -> MqttBridge:
+    """The bridge of a station's settings, with its event log and verifier's ``submit``."""
     if settings.mqtt is None:
         raise ConfigError(["mqtt: the section is missing"])
-
-    def initial_state() -> dict[str, str]:
-        door = station.contact.state.value if station.contact is not None else "unknown"
-        lock = station.lock.state.value if station.lock is not None else "locked"
-        return {"lock": lock, "door": door}
-
     return MqttBridge(
         settings.mqtt,
-        station.id,
-        station.state_dir,
-        station.bus,
-        getattr(station, "eventlog", None),
-        getattr(station, "verifier", None),
+        settings.station.id,
+        settings.station.state_dir,
+        bus,
+        eventlog,
+        submit,
         settings.hardware.relay.door,
         initial_state,
     )

@@ -9,14 +9,19 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from intercom.errors import CommandRefusedError
-from intercom.events import Event, PrincipalPaired, PrivilegedAction
+from intercom.events import Event, EventBus, PrincipalPaired, PrivilegedAction
 from intercom.privacy.audit import CONFIG_ACTOR, PAIRING_ACTOR
 from intercom.privacy.camera import still_frame
 from intercom.privacy.snapshots import Snapshots
 
 if TYPE_CHECKING:
-    from intercom.station import Station
+    from collections.abc import Awaitable, Callable
+
+    from intercom.config import Settings
+    from intercom.eventlog import EventLog
+    from intercom.media import CameraSource
+
+    Register = Callable[[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]], None]
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +35,28 @@ class Privacy:
 
     name = "privacy"
 
-    def __init__(self, station: Station) -> None:
-        self.station = station
-        self.config = station.settings.privacy
+    def __init__(
+        self,
+        settings: Settings,
+        bus: EventBus,
+        camera: CameraSource,
+        eventlog: EventLog,
+        register: Register,
+    ) -> None:
+        self.settings = settings
+        self.config = settings.privacy
+        self._bus = bus
+        self._camera = camera
+        self._register = register
         # Shredding runs even with snapshots switched off: earlier ones still expire.
-        self.snapshots = Snapshots(station)
+        self.snapshots = Snapshots(settings, bus, camera, eventlog)
         self._unsubscribe: Any = None
 
     async def start(self) -> None:
         """Audit a changed config; start taking snapshots when they are switched on."""
         self._audit_config()
-        self._unsubscribe = self.station.bus.on(self._on_event)
-        self.station.control.register("privacy-preview", self._preview_request)
+        self._unsubscribe = self._bus.on(self._on_event)
+        self._register("privacy-preview", self._preview_request)
         await self.snapshots.start(take=self.config.snapshots)
 
     async def stop(self) -> None:
@@ -53,9 +68,7 @@ class Privacy:
 
     async def _preview_request(self, _request: dict[str, Any]) -> dict[str, Any]:
         """One frame as the outputs get it (zones masked), JPEG, and the zones to outline."""
-        camera = self.station.camera
-        if camera is None:
-            raise CommandRefusedError("the station has no camera open")
+        camera = self._camera
         from intercom.privacy.redact import frame_to_jpeg  # noqa: PLC0415
 
         frame = await asyncio.wait_for(still_frame(camera), PREVIEW_TIMEOUT_S)
@@ -69,14 +82,14 @@ class Privacy:
             # user), so that is who let this device pair.
             action = PrivilegedAction(actor=PAIRING_ACTOR, action="pair",
                                       target=event.principal, detail=f"flat {event.flat}")
-            asyncio.get_running_loop().call_soon(self.station.bus.publish, action)
+            self._bus.publish(action)  # delivered after the PrincipalPaired, in order
 
     def _audit_config(self) -> None:
         """Log a PrivilegedAction when the settings differ from the last start's."""
-        settings = self.station.settings.model_copy(update={"simulated": False})
+        settings = self.settings.model_copy(update={"simulated": False})
         # The JSON dump masks secrets; the digest shows that something changed, not what.
         digest = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
-        path = self.station.state_dir / CONFIG_DIGEST_FILE
+        path = self.settings.station.state_dir / CONFIG_DIGEST_FILE
         try:
             old = path.read_text().strip()
         except FileNotFoundError:
@@ -93,7 +106,7 @@ class Privacy:
         tmp.replace(path)
         action = "config-change" if old else "config-first-use"
         detail = f"sha256 {old[:16] or '-'} -> {digest[:16]}"
-        self.station.bus.publish(PrivilegedAction(actor=CONFIG_ACTOR, action=action,
+        self._bus.publish(PrivilegedAction(actor=CONFIG_ACTOR, action=action,
                                                   detail=detail))
 
     def status(self) -> dict[str, Any]:

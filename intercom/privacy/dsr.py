@@ -5,30 +5,24 @@ and (for a resident) the snapshots of rings of their flats, as JSON and JPEG fil
 Erase deletes the registry entry (public key, TOTP secret, guards) and destroys the
 principal's key in the event log: their personal fields become unreadable in every
 record, while the records themselves, and so the hash chain and ``log verify``, stay.
-Both are logged as a PrivilegedAction naming who did them.
+Both are logged as a PrivilegedAction naming who did them. The registry entry and the
+erase go through the station (``intercom.admin``): the running one, or the command
+itself under the instance lock; the event log is read here through SQLite.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from intercom.config import EventLogConfig
-from intercom.errors import IntercomError
 from intercom.eventlog.errors import NoLogError
 from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import open_log
-from intercom.eventlog.writer import LogWriter
-from intercom.events import PrivilegedAction
-from intercom.identity import load_or_create_identity
-from intercom.privacy.audit import log_action
 from intercom.privacy.snapshots import read_snapshots
-from intercom.security.principals import Principal, Role
-from intercom.security.store import DB_NAME, PrincipalStore
+from intercom.safefiles import make_private_dir, write_new
 
 
 @dataclass
@@ -42,29 +36,15 @@ class ExportReport:
     logged_seq: int | None = None
 
 
-@dataclass
-class EraseReport:
-    """What an erase destroyed."""
-
-    registry: bool
-    log_key: bool
-    logged_seq: int | None = None
+REGISTRY_FIELDS = ("id", "role", "flats", "doors", "public_key", "valid_from", "valid_until",
+                   "revoked_at", "created_at")
 
 
-def registry_entry(principal: Principal) -> dict[str, Any]:
+def registry_entry(principal: dict[str, Any]) -> dict[str, Any]:
     """A principal's registry entry as JSON (the TOTP secret stays sealed, not exported)."""
-    return {
-        "id": principal.id,
-        "role": principal.role.value,
-        "flats": list(principal.flats),
-        "doors": list(principal.doors),
-        "public_key": principal.jwk,
-        "valid_from": principal.valid_from,
-        "valid_until": principal.valid_until,
-        "revoked_at": principal.revoked_at,
-        "created_at": principal.created_at,
-        "totp_secret": "held sealed at the station; not exported (a credential)",
-    }
+    entry = {k: principal.get(k) for k in REGISTRY_FIELDS}
+    entry["totp_secret"] = "held sealed at the station; not exported (a credential)"  # noqa: S105
+    return entry
 
 
 def open_reader(state_dir: Path) -> LogReader | None:
@@ -77,42 +57,34 @@ def open_reader(state_dir: Path) -> LogReader | None:
 
 
 def _write(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
+    return write_new(path.parent, path.name, data)  # a new 0600 file, never through a link
 
 
 def _json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def export_principal(state_dir: Path, pid: str, out: Path, actor: str) -> ExportReport:
-    """Write what is held about ``pid`` into ``out`` (made 0700); log who exported it."""
-    principal = None
-    if (state_dir / DB_NAME).exists():  # never make a registry where there is none
-        store = PrincipalStore(state_dir)
-        try:
-            principal = store.get(pid)
-        finally:
-            store.close()
+def export_principal(
+    state_dir: Path, pid: str, out: Path, actor: str, principal: dict[str, Any] | None
+) -> ExportReport:
+    """Write what is held about ``pid`` (``principal``: its registry entry) into ``out``.
+
+    The caller logs the export (``audit`` request) once it is written.
+    """
     reader = open_reader(state_dir)
     events: list[dict[str, Any]] = []
     snapshots = []
     try:
         if reader is not None:
             events = [e.to_dict() for e in reader.query(Query(principal=pid))]
-            if principal is not None and principal.role is Role.RESIDENT:
-                flats = frozenset(principal.flats)
+            if principal is not None and principal.get("role") == "resident":
+                flats = frozenset(principal.get("flats") or ())
                 snapshots = list(read_snapshots(reader, "resident", flats=flats))
     finally:
         if reader is not None:
             reader.conn.close()
     found = principal is not None or bool(events)
-    try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IntercomError(f"cannot make {out}: {exc.strerror or exc}") from exc
+    make_private_dir(out)  # new, 0700: an existing folder or link is refused
     report = ExportReport(found=found, events=len(events), snapshots=len(snapshots))
     manifest = {
         "principal": pid,
@@ -135,42 +107,4 @@ def export_principal(state_dir: Path, pid: str, out: Path, actor: str) -> Export
         report.files.append(_write(out / name, snap.jpeg))
         metas.append({**snap.meta(), "file": name})
     report.files.append(_write(out / "snapshots.json", _json(metas)))
-    # Name the target only when it exists: logging an unknown id would create data.
-    action = PrivilegedAction(actor=actor, action="export", target=pid if found else "",
-                              detail=f"{len(events)} events, {len(snapshots)} snapshots")
-    report.logged_seq = log_action(state_dir, action)
-    return report
-
-
-def erase_principal(state_dir: Path, pid: str, actor: str) -> EraseReport:
-    """Delete ``pid`` from the registry and destroy their key in the log; log the erase."""
-    registry = False
-    if (state_dir / DB_NAME).exists():
-        store = PrincipalStore(state_dir)
-        try:
-            registry = store.erase(pid)
-            store.sync()
-        finally:
-            store.close()
-    log_key = False
-    try:
-        conn, keyring = open_log(state_dir, create=False)
-    except NoLogError:
-        conn = None
-    if conn is not None:
-        writer = LogWriter(conn, keyring, load_or_create_identity(state_dir), EventLogConfig())
-        try:
-            log_key = writer.erase_principal(pid)
-        finally:
-            writer.close()
-    report = EraseReport(registry=registry, log_key=log_key)
-    if not registry and not log_key:
-        return report
-    # The erased id is not named: that would make new personal data about them.
-    detail = ("registry entry deleted; " if registry else "") + (
-        "event-log key destroyed" if log_key else "no event-log key held"
-    )
-    report.logged_seq = log_action(
-        state_dir, PrivilegedAction(actor=actor, action="erase", detail=detail)
-    )
     return report

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 from intercom.errors import IntercomError
 from intercom.eventlog.errors import EventLogError
 from intercom.eventlog.reader import LogReader, Query
-from intercom.events import DoorbellPressed, Event, SnapshotTaken
+from intercom.events import DoorbellPressed, Event, EventBus, SnapshotTaken
 from intercom.privacy.camera import still_frame
 
 if TYPE_CHECKING:
-    from intercom.station import Station
+    from intercom.config import Settings
+    from intercom.eventlog import EventLog
+    from intercom.media import CameraSource
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,14 @@ def read_snapshots(
 class Snapshots:
     """Takes a snapshot at each ring and shreds them after the retention time."""
 
-    def __init__(self, station: Station) -> None:
-        self.station = station
-        self.config = station.settings.privacy
+    def __init__(
+        self, settings: Settings, bus: EventBus, camera: CameraSource, eventlog: EventLog
+    ) -> None:
+        self.config = settings.privacy
+        self._log_retention_hours = settings.eventlog.retention_hours
+        self._bus = bus
+        self._camera = camera
+        self._eventlog = eventlog
         self.taken = 0
         self.failed = 0
         self._unsubscribe: Any = None
@@ -115,7 +122,7 @@ class Snapshots:
     async def start(self, *, take: bool = True) -> None:
         """Listen for rings (with ``take``); shred what is past retention, then each minute."""
         if take:
-            self._unsubscribe = self.station.bus.on(self._on_event)
+            self._unsubscribe = self._bus.on(self._on_event)
         self._retention = asyncio.create_task(self._retention_loop(), name="snapshot-retention")
 
     async def stop(self) -> None:
@@ -140,9 +147,7 @@ class Snapshots:
         """Store one frame for a ring; its seq, or None when it could not be taken."""
         from intercom.privacy.redact import frame_to_jpeg  # noqa: PLC0415
 
-        camera, eventlog = self.station.camera, self.station.eventlog
-        if camera is None or eventlog is None:
-            return None
+        camera, eventlog = self._camera, self._eventlog
         try:
             frame = await asyncio.wait_for(still_frame(camera), STILL_TIMEOUT_S)
             jpeg = await asyncio.to_thread(frame_to_jpeg, frame)
@@ -166,13 +171,11 @@ class Snapshots:
 
     async def shred_expired(self, now: float | None = None) -> int:
         """Destroy the keys of the hours past retention; how many buckets had one."""
-        eventlog = self.station.eventlog
-        if eventlog is None:
-            return 0
+        eventlog = self._eventlog
         now = time.time() if now is None else now
         last = last_expired_hour(now, self.config.snapshot_retention_hours)
         if self._checked_through is None:  # first run: as far back as the log keeps records
-            look_back = self.station.settings.eventlog.retention_hours + 48
+            look_back = self._log_retention_hours + 48
             self._checked_through = int((now - look_back * 3600) // BUCKET_S)
         shredded = 0
         for hour in range(self._checked_through + 1, last + 1):

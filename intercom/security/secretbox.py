@@ -1,14 +1,14 @@
 """AES-256-GCM encryption of secrets at rest (the principals' TOTP secrets).
 
-The 32-byte key comes from a systemd credential (``$CREDENTIALS_DIRECTORY/principals.key``)
-when the service has one, else from ``STATE_DIR/keys/principals.key`` (mode 0600), made
-on first use with ``intercom.identity.write_secret``.
+The 32-byte key comes from a systemd credential (``intercom_principals.key``, the name
+``LoadCredential=intercom:/etc/intercom/credentials`` gives ``principals.key``) when the
+service has one, else from ``STATE_DIR/keys/principals.key`` (mode 0600), made at the
+station's first start (``create_key``) and only read (``load_key``) everywhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from intercom.errors import IntercomError
-from intercom.identity import key_dir, write_secret
+from intercom.identity import MissingKeyError, credential, key_dir, write_secret
 
 KEY_NAME = "principals.key"
 KEY_BYTES = 32
@@ -29,19 +29,25 @@ class SecretBoxError(IntercomError):
 
 def key_path(state_dir: Path) -> Path:
     """Where the key is read from: the systemd credential if present, else the state dir."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / KEY_NAME).is_file():
-        return Path(creds) / KEY_NAME
-    return key_dir(state_dir) / KEY_NAME
+    return credential(KEY_NAME) or key_dir(state_dir) / KEY_NAME
 
 
-def load_or_create_key(state_dir: Path) -> bytes:
+def create_key(state_dir: Path) -> bytes:
     """The 32-byte key, made (0600) in ``STATE_DIR/keys`` when none exists yet."""
     path = key_path(state_dir)
     if not path.exists():
+        key_dir(state_dir, create=True)
         # FileExistsError: another process made it in the meantime.
         with contextlib.suppress(FileExistsError):
             write_secret(path, secrets.token_bytes(KEY_BYTES))
+    return load_key(state_dir)
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The 32-byte key; MissingKeyError when the station has not made it."""
+    path = key_path(state_dir)
+    if not path.exists():
+        raise MissingKeyError(f"no principals key {path}: the station makes it at its first start")
     try:
         key = path.read_bytes()
     except OSError as exc:

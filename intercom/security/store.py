@@ -1,9 +1,10 @@
 """``STATE_DIR/principals.db``: principals, sealed TOTP secrets, seen command ids, guards.
 
-One SQLite file (WAL) shared by the running station and the ``intercom principals``
-command. Commits are made with ``synchronous=NORMAL`` (no fsync on the event loop);
-the verifier calls ``sync`` in a worker thread before it answers. The station notices
-the command's changes through ``PRAGMA data_version``.
+One SQLite file (WAL, ``synchronous=FULL``: a commit is durable when it returns), with
+one owner: the running station's registry (``intercom.security.registry``), or a
+command run while no station runs, under the instance lock. Nothing else opens,
+closes, renames or syncs the file or its ``-wal``/``-shm``: SQLite does all of that.
+The calls here block (fsync); the registry runs them in its own thread.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from intercom.errors import IntercomError
 from intercom.security.principals import Principal, PrincipalError, Role
-from intercom.security.secretbox import SecretBox, load_or_create_key
+from intercom.security.secretbox import SecretBox
 
 DB_NAME = "principals.db"
 
@@ -66,17 +67,18 @@ class Guard:
 class PrincipalStore:
     """The principals database of one state directory."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, key: bytes, *, create: bool = False) -> None:
         self.path = state_dir / DB_NAME
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.box = SecretBox(load_or_create_key(state_dir))
-        old = os.umask(0o177)
+        if not create and not self.path.exists():
+            raise StoreError(f"no principals database {self.path}")
+        self.box = SecretBox(key)
+        old = os.umask(0o177)  # SQLite makes the file and its -wal/-shm: 0600
         try:
+            # One connection, used by one thread at a time (the registry's worker).
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 5000")
             self._db.execute("PRAGMA journal_mode = WAL")
-            # Commits reach the OS at once; ``sync`` makes them durable off the event loop.
-            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA synchronous = FULL")  # durable at each commit
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open {self.path}: {exc}") from exc
@@ -84,25 +86,8 @@ class PrincipalStore:
             os.umask(old)
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (SQLite checkpoints and removes the WAL when it may)."""
         self._db.close()
-
-    def sync(self) -> None:
-        """Make every commit so far durable (fsync the WAL); blocking, for a worker thread."""
-        for path in (self.path.with_name(DB_NAME + "-wal"), self.path):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # checkpointed and removed: the data is in the synced main file
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def data_version(self) -> int:
-        """Changes when another connection (the CLI) has committed since the last call."""
-        row = self._db.execute("PRAGMA data_version").fetchone()
-        return int(row[0])
 
     # --- principals --------------------------------------------------------------------
 
@@ -196,10 +181,11 @@ class PrincipalStore:
             "UPDATE guards SET failures = 0, blocked_until = 0 WHERE principal = ?", (pid,)
         )
 
-    def seen(self, jti: str) -> bool:
-        """Whether a command id was used before (and is still kept)."""
-        row = self._db.execute("SELECT 1 FROM seen_jti WHERE jti = ?", (jti,)).fetchone()
-        return row is not None
+    def seen(self, now: float) -> dict[str, float]:
+        """Every command id still kept (used before ``keep_until``), with its keeping time."""
+        rows = self._db.execute("SELECT jti, keep_until FROM seen_jti WHERE keep_until >= ?",
+                                (now,))
+        return {str(r[0]): float(r[1]) for r in rows}
 
     def record(self, pid: str, guard: Guard, jti: str, keep_until: float) -> None:
         """Durably store a used command id and the principal's guard, in one transaction."""

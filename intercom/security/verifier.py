@@ -15,15 +15,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from intercom.errors import IntercomError
 from intercom.events import (
     EventBus,
-    PrincipalAdded,
     PrincipalLockedOut,
-    PrincipalRevoked,
     UnlockDenialsSuppressed,
     UnlockDenied,
     UnlockGranted,
@@ -31,12 +28,12 @@ from intercom.events import (
 from intercom.security import command as cmdfmt
 from intercom.security import limits as lim
 from intercom.security.principals import Principal
-from intercom.security.store import Guard, PrincipalStore
+from intercom.security.registry import Registry
+from intercom.security.store import Guard
 from intercom.security.totp import match_step
 
 if TYPE_CHECKING:
     from intercom.hardware.lock import Lock
-    from intercom.station import Station
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +61,50 @@ class Site:
     flats: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Context:
+    """What the transport knows about a command's sender, for the verifier to judge.
+
+    ``signer``: the only principal that may have signed it (a call's device), or None.
+    ``refusal``: why the transport's sender may not unlock now ("device not rung"), or
+    "" when it may. The verifier denies, logs and counts such commands like any other.
+    """
+
+    via: str
+    signer: str | None = None
+    refusal: str = ""
+
+
+def _sender_refusal(cmd: cmdfmt.UnverifiedCommand, context: Context | None) -> str | None:
+    """Why the transport's sender may not send this command, or None."""
+    if context is None:
+        return None
+    if context.signer is not None and cmd.kid != context.signer:
+        return "signed by another principal than the sender"
+    return context.refusal or None
+
+
+@dataclass(frozen=True)
+class _Use:
+    """What a correctly signed command spends: made durable before the answer."""
+
+    principal: str
+    guard: Guard
+    jti: str
+    keep_until: float
+
+
 class Verifier:
-    """Checks signed unlock commands and pulses the lock for the granted ones."""
+    """Checks signed unlock commands and pulses the lock for the granted ones.
+
+    It is the only holder of the lock: nothing else can energise the relay.
+    """
 
     name = "verifier"
 
     def __init__(
         self,
-        state_dir: Path,
+        registry: Registry,
         site: Site,
         bus: EventBus,
         lock: Lock | None,
@@ -79,17 +112,13 @@ class Verifier:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.state_dir = state_dir
         self.site = site
         self.limits = limits or lim.Limits()
+        self._registry = registry
         self._bus = bus
         self._lock = lock
         self._clock = clock
         self._monotonic = monotonic
-        self._store: PrincipalStore | None = None
-        self._version = -1
-        self._principals: dict[str, tuple[Principal, str]] = {}
-        self._guards: dict[str, Guard] = {}
         self._budget = lim.SignatureBudget(self.limits)
         self._event_bucket = lim.TokenBucket(
             self.limits.denied_events_per_s, self.limits.denied_events_per_s
@@ -97,43 +126,32 @@ class Verifier:
         self._suppressed = 0
         self._suppressed_since = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._unsynced = False
+        self._running = False
         self.granted = 0
         self.denied = 0
-
-    @classmethod
-    def for_station(cls, station: Station) -> Verifier:
-        """A verifier for a station's id, door, served flats, bus and lock."""
-        hw = station.settings.hardware
-        site = Site(station.id, hw.relay.door, frozenset(b.flat for b in hw.buttons))
-        return cls(station.state_dir, site, station.bus, station.lock)
 
     # --- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the principals database and load it."""
-        self._store = PrincipalStore(self.state_dir)
-        self._refresh(announce=False)
-        self._store.purge(self._clock())
+        """Start housekeeping (the registry is opened by its owner)."""
+        self._running = True
         self._task = asyncio.create_task(self._housekeeping(), name="verifier-housekeeping")
 
     async def stop(self) -> None:
-        """Stop housekeeping and close the database."""
+        """Stop housekeeping; deny from now on."""
+        self._running = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self._flush_suppressed()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
 
     def status(self) -> dict[str, Any]:
         """Counts for ``intercom status`` (no principal ids)."""
         return {
             "verifier": {
-                "principals": len(self._principals),
+                "principals": len(self._registry.principals()),
                 "granted": self.granted,
                 "denied": self.denied,
             }
@@ -141,19 +159,29 @@ class Verifier:
 
     # --- the API of the transports -----------------------------------------------------
 
-    async def submit(self, token: str | bytes, via: str) -> Decision:
-        """Verify ``token``; on grant pulse the lock. Never raises on bad input."""
-        via = via if via in VIAS else "other"
+    async def submit(self, token: Any, context: Context | str) -> Decision:
+        """Verify ``token`` from a transport; on grant pulse the lock. Never raises."""
+        if isinstance(context, str):
+            context = Context(context)
+        via = context.via if context.via in VIAS else "other"
         try:
             if isinstance(token, str | bytes | bytearray):
-                decision = self.decide(token)
+                decision, use = self.decide(
+                    bytes(token) if isinstance(token, bytearray) else token, context
+                )
             else:
-                decision = Decision(False, "command is not text", None, None)
-            if self._unsynced and self._store is not None:
-                # What decide recorded (spent jti, TOTP step, failures) is made durable
-                # before anyone hears of it, without blocking the loop on fsync.
-                self._unsynced = False
-                await asyncio.get_running_loop().run_in_executor(None, self._store.sync)
+                decision, use = Decision(False, "command is not text", None, None), None
+            if use is not None:
+                # What decide spent (command id, TOTP step, failures) is durable before
+                # anyone hears of the decision; the write runs off the event loop.
+                try:
+                    await self._registry.persist_use(
+                        use.principal, use.guard, use.jti, use.keep_until
+                    )
+                except (IntercomError, sqlite3.Error):
+                    log.exception("verifier: cannot record a command's use; denying it")
+                    decision = Decision(False, "cannot record the command's use",
+                                        decision.jti, decision.principal)
         except Exception:
             log.exception("verifier: unexpected failure; the command is denied")
             decision = Decision(False, "internal error", None, None)
@@ -180,39 +208,43 @@ class Verifier:
         token = request.get("token")
         if not isinstance(token, str):
             token = ""
-        decision = await self.submit(token, "cli")
+        decision = await self.submit(token, Context("cli"))
         return {"ok": True, "result": "granted" if decision.granted else "denied"}
 
     # --- the checks ------------------------------------------------------------------------
 
-    def decide(self, token: str | bytes) -> Decision:
-        """Run every check, cheapest first; record what must survive a restart."""
-        store = self._store
-        if store is None:
-            return Decision(False, "verifier not running", None, None)
+    def decide(
+        self, token: str | bytes, context: Context | None = None
+    ) -> tuple[Decision, _Use | None]:
+        """Run every check, cheapest first, in memory; what it spent, to make durable.
+
+        Nothing here awaits, so two commands cannot both pass the single-use checks.
+        """
+        if not self._running:
+            return Decision(False, "verifier not running", None, None), None
         now = self._clock()
-        self._refresh(announce=True)
         try:
             cmd = cmdfmt.parse(token)
         except cmdfmt.CommandFormatError as exc:
-            return Decision(False, str(exc), None, None)
-        entry = self._principals.get(cmd.kid)
-        if entry is None:
-            return Decision(False, "unknown principal", cmd.jti, None)
-        principal, secret = entry
-        guard = self._guards.get(principal.id, Guard())
-        reason = self._cheap_checks(cmd, principal, guard, now)
-        if reason is None and store.seen(cmd.jti):
+            return Decision(False, str(exc), None, None), None
+        registry = self._registry
+        principal = registry.get(cmd.kid)
+        if principal is None:
+            return Decision(False, "unknown principal", cmd.jti, None), None
+        guard = registry.guard(principal.id)
+        reason = _sender_refusal(cmd, context) or self._cheap_checks(cmd, principal, guard, now)
+        if reason is None and registry.spent(cmd.jti):
             reason = "replayed command id"
         if reason is None and not self._budget.take(principal.id, self._monotonic()):
             reason = "signature budget exhausted"
         if reason is None and not cmdfmt.verify_signature(cmd, principal.key):
             reason = "bad signature"
+        use = None
         if reason is None:
-            reason = self._authenticated(store, cmd, principal, secret, guard, now)
+            reason, use = self._authenticated(cmd, principal, guard, now)
         if reason is not None:
-            return Decision(False, reason, cmd.jti, principal.id)
-        return Decision(True, "granted", cmd.jti, principal.id)
+            return Decision(False, reason, cmd.jti, principal.id), use
+        return Decision(True, "granted", cmd.jti, principal.id), use
 
     def _cheap_checks(  # noqa: PLR0911 - one return per check reads best
         self, cmd: cmdfmt.UnverifiedCommand, principal: Principal, guard: Guard, now: float
@@ -238,17 +270,11 @@ class Verifier:
         return None
 
     def _authenticated(
-        self,
-        store: PrincipalStore,
-        cmd: cmdfmt.UnverifiedCommand,
-        principal: Principal,
-        secret: str,
-        guard: Guard,
-        now: float,
-    ) -> str | None:
+        self, cmd: cmdfmt.UnverifiedCommand, principal: Principal, guard: Guard, now: float
+    ) -> tuple[str | None, _Use]:
         """TOTP and single use for a correctly signed command; spends its id either way."""
         limits = self.limits
-        step = match_step(secret, cmd.totp, now, limits.totp_window)
+        step = match_step(self._registry.secret(principal.id), cmd.totp, now, limits.totp_window)
         reason: str | None = None
         if step is None:
             new_guard, reason = lim.after_failure(guard, limits, now), "wrong TOTP code"
@@ -256,47 +282,16 @@ class Verifier:
             new_guard, reason = guard, "TOTP step already used"
         else:
             new_guard = lim.after_success(guard, step)
-        try:
-            store.record(principal.id, new_guard, cmd.jti, cmd.exp + limits.max_skew_s)
-        except sqlite3.Error:
-            log.exception("verifier: cannot record a command's use; denying it")
-            return "cannot record the command's use"
-        self._unsynced = True
-        self._guards[principal.id] = new_guard
+        keep_until = cmd.exp + limits.max_skew_s
+        self._registry.spend(principal.id, new_guard, cmd.jti, keep_until)
         if new_guard.failures == limits.lockout_after > guard.failures:
             log.warning("verifier: principal locked out after %d failures", limits.lockout_after)
             self._bus.publish(
                 PrincipalLockedOut(principal=principal.id, failures=new_guard.failures)
             )
-        return reason
+        return reason, _Use(principal.id, new_guard, cmd.jti, keep_until)
 
     # --- internals -------------------------------------------------------------------------
-
-    def _refresh(self, announce: bool) -> None:
-        """Reload principals and guards when another process changed the database."""
-        store = self._store
-        if store is None:
-            return
-        version = store.data_version()
-        if version == self._version:
-            return
-        self._version = version
-        try:
-            loaded = {p.id: (p, store.totp_secret(p.id)) for p in store.principals()}
-            guards = store.guards()
-        except IntercomError:
-            log.exception("verifier: the principals database is unusable; keeping the old view")
-            return
-        if announce:
-            for pid, (p, _) in loaded.items():
-                old = self._principals.get(pid)
-                if old is None:
-                    self._bus.publish(PrincipalAdded(principal=pid, role=p.role.value))
-                if p.revoked_at is not None and (old is None or old[0].revoked_at is None):
-                    self._bus.publish(PrincipalRevoked(principal=pid))
-        self._principals, self._guards = loaded, guards
-        self._budget.forget_except(set(loaded))
-        log.info("verifier: %d principals loaded", len(loaded))
 
     def _announce_denial(self, decision: Decision, via: str) -> None:
         if not self._event_bucket.take(self._monotonic()):
@@ -326,10 +321,10 @@ class Verifier:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             try:
-                self._refresh(announce=True)
                 self._flush_suppressed()
-                if self._monotonic() - last_purge >= PURGE_EVERY_S and self._store is not None:
+                self._budget.forget_except({p.id for p in self._registry.principals()})
+                if self._monotonic() - last_purge >= PURGE_EVERY_S:
                     last_purge = self._monotonic()
-                    self._store.purge(self._clock())
-            except sqlite3.Error:
+                    await self._registry.purge()
+            except (IntercomError, sqlite3.Error):
                 log.exception("verifier: housekeeping failed")

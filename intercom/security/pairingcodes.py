@@ -1,0 +1,48 @@
+"""Pairing codes: how they are made and hashed, and the spool first boot leaves them in.
+
+Shared by the station's pairing (``intercom.calls.pairing``), which redeems them, and
+first boot (``intercom.deploy.firstboot``), which makes the first one before the
+station runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from pathlib import Path
+
+CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no 0/O, 1/I: read aloud, typed
+CODE_LENGTH = 12  # 60 bits
+CODE_TTL_S = 600.0
+SPOOL = "pairing-spool.json"
+
+
+def digest(code: str) -> str:
+    """The SHA-256 a code is kept as (dashes, spaces and case do not matter)."""
+    normal = code.strip().upper().replace("-", "").replace(" ", "")
+    return hashlib.sha256(normal.encode()).hexdigest()
+
+
+def new_code() -> str:
+    """A fresh random code."""
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+
+def spool_code(state_dir: Path, flat: str, now: float) -> tuple[str, float]:
+    """A code made while the station is not running (first boot); it takes it at start.
+
+    Only the code's hash, its flat and its expiry are written (``pairing-spool.json``,
+    0600); the code itself is shown once, to whoever made it.
+    """
+    code = new_code()
+    expires_at = now + CODE_TTL_S
+    path = state_dir / SPOOL
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries.append({"digest": digest(code), "flat": flat, "expires_at": expires_at})
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=0o600)
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(path)
+    return code, expires_at
