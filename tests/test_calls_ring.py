@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,10 @@ import pytest
 from intercom.config import CallsConfig
 from intercom.control import request
 from intercom.events import DoorbellPressed
-from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
 from . import test_calls_client as kit
-from .conftest import Recorder
+from .conftest import INTERCOM, Recorder
 from .test_calls_client import Device, DeviceKey, call_settings, eventually, pair
 
 call_station = kit.call_station
@@ -177,11 +175,20 @@ async def test_revoked_device_is_never_rung_and_loses_its_socket(
     station = call_station
     recorder = Recorder(station.bus)
     kept, revoked = await online(station, devices, 2)
-    store = PrincipalStore(station.state_dir)  # as `intercom principals revoke` does
-    try:
-        store.revoke(revoked.principal, time.time())
-    finally:
-        store.close()
+    cli = await asyncio.create_subprocess_exec(
+        *INTERCOM, "principals", "revoke", revoked.principal,
+        "--state-dir", str(station.state_dir), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err
+    assert out.decode().startswith("revoked")
+    # At once, not at the next housekeeping: when the command has its answer, the
+    # station has dropped the revoked device's session (and kept the other).
+    assert station.calls is not None
+    assert station.calls.signalling is not None
+    online_now = {s.principal for s in station.calls.signalling.sessions.values()}
+    assert online_now == {kept.principal}
     press(station)
     await kept.expect("ring")
     (ringing,) = recorder.of("CallRinging")

@@ -15,7 +15,6 @@ import pytest
 
 from intercom.calls import signalling
 from intercom.errors import IntercomError
-from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
 from . import test_calls_client as kit
@@ -86,16 +85,14 @@ async def test_pairing_registers_a_resident_with_totp(
     station = call_station
     device = await pair(station, kind=kind)
     devices.append(device)
-    store = PrincipalStore(station.state_dir)
-    try:
-        principal = store.get(device.principal)
-        assert principal is not None
-        assert principal.role.value == "resident"
-        assert principal.flats == ("1",)
-        assert principal.key_kind == kind
-        secret = store.totp_secret(device.principal)
-    finally:
-        store.close()
+    registry = station.registry  # its owner: principals.db is never opened beside it
+    assert registry is not None
+    principal = registry.get(device.principal)
+    assert principal is not None
+    assert principal.role.value == "resident"
+    assert principal.flats == ("1",)
+    assert principal.key_kind == kind
+    secret = registry.secret(device.principal)
     totp = pyotp.parse_uri(device.totp_uri)
     assert totp.secret == secret
     assert len(totp.byte_secret()) * 8 >= 160
@@ -318,7 +315,7 @@ async def test_an_internal_fault_is_a_short_500_without_a_trace(
     station = call_station
     assert station.calls is not None
 
-    def broken(_code: object, _jwk: object) -> None:
+    async def broken(_code: object, _jwk: object) -> None:
         raise RuntimeError("disk on fire at /var/lib/intercom")
 
     monkeypatch.setattr(station.calls.pairing, "redeem", broken)

@@ -8,13 +8,18 @@ import time
 
 import pytest
 
+from intercom.admin import Admin
 from intercom.cli import main
+from intercom.control import ControlServer
 from intercom.eventlog import EventLogError, MasterKeyError
 from intercom.eventlog.checkpoints import Checkpoint
 from intercom.eventlog.reader import LogReader, Query
 from intercom.eventlog.store import db_path, open_log
 from intercom.events import DoorbellPressed, EventBus, LogCheckpoint, UnlockGranted
-from intercom.identity import load_or_create_identity
+from intercom.identity import create_identity, credential_name
+from intercom.security.registry import Registry
+from intercom.security.secretbox import create_key
+from intercom.statedir import InstanceLock
 from tests.test_eventlog_support import Clock, VisitorNamed, all_bytes, check, make_log
 
 
@@ -72,7 +77,7 @@ async def test_every_bus_event_is_logged_and_checkpoints_are_published(tmp_path)
             await asyncio.sleep(0.01)
         checkpoints = [e for e in published if isinstance(e, LogCheckpoint)]
         assert checkpoints
-        identity = load_or_create_identity(tmp_path)
+        identity = create_identity(tmp_path)
         witness = Checkpoint.from_dict(checkpoints[0].to_dict())
         assert witness.valid_for(identity.public_key)
         assert log.latest_checkpoint() is not None
@@ -175,7 +180,9 @@ async def test_retention_shreds_rows_and_key_and_export_cannot_recover(tmp_path,
         assert (shredded.epochs, shredded.records, shredded.through_seq) == (1, 5, 5)
         assert bytes(old_key) not in all_bytes(tmp_path)  # while running: WAL truncated too
         assert conn.execute("SELECT min(seq) FROM records").fetchone()[0] == 6
-        assert conn.execute("SELECT count(*) FROM epoch_keys").fetchone()[0] == 1
+        await log.flush()  # the LogPurged append may open a new epoch: count after it
+        gone = conn.execute("SELECT count(*) FROM epoch_keys WHERE wrapped = ?", (old_key,))
+        assert gone.fetchone()[0] == 0
         await log.wait_for_after(8)  # two LogCheckpoint (time, anchor) and LogPurged
         types = [e.type for e in log.read_after(0)]
         assert types[0] == "DoorbellPressed"
@@ -257,7 +264,9 @@ async def test_corrupt_wrong_or_exposed_master_key_is_refused(tmp_path):
 async def test_master_key_from_systemd_credential(tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "eventlog.key").write_bytes(base64.b64encode(os.urandom(32)) + b"\n")  # text form
+    # As the unit's LoadCredential=intercom:DIR names DIR/eventlog.key.
+    key = creds / credential_name("eventlog.key")
+    key.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")  # text form
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     state = tmp_path / "state"
     log = make_log(state)
@@ -295,6 +304,7 @@ async def test_cli_show_export_purge_and_checkpoint(tmp_path, capsys):
     await log.append(grant("alice-7f3a"))
     await log.append(grant("carol-0b1d"))
     await log.stop()
+    create_key(tmp_path)  # the station's other key (make_log made its identity)
     state = ["--state-dir", str(tmp_path)]
     assert main(["log", "show", "--type", "UnlockGranted", *state]) == 0
     out = capsys.readouterr().out
@@ -306,7 +316,8 @@ async def test_cli_show_export_purge_and_checkpoint(tmp_path, capsys):
     assert '"principal":"carol-0b1d"' in lines[0]
     assert main(["log", "checkpoint", *state]) == 0
     assert '"seq": 3' in capsys.readouterr().out
-    assert main(["log", "purge", "--older-than", "0", *state]) == 0
+    # No station runs: purge shreds itself, under the lock (asyncio.run: in a thread).
+    assert await asyncio.to_thread(main, ["log", "purge", "--older-than", "0", *state]) == 0
     assert "logged as seq 4" in capsys.readouterr().out
     assert main(["log", "show", "--type", "LogPurged", *state]) == 0
     assert "reason=purge" in capsys.readouterr().out
@@ -342,24 +353,43 @@ async def test_a_detail_that_is_not_json_is_logged_as_text(tmp_path):
 
 async def test_cli_purge_beside_a_running_log_keeps_one_chain(tmp_path):
     clock = Clock(time.time() - 10 * 3600)  # the running log's records are 10 hours old
-    log = make_log(tmp_path, clock=clock)
+    bus = EventBus()
+    log = make_log(tmp_path, bus, clock)
+    # The log's owner, as a station is: it holds the instance lock and answers the
+    # control socket, so `intercom log purge` asks it to shred rather than write itself.
+    owner = InstanceLock(tmp_path, "run")
+    owner.acquire()
+    registry = Registry.for_state_dir(tmp_path, create_key(tmp_path), bus, create=True)
+    control = ControlServer(tmp_path)
+    for name, handler in Admin(registry, bus, log).handlers().items():
+        control.register(name, handler)
+    await registry.open()
     await log.start()
+    await control.start()
     try:
         for _ in range(5):
             await log.append(bell())
+        clock.advance(10 * 3600)  # now: those records are 10 hours old
         purge = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "intercom", "log", "purge", "--older-than", "1",
             "--state-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await purge.communicate()
         assert purge.returncode == 0
-        assert b"shredded 1 epochs, 5 records (through seq 5); logged as seq 6" in out
-        clock.advance(10 * 3600)
-        assert await log.append(bell()) == 7  # the chain goes on after the purge's record
+        # The running log shreds as its retention does: it signs the last shredded
+        # record's hash (seq 5), logged as seq 6, then logs the purge as seq 7.
+        assert b"shredded 1 epochs, 5 records (through seq 5); logged as seq 7" in out
+        assert await log.append(bell()) == 8  # the chain goes on after the purge's record
     finally:
+        await control.stop()
         await log.stop()
+        await registry.close()
+        owner.release()
     conn, keyring = open_log(tmp_path, create=False)
     events = LogReader(conn, keyring).read_after(0)
-    assert [e.type for e in events][:2] == ["LogPurged", "DoorbellPressed"]
-    assert events[0].details["reason"] == "purge"
+    assert [(e.seq, e.type) for e in events] == [
+        (6, "LogCheckpoint"), (7, "LogPurged"), (8, "DoorbellPressed"),
+    ]
+    assert events[0].details["seq"] == 5  # the anchor of the kept records
+    assert events[1].details["reason"] == "purge"
     assert check(tmp_path).ok

@@ -22,7 +22,7 @@ import pytest
 from intercom.config import EventLogConfig
 from intercom.eventlog import EventLog
 from intercom.events import DoorbellPressed, EventBus, UnlockGranted
-from intercom.identity import StationIdentity, load_or_create_identity
+from intercom.identity import StationIdentity, create_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 APPENDERS = 4
@@ -54,7 +54,7 @@ def _writer(state: Path, identity: StationIdentity) -> None:
 
 def _zygote(state: Path) -> None:
     """Fork a writer on ``fork``; on ``reap PID`` wait for it and print its status."""
-    identity = load_or_create_identity(state)
+    identity = create_identity(state)
     for line in sys.stdin:
         command, *rest = line.split()
         if command == "fork":

@@ -12,7 +12,7 @@ from intercom.eventlog.reader import LogReader
 from intercom.eventlog.store import open_log
 from intercom.eventlog.verify import Verdict, verify
 from intercom.events import Event, EventBus
-from intercom.identity import StationIdentity, load_or_create_identity
+from intercom.identity import StationIdentity, create_identity
 
 T0 = 1_800_000_000.0
 
@@ -46,7 +46,7 @@ def make_log(
     clock: Clock | None = None,
     **config: float,
 ) -> EventLog:
-    identity = load_or_create_identity(state)
+    identity = create_identity(state)
     return EventLog(
         state,
         identity,
@@ -58,7 +58,7 @@ def make_log(
 
 def check(state: Path, identity: StationIdentity | None = None, **kwargs: object) -> Verdict:
     """Verify the log in ``state`` with keys (as the CLI does)."""
-    identity = identity or load_or_create_identity(state)
+    identity = identity or create_identity(state)
     conn, keyring = open_log(state, create=False)
     try:
         return verify(conn, identity.public_key, reader=LogReader(conn, keyring), **kwargs)  # type: ignore[arg-type]

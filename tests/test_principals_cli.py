@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from intercom.cli import main
+from intercom.identity import create_identity
+from intercom.security.secretbox import create_key
 from intercom.station import Station
 from tests.conftest import INTERCOM, Recorder
 
@@ -37,15 +39,31 @@ def write_keypair(folder: Path, name: str, kind: str = "Ed25519") -> tuple[Path,
     return private, public
 
 
+def first_boot(state: Path) -> Path:
+    """The station's keys, as its first start (or first boot) makes them; commands don't."""
+    create_identity(state)
+    create_key(state)
+    return state
+
+
 def add(state: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``intercom principals add`` with no station running (it runs the change itself)."""
     code = main(["principals", "add", *args, "--state-dir", str(state)])
+    return code, capsys.readouterr().out
+
+
+async def add_async(
+    state: Path, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str]:
+    """``add`` from an async test: the command (it uses asyncio.run) runs in a thread."""
+    code = await asyncio.to_thread(main, ["principals", "add", *args, "--state-dir", str(state)])
     return code, capsys.readouterr().out
 
 
 def test_add_prints_uri_and_qr_and_list_show_revoke(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    state = tmp_path / "state"
+    state = first_boot(tmp_path / "state")
     _, pub = write_keypair(tmp_path, "a")
     _, pub2 = write_keypair(tmp_path, "b", "P-256")
     code, out = add(state, capsys, "--role", "resident", "--flat", "1", "--public-key", str(pub),
@@ -93,8 +111,12 @@ def test_add_refuses_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
 ) -> None:
     _, pub = write_keypair(tmp_path, "a")
-    code, _ = add(tmp_path / "state", capsys, *args, "--public-key", str(pub))
+    state = first_boot(tmp_path / "state")
+    code, _ = add(state, capsys, *args, "--public-key", str(pub))
     assert code == 1
+    assert "no station state" not in capsys.readouterr().err  # refused for the input
+    assert main(["principals", "list", "--state-dir", str(state)]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # the header: nothing was added
 
 
 def test_add_refuses_unsupported_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,11 +125,12 @@ def test_add_refuses_unsupported_keys(tmp_path: Path, capsys: pytest.CaptureFixt
     pub.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ))
-    code, _ = add(tmp_path / "state", capsys, "--role", "admin", "--public-key", str(pub))
+    state = first_boot(tmp_path / "state")
+    code, _ = add(state, capsys, "--role", "admin", "--public-key", str(pub))
     assert code == 1
     junk = tmp_path / "junk.pub"
     junk.write_text("not a key")
-    code, _ = add(tmp_path / "state", capsys, "--role", "admin", "--public-key", str(junk))
+    code, _ = add(state, capsys, "--role", "admin", "--public-key", str(junk))
     assert code == 1
 
 
@@ -130,8 +153,8 @@ async def test_sign_command_and_unlock_against_a_running_station(
     state = station.state_dir
     private, public = write_keypair(tmp_path, "k", kind)
     flat = station.settings.hardware.buttons[0].flat
-    code, out = add(state, capsys, "--role", "resident", "--flat", flat, "--public-key",
-                    str(public), "--id", "res1", "--no-qr")
+    code, out = await add_async(state, capsys, "--role", "resident", "--flat", flat,
+                                "--public-key", str(public), "--id", "res1", "--no-qr")
     assert code == 0
     uri = URI.search(out)
     assert uri is not None
@@ -189,14 +212,17 @@ async def test_principal_changes_are_logged_with_their_actor(
     await station.stop("test")
     state = sim_settings.station.state_dir
     _, pub = write_keypair(tmp_path, "inst")
-    code, out = add(state, capsys, "--role", "installer", "--public-key", str(pub),
-                    "--id", "fitter", "--no-qr")
+    code, out = await add_async(state, capsys, "--role", "installer", "--public-key", str(pub),
+                                "--id", "fitter", "--no-qr")
     assert code == 0
     valid = re.search(r"valid +(\S+) \.\. (\S+)", out)
     assert valid is not None
     span = dt.datetime.fromisoformat(valid.group(2)) - dt.datetime.fromisoformat(valid.group(1))
     assert span == dt.timedelta(hours=72)  # installers default to privacy.installer_valid_hours
-    assert main(["principals", "revoke", "fitter", "--state-dir", str(state)]) == 0
+    # No station runs: the commands make the change themselves (asyncio.run: a thread).
+    assert await asyncio.to_thread(
+        main, ["principals", "revoke", "fitter", "--state-dir", str(state)]
+    ) == 0
     capsys.readouterr()
     assert main(["log", "show", "--json", "--state-dir", str(state)]) == 0
     actions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -8,7 +8,9 @@ import json
 import os
 import pwd
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -22,20 +24,20 @@ from intercom.eventlog.store import open_log
 from intercom.eventlog.writer import LogWriter
 from intercom.events import (
     DoorbellPressed,
+    EventBus,
     PrincipalAdded,
     SnapshotTaken,
     UnlockDenied,
     UnlockGranted,
 )
-from intercom.identity import load_or_create_identity
+from intercom.identity import create_identity
 from intercom.mqtt.bridge import event_json
 from intercom.privacy.dsr import open_reader
 from intercom.privacy.snapshots import bucket_of
-from intercom.security.principals import Role
-from intercom.security.store import PrincipalStore
+from intercom.security.principals import Principal, Role
 from intercom.station import Station
 from tests.conftest import INTERCOM
-from tests.test_security_kit import Clock, add_principal, new_verifier
+from tests.test_security_kit import STATION, Clock, Signer, add_principal, open_registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
 
@@ -52,6 +54,29 @@ def intercom(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def _register(state: Path, clock: Clock, principals: dict[str, Any]) -> list[Signer]:
+    registry = await open_registry(state, EventBus(), clock)
+    try:
+        return [await add_principal(registry, clock, pid, **kw) for pid, kw in principals.items()]
+    finally:
+        await registry.close()
+
+
+def register(state: Path, clock: Clock, **principals: Any) -> list[Signer]:
+    """Add principals while no station runs, as first boot does (keys made when missing)."""
+    create_identity(state)
+    return asyncio.run(_register(state, clock, principals))
+
+
+async def read_principal(state: Path, pid: str) -> Principal | None:
+    """A principal as the station would load it (no station runs)."""
+    registry = await open_registry(state, EventBus())
+    try:
+        return registry.get(pid)
+    finally:
+        await registry.close()
+
+
 def snapshot_jpeg() -> bytes:
     image = np.zeros((48, 64, 3), np.uint8)
     image[:, 32:] = (40, 180, 220)
@@ -65,11 +90,8 @@ def state(tmp_path: Path) -> Path:
     """A station's state: two residents, their events, a snapshot of flat 1's ring."""
     state = tmp_path / "state"
     clock = Clock()
-    store = PrincipalStore(state)
-    add_principal(store, clock, ALICE, flats=("1",))
-    add_principal(store, clock, BOB, flats=("2",))
-    store.close()
-    identity = load_or_create_identity(state)
+    register(state, clock, **{ALICE: {"flats": ("1",)}, BOB: {"flats": ("2",)}})
+    identity = create_identity(state)
     conn, keyring = open_log(state, create=True)
     writer = LogWriter(conn, keyring, identity, EventLogConfig())
     ring = DoorbellPressed(button="bell", flat="1")
@@ -153,35 +175,54 @@ def test_erase_leaves_nothing_readable_and_the_log_verifies(state, tmp_path):
 
 
 async def test_expired_installer_cannot_unlock_until_extended_and_not_after_revoke(
-    tmp_path, bus
+    tmp_path,
 ):
-    state = tmp_path / "state"
+    settings = simulated_settings(tmp_path / "state")
+    settings = settings.model_copy(
+        update={"station": settings.station.model_copy(update={"id": STATION})}
+    )
+    state = settings.station.state_dir
     clock = Clock()
-    store = PrincipalStore(state)
-    installer = add_principal(store, clock, "installer-x", role=Role.INSTALLER,
-                              valid_from=clock() - 80 * 3600, valid_until=clock() - 8 * 3600)
-    store.close()
-    load_or_create_identity(state)
-    open_log(state, create=True)[0].close()
-    verifier = new_verifier(state, bus, None, clock)
-    await verifier.start()
+    station = Station(settings)
+    await station.start()
     try:
-        assert verifier.decide(installer.token()).reason == "principal expired"
+        assert station.registry is not None
+        verifier = station.verifier
+        assert verifier is not None
+        installer = await add_principal(
+            station.registry, clock, "installer-x", role=Role.INSTALLER,
+            valid_from=clock() - 80 * 3600, valid_until=clock() - 8 * 3600,
+        )
 
-        done = intercom(state, "privacy", "installer", "extend", "installer-x", "--hours", "2")
-        assert done.returncode == 0, done.stderr
-        assert verifier.decide(installer.token()).granted
+        def token() -> str:
+            clock.now = time.time()  # the station's verifier reads the real clock
+            return installer.token()
 
-        done = intercom(state, "privacy", "installer", "revoke", "installer-x")
+        assert verifier.decide(token())[0].reason == "principal expired"
+
+        # The commands ask the running station (its control socket): the station's
+        # loop must keep running while they do.
+        done = await asyncio.to_thread(
+            intercom, state, "privacy", "installer", "extend", "installer-x", "--hours", "2"
+        )
         assert done.returncode == 0, done.stderr
-        assert verifier.decide(installer.token()).reason == "principal revoked"
+        decision, _ = verifier.decide(token())
+        assert decision.granted, decision.reason
+
+        done = await asyncio.to_thread(
+            intercom, state, "privacy", "installer", "revoke", "installer-x"
+        )
+        assert done.returncode == 0, done.stderr
+        assert verifier.decide(token())[0].reason == "principal revoked"
     finally:
-        await verifier.stop()
+        await station.stop("test finished")
     refused = intercom(state, "privacy", "installer", "extend", "installer-x", "--hours", "9999")
     assert refused.returncode == 1
     shown = intercom(state, "log", "show", "--json")
-    actions = [json.loads(line)["details"] for line in shown.stdout.splitlines()]
+    actions = [json.loads(line)["details"] for line in shown.stdout.splitlines()
+               if json.loads(line)["type"] == "PrivilegedAction"]
     assert [(a["action"], a["actor"], a["target"]) for a in actions] == [
+        ("config-first-use", "local:config-file", ""),  # the station's first start
         ("installer-extend", f"local:{USER}", "installer-x"),
         ("revoke", f"local:{USER}", "installer-x"),
     ]
@@ -223,7 +264,7 @@ async def test_pairing_and_config_changes_are_logged_with_their_actor(tmp_path):
         code, _ = station.calls.pairing.new_code("1")
         jwk = {k: v for k, v in OKPKey.generate_key("Ed25519").as_dict(private=False).items()
                if k != "kid"}
-        paired = station.calls.pairing.redeem(code, jwk)
+        paired = await station.calls.pairing.redeem(code, jwk)
         for _ in range(100):
             if [e for e in station.bus.recent if e.type == "PrivilegedAction"][1:]:
                 break
@@ -261,9 +302,7 @@ def test_managers_broker_gets_no_image_no_actor_and_no_target(state):
 def test_installer_extension_defaults_to_the_configured_validity(tmp_path):
     state = tmp_path / "state"
     clock = Clock()
-    store = PrincipalStore(state)
-    add_principal(store, clock, "installer-y", role=Role.INSTALLER)
-    store.close()
+    register(state, clock, **{"installer-y": {"role": Role.INSTALLER}})
     config = tmp_path / "intercom.toml"
     config.write_text(
         '[station]\nid = "door"\n[hardware]\nbuttons = [{pin = 17, flat = "1"}]\n'
@@ -272,9 +311,7 @@ def test_installer_extension_defaults_to_the_configured_validity(tmp_path):
     done = intercom(state, "privacy", "installer", "extend", "installer-y", "--config",
                     str(config))
     assert done.returncode == 0, done.stderr
-    store = PrincipalStore(state)
-    installer = store.get("installer-y")
-    store.close()
+    installer = asyncio.run(read_principal(state, "installer-y"))
     assert installer is not None
     assert installer.valid_until == pytest.approx(clock() + 5 * 3600, abs=60)
 
@@ -283,9 +320,12 @@ def test_commands_on_a_state_dir_without_data_create_nothing_there(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert intercom(empty, "privacy", "erase", "--principal", ALICE).returncode == 1
+    # No station has made its keys here: the export refuses, naming why, and writes
+    # nothing (commands no longer make a station's state or keys).
     done = intercom(empty, "privacy", "export", "--principal", ALICE, "--out",
                     str(tmp_path / "out"))
-    assert done.returncode == 0, done.stderr
-    assert "nothing is held" in done.stdout
+    assert done.returncode == 1
+    assert "no station state" in done.stderr
+    assert not (tmp_path / "out").exists()
     assert intercom(empty, "privacy", "installer", "revoke", "x").returncode == 1
     assert list(empty.iterdir()) == []

@@ -15,7 +15,6 @@ from intercom.events import DoorbellPressed
 from intercom.privacy.zones import rasterise
 from intercom.security import totp
 from intercom.security.principals import Principal, Role
-from intercom.security.store import PrincipalStore
 from intercom.station import Station
 
 from . import test_calls_client as kit
@@ -76,12 +75,13 @@ async def test_an_expired_installer_cannot_sign_in_to_the_station_as_a_device(
     await station.start()
     try:
         key = DeviceKey()
-        store = PrincipalStore(station.state_dir)
+        assert station.registry is not None
         now = time.time()
-        store.add(Principal(id="installer-old", role=Role.INSTALLER, jwk=key.jwk(),
-                            valid_from=now - 80 * 3600, valid_until=now - 8 * 3600),
-                  totp.new_secret())
-        store.close()
+        await station.registry.add(
+            Principal(id="installer-old", role=Role.INSTALLER, jwk=key.jwk(),
+                      valid_from=now - 80 * 3600, valid_until=now - 8 * 3600),
+            totp.new_secret(),
+        )
         installer = Device(station, key, "installer-old", "")
         devices.append(installer)
         with pytest.raises(AssertionError):

@@ -1,4 +1,9 @@
-"""Helpers of the security tests: signers, hand-made tokens, a verifier on a real lock."""
+"""Helpers of the security tests: signers, hand-made tokens, a verifier on a real lock.
+
+Principals are added through a ``Registry`` (the one owner of ``principals.db``): the
+station's own (``station.registry``) beside a running station, or one opened here
+(``open_registry``) for a verifier tested without a station.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from intercom.hardware.lock import Lock
 from intercom.security import command, totp
 from intercom.security.limits import Limits
 from intercom.security.principals import Principal, Role
+from intercom.security.registry import Registry
+from intercom.security.secretbox import create_key
 from intercom.security.store import PrincipalStore
 from intercom.security.verifier import Site, Verifier
 
@@ -102,15 +109,14 @@ def sign_raw(
     return f"{signing_input.decode()}.{b64(sig)}"
 
 
-def add_principal(
-    store: PrincipalStore,
+def new_principal(
     clock: Clock,
     pid: str,
     role: Role = Role.RESIDENT,
     kind: str = "Ed25519",
     **kw: Any,
-) -> Signer:
-    """Register a principal with a fresh key and TOTP secret; return its signer."""
+) -> tuple[Principal, Signer]:
+    """A principal with a fresh key and TOTP secret (not registered), and its signer."""
     key: OKPKey | ECKey = (
         OKPKey.generate_key("Ed25519") if kind == "Ed25519" else ECKey.generate_key("P-256")
     )
@@ -122,9 +128,41 @@ def add_principal(
     if role is Role.INSTALLER:
         kw.setdefault("valid_until", clock() + 3600)
     kw.setdefault("valid_from", clock() - 60)
-    secret = totp.new_secret()
-    store.add(Principal(id=pid, role=role, jwk=public, **kw), secret)
-    return Signer(pid, key, secret, clock)
+    principal = Principal(id=pid, role=role, jwk=public, **kw)
+    return principal, Signer(pid, key, totp.new_secret(), clock)
+
+
+async def add_principal(
+    registry: Registry,
+    clock: Clock,
+    pid: str,
+    role: Role = Role.RESIDENT,
+    kind: str = "Ed25519",
+    **kw: Any,
+) -> Signer:
+    """Register a principal through ``registry`` with a fresh key and TOTP secret."""
+    principal, signer = new_principal(clock, pid, role, kind, **kw)
+    await registry.add(principal, signer.secret)
+    return signer
+
+
+def new_registry(
+    state_dir: Path, bus: EventBus, clock: Clock | None = None
+) -> Registry:
+    """A registry of ``state_dir`` (key and database made when missing), not yet open."""
+    key = create_key(state_dir)
+    return Registry(
+        lambda: PrincipalStore(state_dir, key, create=True), bus, clock or time.time
+    )
+
+
+async def open_registry(
+    state_dir: Path, bus: EventBus, clock: Clock | None = None
+) -> Registry:
+    """``new_registry``, opened; the caller closes it."""
+    registry = new_registry(state_dir, bus, clock)
+    await registry.open()
+    return registry
 
 
 def relay_lock(pin_factory: Any, bus: EventBus, loop: Any) -> Lock:
@@ -136,6 +174,8 @@ def relay_was_energised(pin_factory: Any) -> bool:
 
 
 def new_verifier(
-    state_dir: Path, bus: EventBus, lock: Lock | None, clock: Clock, limits: Limits | None = None
+    registry: Registry, bus: EventBus, lock: Lock | None, clock: Clock,
+    limits: Limits | None = None,
 ) -> Verifier:
-    return Verifier(state_dir, SITE, bus, lock, limits=limits, clock=clock)
+    """A verifier of ``SITE`` reading ``registry`` (start it: it denies until then)."""
+    return Verifier(registry, SITE, bus, lock, limits=limits, clock=clock)

@@ -61,7 +61,7 @@ async def test_control_socket_is_private(station: Station):
 
 async def test_second_station_on_same_state_dir_is_refused(station: Station):
     other = Station(station.settings)
-    with pytest.raises(IntercomError, match="another station is running"):
+    with pytest.raises(IntercomError, match="holds the state directory"):
         await other.start()
     # the first one still answers
     assert (await request(station.state_dir, {"request": "status"}))["ok"]
@@ -76,7 +76,7 @@ async def test_sigterm_stops_cleanly_with_relay_off(sim_settings: Settings):
         await asyncio.sleep(0.02)
     assert station.lock is not None
     pin = station.pin_factory.pin(sim_settings.hardware.relay.pin)
-    station.lock.energise("door held for the test")
+    station.lock.pulse(3600, reason="door held for the test")
     assert pin.state is True
     os.kill(os.getpid(), signal.SIGTERM)
     assert await asyncio.wait_for(task, 5) == 0

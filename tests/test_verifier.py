@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from intercom.events import EventBus
 from intercom.hardware.lock import Lock
 from intercom.security.limits import Limits
 from intercom.security.principals import Role
+from intercom.security.registry import Registry
+from intercom.security.secretbox import load_key
 from intercom.security.store import PrincipalStore
 from intercom.security.verifier import Verifier
 from tests.conftest import Recorder
@@ -29,6 +31,7 @@ from tests.test_security_kit import (
     b64,
     claims,
     new_verifier,
+    open_registry,
     raw_token,
     relay_lock,
     relay_was_energised,
@@ -46,10 +49,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[PrincipalStore]:
-    s = PrincipalStore(tmp_path)
-    yield s
-    s.close()
+async def registry(tmp_path: Path, bus: EventBus, clock: Clock) -> AsyncIterator[Registry]:
+    """The registry of ``tmp_path``, as a station owns it (closing twice is harmless)."""
+    reg = await open_registry(tmp_path, bus, clock)
+    yield reg
+    await reg.close()
 
 
 @pytest.fixture
@@ -61,22 +65,22 @@ async def lock(pin_factory: Any, bus: EventBus) -> AsyncIterator[Lock]:
 
 @pytest.fixture
 async def verifier(
-    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, store: PrincipalStore
+    registry: Registry, bus: EventBus, lock: Lock, clock: Clock
 ) -> AsyncIterator[Verifier]:
-    v = new_verifier(tmp_path, bus, lock, clock, OPEN)
+    v = new_verifier(registry, bus, lock, clock, OPEN)
     await v.start()
     yield v
     await v.stop()
 
 
 @pytest.fixture
-def alice(store: PrincipalStore, clock: Clock) -> Signer:
-    return add_principal(store, clock, "alice")
+async def alice(registry: Registry, clock: Clock) -> Signer:
+    return await add_principal(registry, clock, "alice")
 
 
 @pytest.fixture
-def mallory(store: PrincipalStore, clock: Clock) -> Signer:
-    return add_principal(store, clock, "mallory", flats=("2",))
+async def mallory(registry: Registry, clock: Clock) -> Signer:
+    return await add_principal(registry, clock, "mallory", flats=("2",))
 
 
 async def test_valid_command_is_granted_and_pulses_the_relay(
@@ -96,9 +100,9 @@ async def test_valid_command_is_granted_and_pulses_the_relay(
 @pytest.mark.parametrize(("kind", "alg"), [("Ed25519", "Ed25519"), ("Ed25519", "EdDSA"),
                                            ("P-256", "ES256")])
 async def test_each_allowed_algorithm_is_granted(
-    verifier: Verifier, store: PrincipalStore, clock: Clock, kind: str, alg: str
+    verifier: Verifier, registry: Registry, clock: Clock, kind: str, alg: str
 ) -> None:
-    signer = add_principal(store, clock, "p1", Role.ADMIN, kind=kind)
+    signer = await add_principal(registry, clock, "p1", Role.ADMIN, kind=kind)
     decision = await verifier.submit(signer.token(alg=alg), "cli")
     assert decision.granted, decision.reason
 
@@ -115,9 +119,9 @@ async def test_each_allowed_algorithm_is_granted(
     ],
 )
 async def test_roles_open_what_they_may(
-    verifier: Verifier, store: PrincipalStore, clock: Clock, role: Role, scope: Any, granted: bool
+    verifier: Verifier, registry: Registry, clock: Clock, role: Role, scope: Any, granted: bool
 ) -> None:
-    signer = add_principal(store, clock, "p1", role, **scope)
+    signer = await add_principal(registry, clock, "p1", role, **scope)
     decision = await verifier.submit(signer.token(), "call")
     assert decision.granted is granted, decision.reason
 
@@ -283,7 +287,7 @@ async def test_adversarial_command_is_denied(
     ],
 )
 async def test_inactive_principals_are_denied(
-    verifier: Verifier, store: PrincipalStore, clock: Clock, changes: dict[str, float],
+    verifier: Verifier, registry: Registry, clock: Clock, changes: dict[str, float],
     reason: str,
 ) -> None:
     kw: dict[str, Any] = {}
@@ -293,30 +297,29 @@ async def test_inactive_principals_are_denied(
         kw.update(valid_from=clock() - 1000, valid_until=clock() + changes["valid_until_offset"])
     if "valid_from_offset" in changes:
         kw["valid_from"] = clock() + changes["valid_from_offset"]
-    signer = add_principal(store, clock, "p1", Role.ADMIN, **kw)
+    signer = await add_principal(registry, clock, "p1", Role.ADMIN, **kw)
     decision = await verifier.submit(signer.token(), "mqtt")
     assert not decision.granted
     assert decision.reason == reason
 
 
 async def test_installer_is_time_boxed(
-    verifier: Verifier, store: PrincipalStore, clock: Clock
+    verifier: Verifier, registry: Registry, clock: Clock
 ) -> None:
-    signer = add_principal(store, clock, "inst", Role.INSTALLER, valid_until=clock() + 60)
+    signer = await add_principal(registry, clock, "inst", Role.INSTALLER, valid_until=clock() + 60)
     assert (await verifier.submit(signer.token(), "cli")).granted
     clock.now += 61
     decision = await verifier.submit(signer.token(), "cli")
     assert decision.reason == "principal expired"
 
 
-async def test_revocation_by_another_process_takes_effect_at_once(
-    verifier: Verifier, alice: Signer, tmp_path: Path, clock: Clock, recorder: Recorder
+async def test_revocation_takes_effect_at_once(
+    verifier: Verifier, alice: Signer, registry: Registry, recorder: Recorder
 ) -> None:
     assert (await verifier.submit(alice.token(), "mqtt")).granted
-    other = PrincipalStore(tmp_path)  # what `intercom principals revoke` does
-    other.revoke("alice", clock())
-    other.close()
-    clock.now += 30
+    # What `intercom principals revoke alice` has the station's registry do.
+    assert await registry.revoke("alice", actor="local:test")
+    # At once: no clock moves, no polling; the next command is denied.
     decision = await verifier.submit(alice.token(), "mqtt")
     assert decision.reason == "principal revoked"
     assert [e.details()["principal"] for e in recorder.of("PrincipalRevoked")] == ["alice"]
@@ -330,14 +333,16 @@ async def test_replay_is_denied(verifier: Verifier, alice: Signer) -> None:
 
 
 async def test_replay_and_totp_reuse_are_denied_after_a_restart(
-    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, alice: Signer
+    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, registry: Registry, alice: Signer
 ) -> None:
     token = alice.token()
-    first = new_verifier(tmp_path, bus, lock, clock, OPEN)
+    first = new_verifier(registry, bus, lock, clock, OPEN)
     await first.start()
     assert (await first.submit(token, "mqtt")).granted
     await first.stop()
-    second = new_verifier(tmp_path, bus, lock, clock, OPEN)
+    await registry.close()  # the station stops; what it spent is read back from disk
+    reopened = await open_registry(tmp_path, bus, clock)
+    second = new_verifier(reopened, bus, lock, clock, OPEN)
     await second.start()
     try:
         assert (await second.submit(token, "mqtt")).reason == "replayed command id"
@@ -347,6 +352,7 @@ async def test_replay_and_totp_reuse_are_denied_after_a_restart(
         assert (await second.submit(alice.token(), "mqtt")).granted
     finally:
         await second.stop()
+        await reopened.close()
 
 
 async def test_totp_step_is_used_once(verifier: Verifier, alice: Signer, clock: Clock) -> None:
@@ -359,7 +365,7 @@ async def test_totp_step_is_used_once(verifier: Verifier, alice: Signer, clock: 
 
 
 async def test_totp_failures_back_off_then_lock_out_until_reset(
-    verifier: Verifier, alice: Signer, clock: Clock, tmp_path: Path, recorder: Recorder
+    verifier: Verifier, alice: Signer, clock: Clock, registry: Registry, recorder: Recorder
 ) -> None:
     limits = verifier.limits
     wrong = f"{(int(alice.code()) + 1) % 10**6:06d}"
@@ -376,35 +382,36 @@ async def test_totp_failures_back_off_then_lock_out_until_reset(
     assert len(recorder.of("PrincipalLockedOut")) == 1
     clock.now += 86400
     assert not (await verifier.submit(alice.token(), "mqtt")).granted
-    other = PrincipalStore(tmp_path)  # `intercom principals reset alice`
-    other.reset_guard("alice")
-    other.close()
+    await registry.reset("alice", actor="local:test")  # `intercom principals reset alice`
     assert (await verifier.submit(alice.token(), "mqtt")).granted
 
 
 async def test_lockout_survives_a_restart(
-    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, alice: Signer
+    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, registry: Registry, alice: Signer
 ) -> None:
     limits = Limits(shared_rate=1e6, shared_burst=1e6, backoff_after=100, lockout_after=3)
-    v = new_verifier(tmp_path, bus, lock, clock, limits)
+    v = new_verifier(registry, bus, lock, clock, limits)
     await v.start()
     for _ in range(3):
         await v.submit(alice.token(totp="000000" if alice.code() != "000000" else "111111"), "x")
     await v.stop()
-    v = new_verifier(tmp_path, bus, lock, clock, limits)
+    await registry.close()  # the station stops; the guard is read back from disk
+    reopened = await open_registry(tmp_path, bus, clock)
+    v = new_verifier(reopened, bus, lock, clock, limits)
     await v.start()
     try:
         decision = await v.submit(alice.token(), "mqtt")
         assert decision.reason == "principal locked out after repeated TOTP failures"
     finally:
         await v.stop()
+        await reopened.close()
 
 
 async def test_forged_flood_on_one_principal_does_not_block_another(
-    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, alice: Signer, mallory: Signer
+    registry: Registry, bus: EventBus, lock: Lock, clock: Clock, alice: Signer, mallory: Signer
 ) -> None:
     limits = Limits(shared_rate=0.001, shared_burst=5, reserve_rate=0.001, reserve_burst=3)
-    v = new_verifier(tmp_path, bus, lock, clock, limits)
+    v = new_verifier(registry, bus, lock, clock, limits)
     await v.start()
     try:
         reasons = [
@@ -418,9 +425,9 @@ async def test_forged_flood_on_one_principal_does_not_block_another(
 
 
 async def test_denial_events_are_capped_and_counted(
-    tmp_path: Path, bus: EventBus, lock: Lock, clock: Clock, recorder: Recorder
+    registry: Registry, bus: EventBus, lock: Lock, clock: Clock, recorder: Recorder
 ) -> None:
-    v = new_verifier(tmp_path, bus, lock, clock, Limits(denied_events_per_s=5))
+    v = new_verifier(registry, bus, lock, clock, Limits(denied_events_per_s=5))
     await v.start()
     for _ in range(50):
         assert not (await v.submit("junk", "mqtt")).granted
@@ -432,9 +439,9 @@ async def test_denial_events_are_capped_and_counted(
 
 
 async def test_added_principal_is_seen_without_a_restart(
-    verifier: Verifier, store: PrincipalStore, clock: Clock, recorder: Recorder
+    verifier: Verifier, registry: Registry, clock: Clock, recorder: Recorder
 ) -> None:
-    signer = add_principal(store, clock, "late", Role.MANAGER)
+    signer = await add_principal(registry, clock, "late", Role.MANAGER)
     assert (await verifier.submit(signer.token(), "mqtt")).granted
     assert [e.details() for e in recorder.of("PrincipalAdded")] == [
         {"principal": "late", "role": "manager"}
@@ -453,13 +460,19 @@ async def test_control_request_answers_only_granted_or_denied(
 
 
 async def test_totp_secrets_are_encrypted_at_rest(
-    store: PrincipalStore, alice: Signer, tmp_path: Path
+    registry: Registry, alice: Signer, tmp_path: Path
 ) -> None:
     raw = (tmp_path / "principals.db").read_bytes()
     wal = tmp_path / "principals.db-wal"
     raw += wal.read_bytes() if wal.exists() else b""
     assert alice.secret.encode() not in raw
-    assert store.totp_secret("alice") == alice.secret
+    await registry.close()  # its owner gone, the database is read here
+    store = PrincipalStore(tmp_path, load_key(tmp_path))
+    try:
+        assert store.totp_secret("alice") == alice.secret  # sealed, and opens with the key
+    finally:
+        store.close()
+    assert alice.secret.encode() not in (tmp_path / "principals.db").read_bytes()
     key = tmp_path / "keys" / "principals.key"
     assert key.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "principals.db").stat().st_mode & 0o777 == 0o600
@@ -467,5 +480,5 @@ async def test_totp_secrets_are_encrypted_at_rest(
 
 async def test_submit_of_a_non_text_object_is_denied_quietly(verifier: Verifier) -> None:
     for bad in (None, 5, 1.5, ["a.b.c"], object()):
-        decision = await verifier.submit(bad, "mqtt")  # type: ignore[arg-type]
+        decision = await verifier.submit(bad, "mqtt")
         assert (decision.granted, decision.reason) == (False, "command is not text")

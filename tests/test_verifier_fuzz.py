@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from intercom.events import EventBus
 from intercom.hardware.lock import Lock
 from intercom.security.limits import Limits
-from intercom.security.store import PrincipalStore
 from intercom.security.verifier import Verifier
 from tests.test_security_kit import (
     DOOR,
@@ -26,6 +25,7 @@ from tests.test_security_kit import (
     Signer,
     add_principal,
     b64,
+    open_registry,
     relay_lock,
     relay_was_energised,
     sign_raw,
@@ -76,18 +76,20 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     bus = EventBus()
     lock: Lock = relay_lock(factory, bus, loop)
     clock = Clock()
-    store = PrincipalStore(state)
-    alice = add_principal(store, clock, "alice")
-    mallory = add_principal(store, clock, "mallory", kind="P-256", flats=("2",))
-    store.close()
+    registry = loop.run_until_complete(open_registry(state, bus, clock))
+    alice = loop.run_until_complete(add_principal(registry, clock, "alice"))
+    mallory = loop.run_until_complete(
+        add_principal(registry, clock, "mallory", kind="P-256", flats=("2",))
+    )
     verifier = Verifier(
-        state, _site(), bus, lock, limits=FUZZ_LIMITS, clock=clock,
+        registry, _site(), bus, lock, limits=FUZZ_LIMITS, clock=clock,
     )
     loop.run_until_complete(verifier.start())
     # A valid command that is never submitted as is: the base of the mutations.
     base = alice.token(jti="fuzz-base-command")
     yield Rig(loop, verifier, factory, alice, mallory, base)
     loop.run_until_complete(verifier.stop())
+    loop.run_until_complete(registry.close())
     lock.close()
     factory.close()
     loop.close()
