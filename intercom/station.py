@@ -204,7 +204,8 @@ class Station:
                 return {"lock": lock.state.value if lock else "locked", "door": door}
 
             components.append(
-                mqtt_bridge(settings, bus, self.eventlog, self.verifier.submit, initial_state)
+                mqtt_bridge(settings, bus, self.eventlog, self.verifier.submit, initial_state,
+                            known=lambda kid: registry.get(kid) is not None)
             )
         return components
 
@@ -231,6 +232,16 @@ class Station:
     def status(self) -> dict[str, Any]:
         """Id, version, uptime, states and where the station listens."""
         door = self.contact.state.value if self.contact else DoorState.UNKNOWN.value
+        # What MQTT would send of each event (events.public_details): no denial reasons,
+        # no log-only or personal field but principal ids, and an id erased since its
+        # event reads None, as the event log gives it.
+        recent: list[dict[str, Any]] = []
+        for event in self.bus.recent:
+            shown = event.public_dict()
+            pid = shown.get("principal")
+            if pid and (self.registry is None or self.registry.get(str(pid)) is None):
+                shown["principal"] = None
+            recent.append(shown)
         info: dict[str, Any] = {
             "station": self.id,
             "version": __version__,
@@ -242,7 +253,7 @@ class Station:
             "call": self.calls.state if self.calls else "idle",
             "tamper": bool(self.tamper and self.tamper.tripped_at),
             "listening": {"control": str(self.control.path)},
-            "recent_events": [e.to_dict() for e in self.bus.recent if not e.personal_fields],
+            "recent_events": recent,
         }
         if self.calls is not None and self.calls.url:
             info["listening"]["web"] = self.calls.url

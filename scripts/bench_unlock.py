@@ -8,12 +8,20 @@ raised right after the pin is driven). Then again while a second process floods 
 command topic with forged commands (valid form, a known principal id, the wrong key).
 
     scripts/bench unlock [--commands 1000] [--flood-rate 2000]
+
+With ``--flood-rates 2000,10000,20000`` it instead floods for ``--flood-seconds`` (20)
+at each rate, publishes one genuine command in the middle, and meanwhile a separate
+process asks the control socket for ``status`` and fetches ``/api/info`` over HTTPS
+every 50 ms: it prints the genuine command's publish-to-relay time, the probes'
+p50/p99 and the station process's CPU, and the highest rate whose genuine command
+still opened within 2 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import statistics
@@ -84,6 +92,45 @@ FLOODER = textwrap.dedent("""
     elapsed = time.monotonic() - start
     client.disconnect(); client.loop_stop()
     print(json.dumps({"sent": sent, "seconds": elapsed}), flush=True)
+""")
+
+
+# The prober: what a building manager's tools and a resident's phone see meanwhile.
+PROBER = textwrap.dedent("""
+    import http.client, json, socket, ssl, statistics, sys, time
+    control, host, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    ctx = ssl.create_default_context(); ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # loopback, the station's own certificate
+    def status():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5); s.connect(control); s.sendall(b'{"request": "status"}\\n')
+            data = b""
+            while not data.endswith(b"\\n"):
+                chunk = s.recv(65536)
+                if not chunk: break
+                data += chunk
+    def info():
+        c = http.client.HTTPSConnection(host, port, context=ctx, timeout=5)
+        c.request("GET", "/api/info"); c.getresponse().read(); c.close()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    out = {"control": [], "https": [], "failed": 0}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, probe in (("control", status), ("https", info)):
+            t = time.perf_counter()
+            try:
+                probe(); out[name].append((time.perf_counter() - t) * 1000)
+            except Exception:
+                out["failed"] += 1
+        time.sleep(0.05)
+    def q(v):
+        if len(v) < 2: return None
+        p = statistics.quantiles(v, n=100, method="inclusive")
+        return {"n": len(v), "p50": round(p[49], 1), "p99": round(p[98], 1),
+                "max": round(max(v), 1)}
+    print(json.dumps({"control": q(out["control"]), "https": q(out["https"]),
+                      "failed": out["failed"]}), flush=True)
 """)
 
 
@@ -292,6 +339,59 @@ async def flood_round(
         await flooder.close()
 
 
+async def flood_middle(
+    station: Station, manager: Child, signer: Signer, forged_file: Path, rate: float,
+    seconds: float,
+) -> bool:
+    """Flood at ``rate`` for ``seconds``, one genuine command in the middle; True if it opened.
+
+    Prints the command's publish-to-relay time, the prober's figures and the CPU.
+    """
+    port = station.settings.mqtt.port if station.settings.mqtt else 0
+    web = station.calls.url if station.calls else ""
+    web_port = int(web.rstrip("/").rsplit(":", 1)[1])
+    prober = await Child.start(PROBER, str(station.control.path), "127.0.0.1", str(web_port),
+                               str(seconds))
+    flooder = await Child.start(FLOODER, str(port), str(rate), str(seconds), str(forged_file),
+                                f"{PREFIX}/command")
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        prober.stdin.write(b"go\n")
+        flooder.stdin.write(b"go\n")
+        await asyncio.sleep(seconds / 2)
+        sample = await measure(station, manager, [signer])
+        opened = bool(sample["total"])
+        took = f"{sample['total'][0]:.1f} ms" if opened else "not within 2 s"
+        sent = json.loads((await flooder.stdout.readline()).decode())
+        busy = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        probes = json.loads((await prober.stdout.readline()).decode())
+        print(f"flood {rate:.0f}/s asked, {sent['sent'] / sent['seconds']:.0f}/s sent for "
+              f"{sent['seconds']:.1f} s: genuine command opened in {took}; station CPU "
+              f"{busy:.0%} of one core")
+        print(f"  control socket: {probes['control']}; HTTPS /api/info: {probes['https']}; "
+              f"failed probes: {probes['failed']}")
+        return opened
+    finally:
+        await flooder.close()
+        await prober.close()
+
+
+async def flood_rates(station: Station, manager: Child, managers: list[Signer], work: Path,
+                      args: Any) -> None:
+    """One middle-of-the-flood round per rate; the highest rate that still opened."""
+    forged_file = work / "forged.txt"
+    forged_file.write_text("\n".join(forged(managers, 4000, args.flood_kind)))
+    passed = []
+    for i, rate in enumerate(float(r) for r in args.flood_rates.split(",")):
+        if await flood_middle(station, manager, managers[2 + i], forged_file, rate,
+                              args.flood_seconds):
+            passed.append(rate)
+        await asyncio.sleep(3)  # let the broker and the station drain
+    best = f"{max(passed):.0f}/s" if passed else "none"
+    print(f"highest flood rate whose genuine command opened within 2 s: {best} "
+          f"({args.flood_kind} ids)")
+
+
 async def main() -> None:
     """Run both rounds and print their figures."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -304,6 +404,9 @@ async def main() -> None:
                         help="leave mosquitto's set_tcp_nodelay at its default (false)")
     parser.add_argument("--flood-kind", choices=["one", "spread", "unknown"], default="one",
                         help="whom the forged commands name (see forged())")
+    parser.add_argument("--flood-rates", metavar="R1,R2,...",
+                        help="instead: flood at each rate, a genuine command in the middle")
+    parser.add_argument("--flood-seconds", type=float, default=20.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("intercom.mqtt").setLevel(logging.INFO)  # link losses show up
@@ -323,6 +426,10 @@ async def main() -> None:
                       f"{time.perf_counter() - started:.1f} s")
                 manager = await Child.start(MANAGER, str(broker.port), f"{PREFIX}/command")
                 try:
+                    if args.flood_rates:
+                        await measure(station, manager, managers[:1])  # warm-up
+                        await flood_rates(station, manager, managers, work, args)
+                        return
                     # Warm-up: the first command's path (imports, caches, the link).
                     await measure(station, manager, managers[:1])
                     quiet = await measure(station, manager, managers[1:n + 1],

@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 from intercom.config import MqttConfig, Settings
 from intercom.errors import ConfigError
-from intercom.events import EVENT_TYPES, DoorbellPressed, Event, EventBus
+from intercom.events import DoorbellPressed, Event, EventBus, public_details
 from intercom.mqtt.cursor import Cursor
 from intercom.mqtt.discovery import discovery_messages
 from intercom.mqtt.link import MqttLink
@@ -86,18 +86,12 @@ Submit = Callable[[Any, Context], Awaitable[DecisionLike]]
 
 
 def event_json(event: LoggedEventLike) -> bytes:
-    """An event for ``<p>/events``: seq, type, time, and details without personal names.
+    """An event for ``<p>/events``: seq, type, time, and the event's public details.
 
-    Of the fields an event class marks personal only principal ids go out; any other
-    personal field (a display name, say) is left out.
+    The details are ``events.public_details``: no log-only field (a denial's reason),
+    no personal field but the pseudonymous principal id, nothing of an unknown type.
     """
-    cls = EVENT_TYPES.get(event.type)
-    personal = cls.personal_fields if cls is not None else ()
-    details = {
-        key: value
-        for key, value in event.details.items()
-        if key not in personal or key in {"principal", "principal_id"}
-    }
+    details = public_details(event.type, event.details)
     body = {"seq": event.seq, "type": event.type, "at": event.at, "details": details}
     return json.dumps(body, separators=(",", ":"), default=str).encode()
 
@@ -117,6 +111,7 @@ class MqttBridge:
         submit: Submit | None,
         door: str,
         initial_state: Callable[[], dict[str, str]] | None = None,
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.topics = Topics(
@@ -130,8 +125,11 @@ class MqttBridge:
         self._door = door
         self._initial_state = initial_state
         self.cursor = Cursor(state_dir / CURSOR_FILE)
+        self._known = known
+        self.refused = 0  # commands dropped on reading: malformed, or naming no signer
         self.link = MqttLink(
-            config, self.topics, config.client_id or f"intercom-{station_id}", self._session
+            config, self.topics, config.client_id or f"intercom-{station_id}", self._session,
+            admit=self._admit,
         )
         self._state: dict[str, dict[str, Any]] = {}
         self._calls: dict[str, str] = {}
@@ -183,6 +181,7 @@ class MqttBridge:
                 "cursor": self.cursor.seq,
                 "events_published": self.published,
                 "commands": self.commands,
+                "commands_dropped_unknown": self.refused,
                 "denied_unanswered": self.unanswered,
             }
         }
@@ -201,7 +200,9 @@ class MqttBridge:
         elif kind == "LogCheckpoint":
             self._state_changed.set()
         elif isinstance(event, DoorbellPressed):
-            press = {"event_type": "press", "button": event.button, "flat": event.flat}
+            shown = public_details(kind, event.details())  # the one filter, here too
+            press = {"event_type": "press", "button": shown.get("button"),
+                     "flat": shown.get("flat")}
             self._doorbell.append(json.dumps(press).encode())
             self._state_changed.set()
 
@@ -303,6 +304,15 @@ class MqttBridge:
             if self.cursor.save_due():
                 await asyncio.to_thread(self.cursor.save)
 
+    def _admit(self, kid: str, message: aiomqtt.Message) -> bool:
+        """Whether a message may wait for the verifier: a command must name a signer."""
+        if message.topic.value != self.topics.command:
+            return True
+        if kid and (self._known is None or self._known(kid)):
+            return True
+        self.refused += 1
+        return False
+
     async def _serve_commands(self, client: aiomqtt.Client, v5: bool) -> None:
         async for message in client.messages:
             if message.topic.value != self.topics.command:
@@ -359,8 +369,13 @@ def mqtt_bridge(
     eventlog: EventSource | None,
     submit: Submit | None,
     initial_state: Callable[[], dict[str, str]] | None = None,
+    known: Callable[[str], bool] | None = None,
 ) -> MqttBridge:
-    """The bridge of a station's settings, with its event log and verifier's ``submit``."""
+    """The bridge of a station's settings, its event log, the verifier's ``submit``.
+
+    ``known(kid)``: whether a principal of that id is registered; commands naming no
+    such signer are dropped on reading.
+    """
     if settings.mqtt is None:
         raise ConfigError(["mqtt: the section is missing"])
     return MqttBridge(
@@ -372,4 +387,5 @@ def mqtt_bridge(
         submit,
         settings.hardware.relay.door,
         initial_state,
+        known,
     )

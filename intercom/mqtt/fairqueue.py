@@ -13,6 +13,11 @@ station works on fresh commands rather than on a growing backlog.
 ``FairQueue`` is its own class, not an ``asyncio.Queue`` with private methods replaced:
 it offers the few public methods aiomqtt calls, built on a deque per signer and an
 ``asyncio.Event``.
+
+Before a message takes a slot, ``admit(kid, message)`` decides whether it may: the
+bridge admits commands only when they claim the id of a registered principal. A flood
+of malformed commands or of made-up ids is dropped there, on reading, before it costs
+a task, a parse of the whole token or a place that a real signer's command needs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import binascii
 import collections
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiomqtt
@@ -70,9 +75,9 @@ class Rounds:
         for waiting in self._by_kid.values():
             yield from waiting
 
-    def append(self, item: aiomqtt.Message) -> None:
-        """File a message under the signer it claims."""
-        kid = claimed_kid(item.payload)
+    def append(self, item: aiomqtt.Message, kid: str | None = None) -> None:
+        """File a message under the signer it claims (``kid``, read here when not given)."""
+        kid = claimed_kid(item.payload) if kid is None else kid
         waiting = self._by_kid.get(kid)
         if waiting is not None and len(waiting) >= PER_SIGNER:
             waiting.popleft()
@@ -104,6 +109,10 @@ class Rounds:
         return item
 
 
+# admit(claimed kid, message): whether the message may wait for the verifier.
+Admit = Callable[[str, aiomqtt.Message], bool]
+
+
 class FairQueue:
     """aiomqtt's incoming queue (``queue_type``), taking messages round-robin by signer.
 
@@ -114,10 +123,12 @@ class FairQueue:
     the oldest is dropped as well, so ``put_nowait`` never refuses the newest message.
     """
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, admit: Admit | None = None) -> None:
         self.maxsize = maxsize
         self._queue = Rounds(min(maxsize, MAX_WAITING) if maxsize > 0 else MAX_WAITING)
         self._ready = asyncio.Event()  # set while messages wait
+        self._admit = admit
+        self.refused = 0  # messages not admitted (malformed, or no such signer)
 
     @property
     def dropped(self) -> int:
@@ -133,8 +144,16 @@ class FairQueue:
         return not self._queue
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        """File a message under its claimed signer; never blocks, never refuses."""
-        self._queue.append(item)
+        """File a message under its claimed signer, if admitted; never blocks."""
+        kid = claimed_kid(item.payload)
+        if self._admit is not None and not self._admit(kid, item):
+            self.refused += 1
+            if not self.refused & (self.refused - 1):  # the 1st, 2nd, 4th, 8th, ...
+                log.log(logging.WARNING if self.refused == 1 else logging.DEBUG,
+                        "mqtt: dropped a command naming no registered signer (%d so far)",
+                        self.refused)
+            return
+        self._queue.append(item, kid)
         self._ready.set()
 
     def get_nowait(self) -> aiomqtt.Message:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from intercom.config import MqttConfig
 from intercom.errors import ConfigError
 from intercom.mqtt.backoff import ReconnectPolicy
 from intercom.mqtt.client import Client
-from intercom.mqtt.fairqueue import FairQueue
+from intercom.mqtt.fairqueue import Admit, FairQueue
 from intercom.mqtt.topics import OFFLINE, ONLINE, Topics
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,10 @@ class MqttLink:
         client_id: str,
         session: Session,
         policy: ReconnectPolicy | None = None,
+        admit: Admit | None = None,
     ) -> None:
         self.config = config
+        self._admit = admit
         self.topics = topics
         self.client_id = client_id
         self._session = session
@@ -193,7 +196,11 @@ class MqttLink:
             max_queued_incoming_messages=None,  # FairQueue bounds itself (MAX_WAITING)
             # aiomqtt types this as asyncio.Queue but calls only put_nowait, get and
             # qsize, which FairQueue has (tests/test_contracts.py pins the list).
-            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", FairQueue),
+            # aiomqtt builds it as queue_type(maxsize=...): a partial carries ``admit``.
+            queue_type=cast(
+                "type[asyncio.Queue[aiomqtt.Message]]",
+                functools.partial(FairQueue, admit=self._admit),
+            ),
             # paho leaves Nagle on: a command's answer and the state after it would wait
             # for the broker's delayed ACK (up to 40 ms on Linux).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
