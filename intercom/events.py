@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,9 +26,16 @@ class Event:
     ``personal_fields`` names the details that identify a person (a principal id, a
     name); the event log encrypts them under a per-principal key so that erasing a
     person is destroying one key.
+
+    ``log_only_fields`` names the details that are for the station's own logs only (the
+    encrypted event log and the journal), never for the wire: what would help an
+    attacker, such as the check a denied command failed, or free text that may name
+    someone. Every transport sends ``public_details`` (below), which leaves out both
+    these and every personal field but the pseudonymous ``principal`` id.
     """
 
     personal_fields: ClassVar[tuple[str, ...]] = ()
+    log_only_fields: ClassVar[tuple[str, ...]] = ()
     at: float = field(default_factory=time.time)
 
     @property
@@ -43,8 +50,12 @@ class Event:
         return data
 
     def to_dict(self) -> dict[str, Any]:
-        """Type, time and details in one JSON-able mapping."""
+        """Type, time and details in one JSON-able mapping (for the station's own log)."""
         return {"type": self.type, "at": self.at, **self.details()}
+
+    def public_dict(self) -> dict[str, Any]:
+        """Type, time and the details that may leave the station (``public_details``)."""
+        return {"type": self.type, "at": self.at, **public_details(self.type, self.details())}
 
 
 # --- station -------------------------------------------------------------------------
@@ -138,9 +149,15 @@ class UnlockGranted(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class UnlockDenied(Event):
-    """A command to open a door was refused; ``reason`` says which check failed."""
+    """A command to open a door was refused; ``reason`` says which check failed.
+
+    ``reason`` is log-only: on the wire it would tell a forger how far his command got
+    ("wrong TOTP code" means the signature was good). ``principal`` is the id the
+    command claimed, when a principal of that id is registered; empty otherwise.
+    """
 
     personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    log_only_fields: ClassVar[tuple[str, ...]] = ("reason",)
     door: str
     principal: str
     via: str
@@ -263,10 +280,13 @@ class PrivilegedAction(Event):
     ``actor`` is a principal id or, for local commands, ``local:<OS user>``; ``target``
     is the principal acted on, empty if none. Both are personal (an OS user may be a
     person's login): encrypted under the target's key, else the actor's, and kept off
-    MQTT.
+    the wire. ``detail`` is log-only: free text, some of it from the control socket's
+    caller, that can tie the action to a flat or a person (``flat 12`` at a pairing),
+    or help an attacker (an installer's access window, config digests).
     """
 
     personal_fields: ClassVar[tuple[str, ...]] = ("target", "actor")
+    log_only_fields: ClassVar[tuple[str, ...]] = ("detail",)
     actor: str
     action: str
     target: str = ""
@@ -335,6 +355,29 @@ for _cls in (
     LogPurged,
 ):
     register(_cls)
+
+
+# Of the personal fields, only this pseudonymous id ever leaves the station.
+PUBLIC_PERSONAL_FIELDS = frozenset({"principal"})
+
+
+def public_details(event_type: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """The details of an event that may leave the station: the one filter of every transport.
+
+    Kept: the fields the event class declares, less its ``log_only_fields`` and its
+    ``personal_fields`` other than ``principal`` (an erased person's id stays None, as
+    the event log gives it). A key the class does not declare (a record written by
+    another version) and every detail of a type not known here are left out: what is
+    not known to be public does not go out. The event log and the journal keep the
+    rest; MQTT, ``intercom status`` and anything else that carries events off the
+    station send only this.
+    """
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        return {}
+    hidden = set(cls.log_only_fields) | (set(cls.personal_fields) - PUBLIC_PERSONAL_FIELDS)
+    allowed = {f.name for f in dataclasses.fields(cls)} - hidden - {"at"}
+    return {key: value for key, value in details.items() if key in allowed}
 
 
 Handler = Callable[[Event], None]
