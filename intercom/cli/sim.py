@@ -8,6 +8,7 @@ from typing import Any
 
 from intercom.cli.common import add_state_dir, state_dir
 from intercom.control import request_sync
+from intercom.events import public_details
 from intercom.simulator import ACTIONS
 
 
@@ -42,6 +43,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"intercom: {answer.get('error')}")
         return 1
     status: dict[str, Any] = answer["status"]
+    # The daemon sends only public details; filtered again here, so that even a daemon
+    # of another release never gets a log-only field (a denial's reason) printed.
+    status["recent_events"] = [_public(e) for e in status.get("recent_events", [])]
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -64,8 +68,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if log := status.get("eventlog"):
         print(f"log      seq {log['last_seq']}, checkpoint at {log['checkpoint_seq']}")
     for event in status["recent_events"][-5:]:
-        print(f"event    {event['type']}")
+        details = " ".join(f"{k}={v}" for k, v in event.items() if k not in {"type", "at"})
+        print(f"event    {event['type']} {details}".rstrip())
     return 0
+
+
+def _public(event: dict[str, Any]) -> dict[str, Any]:
+    kind = str(event.get("type"))
+    rest = {k: v for k, v in event.items() if k not in {"type", "at"}}
+    return {"type": kind, "at": event.get("at"), **public_details(kind, rest)}
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
