@@ -114,6 +114,17 @@ class DevicePeer:
         aiortc answers a keyframe request by flagging its own encoder, which packets from
         the camera bypass; the sender looks the method up on the instance, so wrapping it
         here reaches the hardware encoder too.
+
+        This is aiortc's private ``RTCRtpSender._send_keyframe``, on purpose: aiortc (1.16
+        checked) has no public way to learn of a device's PLI/FIR (no event, callback or
+        public method on the sender; its RTCP handling and encoder are private), and a
+        passthrough camera needs one. ``tests/test_contracts.py`` pins the hook against
+        the installed aiortc: its name and ``(self)`` signature, that RTCP PLI and FIR
+        call it through the instance and that its flag drives aiortc's own encoder, and,
+        over a real aiortc loopback, that a device's PLI and FIR reach the camera; it
+        also fails once aiortc grows a public keyframe method, to switch to it. Should
+        the hook vanish anyway, nothing breaks: nothing is wrapped, and a viewer waits
+        for the camera's next periodic keyframe (``start_video`` still asks the camera).
         """
         sender = self.video_sender
         flag = getattr(sender, "_send_keyframe", None)
@@ -143,6 +154,8 @@ class DevicePeer:
     def start_video(self) -> None:
         """Send the camera to this device, newest frame first, from a keyframe."""
         self.video.open()
+        # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
+        # to make aiortc's own encoder send an IDR; wrapped, it reaches the camera too.
         force = getattr(self.video_sender, "_send_keyframe", None)
         if callable(force):  # the next frame a keyframe (reaches the camera's encoder too)
             force()
