@@ -241,3 +241,13 @@ def test_rounds_stay_consistent_when_the_limit_retires_the_same_signer():
     assert [m.payload for m in rounds] == [_jws("alice", 3), _jws("alice", 4)]
     assert [rounds.popleft().payload for _ in range(2)] == [_jws("alice", 3), _jws("alice", 4)]
     assert len(rounds) == 0
+
+
+def test_a_flood_over_many_ids_does_not_push_out_a_single_command():
+    rounds = Rounds(limit=8)
+    rounds.append(_message(_jws("manager", 0)))  # the one genuine command, first in round
+    for i in range(200):  # forgeries spread over four known ids
+        rounds.append(_message(_jws(f"mallory-{i % 4}", i)))
+    assert len(rounds) == 8
+    assert _jws("manager", 0) in [m.payload for m in rounds]
+    assert rounds.popleft().payload == _jws("manager", 0)  # still first in the round

@@ -7,8 +7,10 @@ naming one id therefore waits behind its own messages only, and each id keeps at
 ``PER_SIGNER`` waiting messages: beyond that its oldest are dropped (a newer command of
 the same signer is at least as fresh). Claiming an id gains nothing but a turn: the
 signature is checked as before. At most ``MAX_WAITING`` messages wait in all; beyond
-that the oldest of the next signer in the round is dropped, so under overload the
-station works on fresh commands rather than on a growing backlog.
+that the oldest message of the signer with the most waiting is dropped (the head of
+the round when every signer has one), so under overload the station works on fresh
+commands rather than on a growing backlog, and a flood spread over many ids cannot
+push out the one command of a signer who sent just that.
 
 ``FairQueue`` is its own class, not an ``asyncio.Queue`` with private methods replaced:
 it offers the few public methods aiomqtt calls, built on a deque per signer and an
@@ -67,6 +69,9 @@ class Rounds:
         )
         self._count = 0
         self.dropped = 0  # messages dropped: their signer had too many, or all had
+        # _sized[n]: the signers with n messages waiting (1..PER_SIGNER), to find the
+        # busiest one in at most PER_SIGNER steps.
+        self._sized: list[set[str]] = [set() for _ in range(PER_SIGNER + 1)]
 
     def __len__(self) -> int:
         return self._count
@@ -80,17 +85,42 @@ class Rounds:
         kid = claimed_kid(item.payload) if kid is None else kid
         waiting = self._by_kid.get(kid)
         if waiting is not None and len(waiting) >= PER_SIGNER:
-            waiting.popleft()
-            self._count -= 1
+            self._drop_oldest(kid)
             self._dropped(f"more than {PER_SIGNER} commands wait for one signer")
         elif self._count >= self.limit:
-            self.popleft()
+            busiest = self._busiest()
+            if busiest is not None:
+                self._drop_oldest(busiest)
+            else:  # every signer has one waiting: the head of the round goes
+                self.popleft()
             self._dropped(f"more than {self.limit} commands wait")
-            waiting = self._by_kid.get(kid)  # popleft may have retired it
+            waiting = self._by_kid.get(kid)  # that may have retired it
         if waiting is None:
             waiting = self._by_kid[kid] = collections.deque()
+        self._resize(kid, len(waiting), len(waiting) + 1)
         waiting.append(item)
         self._count += 1
+
+    def _resize(self, kid: str, old: int, new: int) -> None:
+        if old:
+            self._sized[old].discard(kid)
+        if new:
+            self._sized[new].add(kid)
+
+    def _busiest(self) -> str | None:
+        """A signer with the most messages waiting, if one has two or more."""
+        for size in range(PER_SIGNER, 1, -1):
+            if self._sized[size]:
+                return next(iter(self._sized[size]))
+        return None
+
+    def _drop_oldest(self, kid: str) -> None:
+        waiting = self._by_kid[kid]
+        self._resize(kid, len(waiting), len(waiting) - 1)
+        waiting.popleft()
+        self._count -= 1
+        if not waiting:
+            del self._by_kid[kid]
 
     def _dropped(self, why: str) -> None:
         self.dropped += 1
@@ -101,6 +131,7 @@ class Rounds:
     def popleft(self) -> aiomqtt.Message:
         """The next signer's oldest message; that signer goes to the back of the round."""
         kid, waiting = next(iter(self._by_kid.items()))
+        self._resize(kid, len(waiting), len(waiting) - 1)
         item = waiting.popleft()
         del self._by_kid[kid]
         if waiting:
