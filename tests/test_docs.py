@@ -56,3 +56,12 @@ def test_relay_on_pulled_up_pin_is_warned():
     settings = parse_settings(BASE + "[hardware.relay]\npin = 4\n")
     (warning,) = wiring_warnings(settings)
     assert warning.startswith("hardware.relay.pin: GPIO4 is pulled up at power-on")
+
+
+def test_the_vulnerability_disclosure_policy_is_there_and_linked():
+    """EN 303 645 5.2-1: how to report privately, what the reporter hears and when, versions."""
+    policy = (ROOT / "SECURITY.md").read_text()
+    for needed in ("privately", "Report a vulnerability", "5 working days", "90 days",
+                   "Which versions receive fixes"):
+        assert needed in policy, needed
+    assert "(SECURITY.md)" in (ROOT / "README.md").read_text()
