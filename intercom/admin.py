@@ -10,6 +10,8 @@ socket's peer credentials (or, offline, from the command's own user).
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -237,6 +239,21 @@ class Admin:
         return {"ok": True, "logged_seq": await self._logged()}
 
 
+def _check_owner(state_dir: Path) -> None:
+    """Refuse to act for a state dir another user owns: files made now would be ours."""
+    owner = state_dir.stat().st_uid
+    if owner == os.geteuid():
+        return
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"uid {owner}"
+    raise CommandRefusedError(
+        f"no station is running and {state_dir} belongs to {name}: run this as that "
+        f"user (sudo -u {name} intercom ...) or start the station"
+    )
+
+
 async def offline(state_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
     """Answer an administration request with no station running, under the instance lock.
 
@@ -251,6 +268,7 @@ async def offline(state_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
     from intercom.security.secretbox import load_key  # noqa: PLC0415
     from intercom.statedir import InstanceLock  # noqa: PLC0415
 
+    await asyncio.to_thread(_check_owner, state_dir)
     identity = load_identity(state_dir)
     key = load_key(state_dir)
     lock = InstanceLock(state_dir, "cli")

@@ -8,6 +8,7 @@ of two processes working on different copies of a database) and must act on the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -233,3 +234,15 @@ def test_a_command_finds_no_station_and_creates_nothing(tmp_path: Path) -> None:
 def test_status_names_the_running_station(daemon: SimStation) -> None:
     status: dict[str, Any] = daemon.status()
     assert status["pid"] == daemon.proc.pid
+
+
+def test_without_a_station_only_the_state_dir_s_owner_may_change_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = SimStation(state)
+    first.stop()
+    os.chown(state, 65534, 65534)  # the station's user (here: nobody), not this root
+    done = cli("principals", "list", "--state-dir", str(state), check=False)
+    assert done.returncode == 1
+    assert "belongs to nobody" in done.stderr
+    assert "sudo -u nobody" in done.stderr
+    assert not (state / "instance.lock").read_text()  # nobody took the lock
