@@ -166,9 +166,9 @@ class Admin:
             )
         except PrincipalError as exc:
             raise CommandRefusedError(str(exc)) from exc
+        issuer = _text(request, "issuer", required=False) or "intercom"  # checked before adding
         secret = totp.new_secret()
         await self._registry.add(principal, secret, actor)
-        issuer = _text(request, "issuer", required=False) or "intercom"
         return {
             "ok": True,
             "principal": describe(principal, None, now),

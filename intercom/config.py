@@ -461,6 +461,8 @@ def load_settings(path: Path) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     return parse_settings(text, source=str(path))
 
 
@@ -470,6 +472,8 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+    except RecursionError as exc:  # tomllib recurses into nested arrays and tables
+        raise ConfigError([f"{source}: not valid TOML: nested too deeply"]) from exc
     if "simulated" in data:
         raise ConfigError(["simulated: set by `intercom run --simulate`, not in the file"])
     try:

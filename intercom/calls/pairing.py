@@ -128,7 +128,7 @@ class Pairing:
             key = import_public_jwk({k: v for k, v in jwk.items() if k in JWK_MEMBERS})
         except PrincipalError as exc:
             raise PairingError(str(exc)) from exc
-        if not isinstance(code, str) or len(code) > 64:
+        if not isinstance(code, str) or len(code) > 64 or not code.isascii():
             raise BadCodeError
         now = self._clock()
         self._purge(now)

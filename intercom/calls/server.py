@@ -187,7 +187,7 @@ class WebServer:
         address = source_key(request.remote)
         try:
             body = json.loads(await request.read())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return error(400, "body must be JSON")
         if not isinstance(body, dict):
             return error(400, "body must be a JSON object")

@@ -169,7 +169,7 @@ def verify_bundle(path: Path, trusted: dict[str, Ed25519PublicKey]) -> Manifest:
     try:
         claimed = json.loads(raw)
         kid = str(claimed["key_id"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UpdateRefusedError(f"{path}: the manifest is not valid JSON with a key_id") from exc
     if not trusted:
         raise UpdateRefusedError("no release keys are installed; cannot check any bundle")
@@ -215,7 +215,7 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         if path.stat().st_size > MAX_BUNDLE_BYTES:
             raise UpdateRefusedError(f"{path}: larger than {MAX_BUNDLE_BYTES} bytes")
         return tarfile.open(path, "r:")
-    except (OSError, tarfile.TarError) as exc:
+    except (OSError, tarfile.TarError, ValueError) as exc:  # ValueError: bad PAX records
         raise UpdateRefusedError(f"{path}: not an update bundle: {exc}") from exc
 
 
@@ -226,7 +226,7 @@ def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
             if not member.isfile() or member.name in members:
                 raise UpdateRefusedError(f"bundle member {member.name!r}: not a unique file")
             members[member.name] = member
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError) as exc:  # ValueError: bad PAX/sparse records
         raise UpdateRefusedError(f"not an update bundle: {exc}") from exc
     return members
 
@@ -259,7 +259,10 @@ def _parse_manifest(raw: bytes) -> Manifest:
             name = str(entry["name"])
             if not WHEEL_NAME.match(name) or "/" in name:
                 raise UpdateRefusedError(f"manifest wheel name {name!r} is not a wheel file name")
-            wheels[name] = (str(entry["sha256"]), int(entry["size"]))
+            size = entry["size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise UpdateRefusedError(f"manifest wheel {name}: size must be a whole number")
+            wheels[name] = (str(entry["sha256"]), size)
         return Manifest(version=version, key_id=str(data["key_id"]), wheels=wheels, raw=raw)
-    except (KeyError, TypeError, ValueError, InvalidVersion) as exc:
+    except (KeyError, TypeError, ValueError, InvalidVersion, RecursionError) as exc:
         raise UpdateRefusedError(f"the signed manifest is malformed: {exc}") from exc

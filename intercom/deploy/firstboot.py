@@ -200,16 +200,24 @@ class FirstBoot:
             data = tomllib.loads(raw.decode())
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             self._reject(installer, raw, [f"{installer}: not valid TOML: {exc}"])
+        except RecursionError:
+            self._reject(installer, raw, [f"{installer}: not valid TOML: nested too deeply"])
         extra: dict[str, Any] = {
             k: data.pop(k) for k in ("wifi", "installer", "pairing") if k in data
         }
+        for key, value in extra.items():
+            if not isinstance(value, dict):
+                self._reject(installer, raw, [f"{key}: must be a table ([{key}])"])
         mqtt = data.get("mqtt")
         password = mqtt.pop("password", None) if isinstance(mqtt, dict) else None
         if password is not None and not isinstance(password, str):
             self._reject(installer, raw, ["mqtt.password: must be a string"])
         if isinstance(mqtt, dict) and password is not None:
             mqtt["password_credential"] = MQTT_CREDENTIAL
-        text = tomli_w.dumps(data)
+        try:
+            text = tomli_w.dumps(data)
+        except RecursionError:  # parsed, but too deep to write back (dotted keys)
+            self._reject(installer, raw, [f"{installer}: not valid TOML: nested too deeply"])
         try:
             parse_settings(text, source=str(installer))
             wifi = wifi_config(extra["wifi"]) if "wifi" in extra else None

@@ -130,8 +130,8 @@ def import_public_jwk(jwk: dict[str, Any]) -> PublicKey:
             key = ECKey.import_key(jwk)
         else:
             raise PrincipalError(f"unsupported key type {jwk.get('kty')!r}")
-    except (JoseError, ValueError, TypeError) as exc:
-        raise PrincipalError(f"invalid public key: {exc}") from exc
+    except (JoseError, ValueError, TypeError, KeyError) as exc:  # KeyError: a crv unknown
+        raise PrincipalError(f"invalid public key: {exc!s}"[:200]) from exc  # for the kty
     key_kind(key)
     return key
 
@@ -147,10 +147,10 @@ def public_jwk_from_file(data: bytes) -> dict[str, Any]:
         for cls in (OKPKey, ECKey):
             try:
                 key = cls.import_key(text)
-            except (JoseError, ValueError, TypeError):
+            except (JoseError, ValueError, TypeError, KeyError):
                 continue
             key_kind(key)
             return {k: v for k, v in key.as_dict(private=False).items() if k != "kid"}
-    except (ValueError, AttributeError) as exc:
-        raise PrincipalError(f"not a public key: {exc}") from exc
+    except (ValueError, AttributeError, RecursionError) as exc:
+        raise PrincipalError(f"not a public key: {exc!s}"[:200]) from exc
     raise PrincipalError("not an Ed25519 or ECDSA P-256 public key (PEM or JWK)")
