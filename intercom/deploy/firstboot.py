@@ -196,18 +196,7 @@ class FirstBoot:
         """Move the config to /etc, its secrets to root-only files; scrub the FAT copy."""
         raw = installer.read_bytes()
         self.etc_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            data = tomllib.loads(raw.decode())
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            self._reject(installer, raw, [f"{installer}: not valid TOML: {exc}"])
-        except RecursionError:
-            self._reject(installer, raw, [f"{installer}: not valid TOML: nested too deeply"])
-        extra: dict[str, Any] = {
-            k: data.pop(k) for k in ("wifi", "installer", "pairing") if k in data
-        }
-        for key, value in extra.items():
-            if not isinstance(value, dict):
-                self._reject(installer, raw, [f"{key}: must be a table ([{key}])"])
+        data, extra = self._sections(installer, raw)
         mqtt = data.get("mqtt")
         password = mqtt.pop("password", None) if isinstance(mqtt, dict) else None
         if password is not None and not isinstance(password, str):
@@ -234,6 +223,22 @@ class FirstBoot:
         _scrub(installer)
         self.report.add(f"config moved to {self.etc_dir / CONFIG_FILE}; installer file removed")
         return extra
+
+    def _sections(self, installer: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The installer file's config, and its first-boot tables (wifi, installer, pairing)."""
+        try:
+            data = tomllib.loads(raw.decode())
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            self._reject(installer, raw, [f"{installer}: not valid TOML: {exc}"])
+        except RecursionError:
+            self._reject(installer, raw, [f"{installer}: not valid TOML: nested too deeply"])
+        extra: dict[str, Any] = {
+            k: data.pop(k) for k in ("wifi", "installer", "pairing") if k in data
+        }
+        for key, value in extra.items():
+            if not isinstance(value, dict):
+                self._reject(installer, raw, [f"{key}: must be a table ([{key}])"])
+        return data, extra
 
     def _reject(self, installer: Path, raw: bytes, problems: list[str]) -> NoReturn:
         """Keep a bad installer file root-only, leave the reasons on the boot partition."""
