@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
 import socket
 import time
@@ -210,3 +211,28 @@ async def test_a_device_keyframe_request_reaches_the_hook_and_the_camera_encoder
         await client.close()
         hub.close()
         await camera.close()
+
+
+async def test_a_peer_closed_while_connecting_is_no_error_but_other_faults_still_are(caplog):
+    """aiortc's unawaited connect task fails when a device leaves mid-connect: DEBUG only.
+
+    Found by the SDP fuzzing: an answer accepted, the socket closed, and asyncio logged
+    aiortc's ``InvalidStateError("RTCIceTransport is closed")`` as an ERROR traceback.
+    """
+    from aiortc.exceptions import InvalidStateError  # noqa: PLC0415
+
+    from intercom.calls.peer import quiet_close_races  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    undo = quiet_close_races(loop)
+    try:
+        caplog.set_level(logging.DEBUG)
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": InvalidStateError("RTCIceTransport is closed")})
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": RuntimeError("a real fault")})
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        undo()
+    assert loop.get_exception_handler() is None

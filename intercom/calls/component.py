@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from intercom.calls.pairing import Pairing
-from intercom.calls.peer import DevicePeer, ice_servers
+from intercom.calls.peer import DevicePeer, ice_servers, quiet_close_races
 from intercom.calls.ringgroup import RingGroup
 from intercom.calls.server import WebServer
 from intercom.calls.signalling import Session, Signalling
@@ -73,6 +73,7 @@ class Calls:
         self.signalling: Signalling | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._unwatch: Callable[[], None] | None = None
+        self._unquiet: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -100,6 +101,7 @@ class Calls:
 
     async def _start(self) -> None:
         devices = self._devices
+        self._unquiet = quiet_close_races(asyncio.get_running_loop())
         self.cert = load_station_cert(self.state_dir, self.station_id)
         self.pairing.open()
         self.media = MediaHub(devices.camera, devices.microphone, devices.speaker)
@@ -157,6 +159,9 @@ class Calls:
         if self.media is not None:
             self.media.close()
         self.pairing.close()
+        if self._unquiet is not None:
+            self._unquiet()
+            self._unquiet = None
 
     def status(self) -> dict[str, Any]:
         """What ``intercom status`` shows (no principal ids)."""

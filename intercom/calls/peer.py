@@ -26,6 +26,7 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.exceptions import InvalidStateError
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.config import IceServerConfig
@@ -235,3 +236,29 @@ class DevicePeer:
         for task in list(self._tasks):
             task.cancel()
         await self.pc.close()
+
+
+def quiet_close_races(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Log aiortc's "closed while connecting" task failure at DEBUG; returns the undo.
+
+    aiortc starts the connection of an answered offer in a task of its own that nobody
+    awaits; when the device's socket closes (and with it the peer connection) while that
+    task still runs, it fails with ``InvalidStateError("RTCIceTransport is closed")`` and
+    asyncio logs "Task exception was never retrieved" as an ERROR with a traceback. That
+    is a device leaving, not a fault of the station: it is noted at DEBUG. Every other
+    unretrieved exception goes to the loop's handler as before.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(current: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, InvalidStateError) and "RTCIceTransport is closed" in str(exc):
+            log.debug("peer: a connection attempt ended by its close: %s", exc)
+            return
+        if previous is not None:
+            previous(current, context)
+        else:
+            current.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return lambda: loop.set_exception_handler(previous)
