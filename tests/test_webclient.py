@@ -142,6 +142,9 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     assert page.evaluate(f"window.intercom.frames.some(t => t >= {ring['at']} - 1000)")
     assert page.is_visible("#btn-answer")
     assert speaker(station)["audible_frames"] == heard_before  # no audio until answered
+    # and nothing at all leaves the page for the door before that, not even the silence
+    # of a disabled microphone (a building's idle devices would flood the station)
+    assert (stats(page).get("audioBytesSent") or 0) == 0
     page.screenshot(path=str(tmp_path / "ringing.png"))
 
     page.click("#btn-answer")

@@ -43,6 +43,7 @@ export class StationPeer {
     this.video = video;
     this.audio = audio;
     this.mic = null;
+    this.audioSender = null;
     this.muted = false;
     this.channel = null;
     this.onControl = onControl;
@@ -82,10 +83,13 @@ export class StationPeer {
       (t) => t.receiver.track.kind === "audio",
     );
     if (audioTx && stream) {
+      // The microphone is kept ready but not attached: an attached track, even a disabled
+      // one, sends silence 50 times a second, which a station with a building's worth of
+      // idle devices would have to receive and decrypt. It is attached when a call is
+      // answered (replaceTrack needs no renegotiation) and detached when it ends.
       this.mic = stream.getAudioTracks()[0].clone();
-      this.mic.enabled = false; // nothing leaves the device until it answers a call
+      this.audioSender = audioTx.sender;
       audioTx.direction = "sendrecv";
-      await audioTx.sender.replaceTrack(this.mic);
     }
     await this.pc.setLocalDescription(await this.pc.createAnswer());
     await gathered(this.pc);
@@ -94,7 +98,12 @@ export class StationPeer {
 
   /** Switch our microphone on (answered, not muted) or off. */
   talk(on) {
-    if (this.mic) this.mic.enabled = on && !this.muted;
+    if (this.mic) {
+      this.mic.enabled = on && !this.muted;
+      this.audioSender?.replaceTrack(on ? this.mic : null).catch((err) => {
+        console.warn(`microphone: ${err}`);
+      });
+    }
     if (on) {
       this.audio.muted = false;
       this.audio.play().catch(() => {});
