@@ -123,6 +123,7 @@ class Device:
         self.close_code: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._mic: MediaStreamTrack | None = None
+        self._audio_sender: Any = None
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         assert self.station.calls is not None
@@ -162,7 +163,10 @@ class Device:
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_channel)
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
-        pc.addTrack(self._mic)
+        # As docs/calls.md asks: audio sendrecv, but no track (no RTP) until answered.
+        audio = next(t for t in pc.getTransceivers() if t.kind == "audio")
+        audio.direction = "sendrecv"
+        self._audio_sender = audio.sender
         await pc.setLocalDescription(await pc.createAnswer())
         await self.ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp})
 
@@ -173,8 +177,14 @@ class Device:
                 data = json.loads(message.data)
                 data["received_at"] = time.time()
                 self.seen.append(data)
+                if data.get("type") == "call":  # the microphone only while in a call
+                    self._talk(data.get("state") == "answered")
                 await self.messages.put(data)
         self.close_code = self.ws.close_code
+
+    def _talk(self, on: bool) -> None:
+        if self._audio_sender is not None:
+            self._audio_sender.replaceTrack(self._mic if on else None)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         self._tasks.append(asyncio.create_task(self._consume(track)))
