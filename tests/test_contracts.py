@@ -236,3 +236,77 @@ async def test_a_peer_closed_while_connecting_is_no_error_but_other_faults_still
     finally:
         undo()
     assert loop.get_exception_handler() is None
+
+
+# --- aiortc: the senders' report hook (intercom/calls/peer.py) -----------------------
+#
+# aiortc sends an RTCP sender report from every sender every 0.5-1.5 s, even when it
+# has sent nothing; DevicePeer wraps ``_send_rtcp`` on its senders' instances to drop
+# report-only compounds while a gate is closed and nothing was sent since the last one.
+
+
+def test_the_private_report_hook_keeps_its_name_signature_and_caller():
+    from aiortc import RTCRtpSender  # noqa: PLC0415
+
+    hook = vars(RTCRtpSender).get("_send_rtcp")
+    assert inspect.iscoroutinefunction(hook), "RTCRtpSender._send_rtcp is gone: see peer.py"
+    assert list(inspect.signature(hook).parameters) == ["self", "packets"]
+    loop = inspect.getsource(RTCRtpSender._run_rtcp)
+    # the periodic report is a list of RtcpSrPacket (+ RtcpSdesPacket) sent through self
+    assert "RtcpSrPacket(" in loop
+    assert "RtcpSdesPacket(" in loop
+    assert "await self._send_rtcp(packets)" in loop
+    assert "await self._send_rtcp([packet])" in loop  # the BYE, which the hook lets through
+    # no public way to change the reports' interval or stop them yet
+    public = [n for n in dir(RTCRtpSender) if "rtcp" in n.lower() and not n.startswith("_")]
+    assert public == [], f"aiortc now has {public}: use it in calls/peer.py, drop the hook"
+
+
+async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
+    from intercom.calls.peer import DevicePeer  # noqa: PLC0415
+    from intercom.calls.tracks import MediaHub  # noqa: PLC0415
+    from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
+    from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
+    from tests.test_calls_client import eventually  # noqa: PLC0415
+    from tests.test_calls_media import connect, no_unlock  # noqa: PLC0415
+
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    hub.start()
+    peer = DevicePeer(hub, [], no_unlock, lambda: None)
+    assert "_send_rtcp" in vars(peer.video_sender), "the hook is not set on the sender"
+    client, frames = await connect(peer)
+    (receiver,) = [r for r in client.getReceivers() if r.track.kind == "video"]
+
+    async def last_report() -> Any:
+        stats = await receiver.getStats()
+        reports = [s for s in stats.values() if s.type == "remote-outbound-rtp"]
+        return reports[0].timestamp if reports else None
+
+    window = 3.2  # aiortc reports every 0.5-1.5 s: at least two would arrive in this time
+    try:
+        await asyncio.sleep(2.0)  # the first report (nothing sent yet) may go out
+        before = await last_report()
+        await asyncio.sleep(window)
+        assert await last_report() == before, "an idle sender still sent reports"
+
+        peer.start_video()  # frames flow: reports flow too
+        await eventually(lambda: len(frames) > 0, what="video after the ring")
+        ringing = await last_report()
+        await asyncio.sleep(window)
+        during = await last_report()
+        assert during is not None and during != ringing, "no report while sending"
+
+        peer.stop_video()  # one more report after the last frame, then none
+        await asyncio.sleep(2.0)
+        after = await last_report()
+        await asyncio.sleep(window)
+        assert await last_report() == after, "reports went on after the gate closed"
+    finally:
+        await peer.close()
+        await client.close()
+        hub.close()
+        await camera.close()

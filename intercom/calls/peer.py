@@ -27,6 +27,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.exceptions import InvalidStateError
+from aiortc.rtp import RtcpSdesPacket, RtcpSrPacket
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.config import IceServerConfig
@@ -100,7 +101,9 @@ class DevicePeer:
             codecs = RTCRtpSender.getCapabilities("video").codecs
             transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
             self._forward_keyframe_requests()
-        self.pc.addTransceiver(self.audio, direction="sendrecv")
+        audio_sender = self.pc.addTransceiver(self.audio, direction="sendrecv").sender
+        for sender, track in ((self.video_sender, self.video), (audio_sender, self.audio)):
+            _quiet_idle_reports(sender, track)
         self.channel: RTCDataChannel = self.pc.createDataChannel("control")
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
@@ -236,6 +239,40 @@ class DevicePeer:
         for task in list(self._tasks):
             task.cancel()
         await self.pc.close()
+
+
+def _quiet_idle_reports(sender: RTCRtpSender, track: GatedTrack) -> None:
+    """Send no RTCP sender report while the sender has sent nothing since its last one.
+
+    aiortc sends a sender report (with its SDES) from every sender every 0.5-1.5 s, even
+    from one whose gate has been closed for hours: two per idle device per second, each
+    built, SRTP-protected and sent by the station, then received by the device. With a
+    building's devices online these reports were most of the station's idle work and
+    packets (``scripts/bench devices``). A report that says "nothing was sent" tells the
+    device nothing: RFC 3550 has a participant that is not sending send none, and ICE
+    consent checks keep the path alive. So while the gate is closed and no frame went
+    out since the last report, a report-only compound is dropped; every other RTCP
+    packet (a BYE at the end) and every report while frames flow goes out as before.
+
+    This wraps aiortc's private ``RTCRtpSender._send_rtcp`` on the instance, which its
+    report loop calls through ``self`` (aiortc 1.16 has no setting for the report
+    interval). ``tests/test_contracts.py`` pins the name, the signature, the caller and
+    the effect over a real aiortc connection. Should the hook vanish, nothing breaks:
+    the reports are just sent as before.
+    """
+    send = getattr(sender, "_send_rtcp", None)
+    if not callable(send):
+        return
+    reported = [-1]  # track.frames at the last report that went out
+
+    async def send_rtcp(packets: list[Any]) -> None:
+        idle = not track.is_open and track.frames == reported[0]
+        if idle and all(isinstance(p, (RtcpSrPacket, RtcpSdesPacket)) for p in packets):
+            return
+        reported[0] = track.frames
+        await send(packets)
+
+    sender._send_rtcp = send_rtcp  # type: ignore[method-assign]  # noqa: SLF001
 
 
 def quiet_close_races(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
