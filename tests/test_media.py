@@ -162,6 +162,39 @@ async def test_h264_file_passthrough_sends_annexb_packets(tmp_path: Path):
     assert {(f.width, f.height) for f in decoded} == {(320, 240)}
 
 
+async def test_a_raw_h264_file_loops_and_passthrough_numbers_its_frames(tmp_path: Path):
+    # A raw Annex-B .h264 file (what a camera gives) carries no timestamps at all.
+    path = tmp_path / "door.h264"
+    synth = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    await synth.open()
+    with av.open(str(path), "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.options = {"g": "5", "tune": "zerolatency"}
+        for _ in range(10):
+            frame = await synth.next()
+            frame.pts = None
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    camera = open_camera(CameraConfig(source="file", device=str(path), fps=30, passthrough=True))
+    await camera.open()
+    packets = [await asyncio.wait_for(camera.next(), 2) for _ in range(25)]  # loops twice
+    await camera.close()
+    ticks = [p.pts * p.time_base for p in packets]
+    assert ticks == [Fraction(n, 30) for n in range(25)]  # one frame apart, looping on
+    assert [p.is_keyframe for p in packets[:10]] == [n % 5 == 0 for n in range(10)]
+    # Decoded, it loops too (such a stream cannot seek: it is opened again).
+    decoding = open_camera(CameraConfig(source="file", device=str(path), fps=30))
+    await decoding.open()
+    frames = [await asyncio.wait_for(decoding.next(), 2) for _ in range(25)]
+    await decoding.close()
+    assert {(f.width, f.height) for f in frames} == {(320, 240)}
+    times = [f.pts * f.time_base for f in frames]  # rising across the loops: encoders need it
+    assert times == sorted(set(times))
+
+
 async def test_passthrough_refuses_a_source_that_is_not_h264(tmp_path: Path):
     path = tmp_path / "door.mp4"
     await write_video(path, "mpeg4", frames=3)

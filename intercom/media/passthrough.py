@@ -48,13 +48,14 @@ class H264PassthroughCamera(PyAVCamera):
     def _read(self) -> None:
         from av.bitstream import BitStreamFilterContext  # noqa: PLC0415
 
-        stream = self._container.streams.video[0]
-        annexb = BitStreamFilterContext("h264_mp4toannexb", stream)
         interval = 1 / self.config.fps
         offset = 0  # added to a looping file's timestamps
         due = time.monotonic()
         while not self._stopping.is_set():
-            last = 0
+            stream = self._container.streams.video[0]
+            annexb = BitStreamFilterContext("h264_mp4toannexb", stream)
+            step = round(1 / (self.config.fps * stream.time_base))  # a frame in stream ticks
+            last, count = 0, 0
             try:
                 for packet in self._container.demux(stream):
                     if packet.size == 0:
@@ -62,8 +63,12 @@ class H264PassthroughCamera(PyAVCamera):
                     for out in annexb.filter(packet):
                         if self._stopping.is_set():
                             return
-                        last = max(last, out.pts or 0)
-                        out.pts = (out.pts or 0) + offset
+                        # A raw .h264 file (Annex-B, as a camera gives it) has no
+                        # timestamps: number its frames at the configured rate.
+                        pts = out.pts if out.pts is not None else count * step
+                        count += 1
+                        last = max(last, pts)
+                        out.pts = pts + offset
                         out.dts = out.pts
                         self._hand_over(out)
                         if not self.v4l2:
@@ -74,8 +79,9 @@ class H264PassthroughCamera(PyAVCamera):
                 return
             if self.v4l2:
                 return
-            offset += last + round(1 / (self.config.fps * stream.time_base))
-            self._container.seek(0)
+            offset += last + step
+            if not self._rewind():
+                return
 
     def _hand_over(self, packet: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():

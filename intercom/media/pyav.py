@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import logging
 import threading
 import time
@@ -12,6 +13,9 @@ from intercom.config import CameraConfig
 from intercom.errors import HardwareError
 
 log = logging.getLogger(__name__)
+
+VIDEO_CLOCK_RATE = 90_000
+TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 
 
 class PyAVCamera:
@@ -75,12 +79,19 @@ class PyAVCamera:
         if self._loop is None:
             return
         interval = 1 / self.config.fps
+        step = round(VIDEO_CLOCK_RATE / self.config.fps)
+        count = 0
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 for frame in self._container.decode(video=0):
                     if self._stopping.is_set():
                         return
+                    if not self.v4l2 or frame.pts is None:
+                        # A file's timestamps start again at each loop (a raw .h264 file
+                        # has none): encoders need them to rise, so they are counted here.
+                        frame.pts, frame.time_base = count * step, TIME_BASE
+                    count += 1
                     self._loop.call_soon_threadsafe(self._deliver, frame)
                     if not self.v4l2:  # a file plays at the configured rate
                         started += interval
@@ -88,9 +99,24 @@ class PyAVCamera:
             except Exception as exc:  # noqa: BLE001 - a device fault must not kill the station
                 log.warning("camera %s: decoding stopped: %s", self.device, exc)
                 return
-            if self.v4l2:
+            if self.v4l2 or not self._rewind():
                 return
+
+    def _rewind(self) -> bool:
+        """Back to the file's start; False when that fails (the camera then stops).
+
+        A raw stream (an Annex-B ``.h264`` file) cannot seek: it is opened again.
+        """
+        try:
             self._container.seek(0)
+        except Exception:  # noqa: BLE001 - av.error.* subclasses: try the other way
+            try:
+                self._container.close()
+                self._container = self._open_container()
+            except Exception as exc:  # noqa: BLE001 - a device fault must not kill the station
+                log.warning("camera %s: cannot loop the file: %s", self.device, exc)
+                return False
+        return True
 
     def _deliver(self, frame: Any) -> None:
         self._latest = frame
