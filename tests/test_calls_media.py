@@ -101,8 +101,30 @@ def test_mdns_candidates_are_dropped_from_answers():
     assert cleaned.endswith("a=end-of-candidates\r\n")
 
 
+class KeepsNoKeyframe:
+    """An encoding camera that keeps no keyframe ready (like a V4L2 or file passthrough)."""
+
+    encoded = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def next(self) -> Any:
+        return await self.inner.next()
+
+    def request_keyframe(self) -> None:
+        self.inner.request_keyframe()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 async def test_an_opened_gate_on_packets_starts_at_a_keyframe():
-    camera = H264Camera()
+    camera = KeepsNoKeyframe(H264Camera())
     await camera.open()
     microphone = ToneSource()
     await microphone.open()
@@ -126,5 +148,45 @@ async def test_an_opened_gate_on_packets_starts_at_a_keyframe():
         assert asyncio.get_running_loop().time() - opened >= 0.9
     finally:
         track.stop()
+        hub.close()
+        await camera.close()
+
+
+async def test_a_ring_starts_from_the_keyframe_kept_ready_without_encoding_one():
+    camera = H264Camera()
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    tracks = [hub.video_track(), hub.video_track()]
+    try:
+        await asyncio.sleep(0.3)  # nobody watches: the newest packet is an IDR
+        assert camera._last_was_idr
+        for ring in range(2):
+            newest = camera._last  # the frame of the newest packet
+            for track in tracks:  # what a ring does for each device: open, ask for an IDR
+                track.open()
+                hub.request_keyframe()
+            assert hub.watching == 2
+            firsts = [await asyncio.wait_for(t.recv(), 2) for t in tracks]
+            assert all(p.is_keyframe for p in firsts), f"ring {ring}"
+            # the packet kept ready (no IDR was encoded at the ring: that would repeat
+            # the newest frame one tick later), and P-frames follow
+            assert {p.pts for p in firsts} == {newest.pts}
+            assert not (await asyncio.wait_for(tracks[0].recv(), 2)).is_keyframe
+            # a later request (a device's picture loss indication) gets a new IDR at once
+            hub.request_keyframe()
+            assert (await asyncio.wait_for(tracks[0].recv(), 2)).is_keyframe
+            for track in tracks:
+                track.close()
+            assert hub.watching == 0
+            await asyncio.sleep(0.2)
+        tracks[0].open()
+        tracks[0].stop()  # a device gone while rung no longer counts as watching
+        assert hub.watching == 0
+    finally:
+        for track in tracks:
+            track.stop()
+        assert hub.watching == 0
         hub.close()
         await camera.close()

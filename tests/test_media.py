@@ -247,6 +247,51 @@ async def test_station_with_encode_once_shares_one_encoder(tmp_path: Path):
         await station.stop()
 
 
+async def test_encode_once_keeps_a_keyframe_ready_while_nobody_watches():
+    from intercom.media.encodeonce import EncodeOnceCamera  # noqa: PLC0415
+
+    inner = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    camera = EncodeOnceCamera(inner, fps=30)
+    await camera.open()
+    try:
+        camera.watch(0)
+        idle = [bytes(await camera.next()) for _ in range(4)]
+        assert all(5 in nal_types(d) for d in idle)  # every packet an IDR
+        camera.watch(1)  # a peer joins; the newest packet is its start ...
+        camera.request_keyframe()  # ... so the request that comes with it needs no IDR
+        assert camera.keyframes_requested == 1
+        watched = [bytes(await camera.next()) for _ in range(3)]
+        assert not any(5 in nal_types(d) for d in watched)
+        camera.request_keyframe()  # a later request (picture loss) does
+        assert 5 in nal_types(bytes(await camera.next()))
+        camera.watch(0)
+        await camera.next()  # (may have been encoded before)
+        assert 5 in nal_types(bytes(await camera.next()))
+        decoder = av.CodecContext.create("h264", "r")
+        assert len([f for d in idle + watched for f in decoder.decode(av.Packet(d))]) == 7
+    finally:
+        await camera.close()
+
+
+async def test_encode_once_ignores_a_decoded_frames_picture_type():
+    from intercom.media.encodeonce import EncodeOnceCamera  # noqa: PLC0415
+
+    inner = open_camera(CameraConfig(source="synthetic", width=320, height=240, fps=30))
+    next_frame = inner.next
+
+    async def decoded_intra() -> av.VideoFrame:  # as a file's decoder hands them out
+        frame = await next_frame()
+        frame.pict_type = av.video.frame.PictureType.I
+        return frame
+
+    inner.next = decoded_intra  # type: ignore[method-assign]
+    camera = EncodeOnceCamera(inner, fps=30)
+    await camera.open()
+    datas = [bytes(await camera.next()) for _ in range(5)]
+    await camera.close()
+    assert [5 in nal_types(d) for d in datas] == [True, False, False, False, False]
+
+
 def test_encode_once_refuses_sources_that_are_h264_already():
     with pytest.raises(ValueError, match="encode_once: the source is already H"):
         CameraConfig(source="picamera2", encode_once=True)

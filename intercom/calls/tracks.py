@@ -51,11 +51,19 @@ class SourceTrack(MediaStreamTrack):
 class GatedTrack(MediaStreamTrack):
     """A relayed track that passes frames only while its gate is open."""
 
-    def __init__(self, kind: str, proxy: MediaStreamTrack, wait_keyframe: bool = False) -> None:
+    def __init__(
+        self,
+        kind: str,
+        proxy: MediaStreamTrack,
+        wait_keyframe: bool = False,
+        on_gate: Callable[[bool], None] | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self._proxy = proxy
         self._gate = asyncio.Event()
+        self._on_gate = on_gate  # told when the gate opens (True) and closes (False)
+        self._opened = False
         self._fresh = False
         # Encoded packets: start each opening at a keyframe (a P-frame whose references
         # the device never got cannot be decoded), but never wait longer than a second.
@@ -81,10 +89,18 @@ class GatedTrack(MediaStreamTrack):
             self._fresh = True
             self._need_keyframe = self._wait_keyframe
             self._gate.set()
+            self._tell(opened=True)
 
     def close(self) -> None:
         """Stop frames (the connection stays up)."""
         self._gate.clear()
+        self._tell(opened=False)
+
+    def _tell(self, opened: bool) -> None:
+        if opened != self._opened:
+            self._opened = opened
+            if self._on_gate is not None:
+                self._on_gate(opened)
 
     async def recv(self) -> Any:
         """The next frame, waiting while the gate is closed."""
@@ -116,6 +132,7 @@ class GatedTrack(MediaStreamTrack):
         super().stop()
         self._warm.cancel()
         self._proxy.stop()
+        self._tell(opened=False)
         self._gate.set()  # wake a waiting recv, which then raises
 
 
@@ -135,6 +152,13 @@ class MediaHub:
         self._camera = SourceTrack("video", camera.next)
         self._microphone = SourceTrack("audio", microphone.next)
         self._keepers: list[GatedTrack] = []
+        # An encoding camera that keeps a keyframe ready while nobody watches is told
+        # how many video gates are open (see intercom.media.encodeonce).
+        watch = getattr(camera, "watch", None)
+        self._watch: Callable[[int], None] | None = watch if callable(watch) else None
+        self.watching = 0
+        if self._watch is not None:
+            self._watch(0)
 
     def start(self) -> None:
         """Start reading the microphone (it must not fall behind while no one listens)."""
@@ -143,7 +167,12 @@ class MediaHub:
     def video_track(self) -> GatedTrack:
         """A closed video gate on the shared camera."""
         proxy = self._relay.subscribe(self._camera, buffered=False)
-        return GatedTrack("video", proxy, wait_keyframe=self.encoded)
+        return GatedTrack("video", proxy, wait_keyframe=self.encoded, on_gate=self._video_gate)
+
+    def _video_gate(self, opened: bool) -> None:
+        self.watching += 1 if opened else -1
+        if self._watch is not None:
+            self._watch(self.watching)
 
     def audio_track(self) -> GatedTrack:
         """A closed audio gate on the shared microphone."""

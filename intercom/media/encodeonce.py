@@ -5,6 +5,13 @@ four encoders. This wrapper encodes once (libx264, ultrafast, zero latency, SPS/
 repeated in band) and hands the same Annex-B packets to every peer, as the Pi's hardware
 encoder does. ``request_keyframe`` makes the next packet an IDR. Encoding runs in a
 worker thread, off the event loop. The cost: no per-peer bitrate adaptation.
+
+A keyframe is kept ready: while nobody receives the packets (the call hub says so through
+``watch``), every frame is encoded as an IDR, about as cheap as a P-frame with x264
+(about 1 ms for 640x480 here) and, under the same bitrate, smaller than an IDR made amid
+P-frames. A peer that joins starts from the newest packet at once, and the keyframe
+request that comes with the joining is already answered by it: a press only sends.
+Once someone receives, P-frames follow and the quality rises to the bitrate's.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ class EncodeOnceCamera:
         self._pending: asyncio.Future[Any] | None = None
         self._last: Any = None
         self._wake = asyncio.Event()
+        self._viewers: int | None = None  # None: not told, so never all-IDR
+        self._last_was_idr = False  # the newest packet handed out is an IDR
+        self._ready = False  # a viewer joined this event-loop turn, the newest packet an IDR
 
     async def open(self) -> None:
         """Open the frame source; the encoder is made at the first frame (its size)."""
@@ -62,8 +72,10 @@ class EncodeOnceCamera:
             frame = frame.reformat(format="yuv420p")
         if self._codec is None:
             self._codec = self._make_codec(frame)
-        if keyframe:
-            frame.pict_type = av.video.frame.PictureType.I
+        # A decoded frame (a file or V4L2 source) keeps its decoder's picture type, which
+        # x264 would obey: only a keyframe is forced, every other type is x264's choice.
+        picture = av.video.frame.PictureType
+        frame.pict_type = picture.I if keyframe else picture.NONE
         packets: list[Any] = self._codec.encode(frame)
         return packets
 
@@ -90,19 +102,44 @@ class EncodeOnceCamera:
             else:
                 continue
             self._last = frame
-            keyframe, self._keyframe = self._keyframe, False
+            keyframe = self._keyframe or self._viewers == 0  # nobody watches: keep one ready
+            self._keyframe = False
             packets = await loop.run_in_executor(None, self._encode, frame, keyframe)
             if packets:
                 packet = packets[0]
                 packet.time_base = TIME_BASE
+                self._last_was_idr = keyframe
                 return packet
             self._keyframe = self._keyframe or keyframe
 
     def request_keyframe(self) -> None:
-        """Make the next packet an IDR, from the newest frame, now (a peer has joined)."""
+        """Make the next packet an IDR, from the newest frame, now (a peer has joined).
+
+        Not needed when a peer joined in this event-loop turn and the newest packet, the
+        one it starts from, is an IDR already (see ``watch``).
+        """
         self.keyframes_requested += 1
+        if self._ready:
+            return
         self._keyframe = True
         self._wake.set()
+
+    def watch(self, viewers: int) -> None:
+        """How many peers receive the packets now; while none do, every frame is an IDR."""
+        joined = self._viewers is not None and viewers > self._viewers
+        self._viewers = viewers
+        if joined and self._last_was_idr and not self._ready:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            # The keyframe request that comes with this joining is answered by the newest
+            # packet; a later one (a device's picture loss indication) gets a new IDR.
+            self._ready = True
+            loop.call_soon(self._spend_ready)
+
+    def _spend_ready(self) -> None:
+        self._ready = False
 
     async def close(self) -> None:
         """Close the frame source."""
