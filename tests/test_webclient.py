@@ -342,3 +342,21 @@ def test_the_other_device_stops_ringing_when_one_answers(station, browser, resid
         wait_call_state(other, "idle")
     finally:
         context.close()
+
+
+def test_the_ring_screen_comes_first_and_the_history_notes_the_ring_after(station, resident):
+    page = resident["page"]
+    wait_idle_station(station)
+    station.press()
+    wait_call_state(page, "ringing")
+    page.wait_for_function("() => window.intercom.rings.at(-1).painted !== undefined")
+    ring = page.evaluate("window.intercom.rings.at(-1)")
+    assert ring["call"] == page.evaluate("window.intercom.call")
+    assert ring["pressed"] <= ring["at"] <= ring["shown"] <= ring["painted"]
+    # The history is noted once the ring screen had its chance to be painted.
+    page.wait_for_function(
+        "() => document.querySelector('#history').textContent.includes('ringing')"
+    )
+    station.request({"request": "hangup"})
+    wait_call_state(page, "idle")
+    assert (page.text_content("#history li") or "").endswith(": missed")  # the newest call

@@ -7,6 +7,7 @@ import { Signal } from "./signal.js";
 
 const $ = (id) => document.getElementById(id);
 const UNLOCK_TIMEOUT_MS = 10000;
+const HISTORY_DELAY_MS = 250;
 
 const app = {
   device: null,
@@ -16,13 +17,20 @@ const app = {
   state: "idle", // idle | ringing | in_call
   muted: false,
   pendingUnlock: null, // { jti, resolve }
-  rings: [], // diagnostics: { call, at, pressed } epoch ms: ring message, bell press
-  frames: [], // diagnostics: epoch ms of the latest presented video frames
-  received: [], // diagnostics: epoch ms their last packet arrived (same order as frames)
-  decoded: [], // diagnostics: epoch ms they were decoded (arrival + processing duration)
+  historyLater: [], // call history updates waiting until the ring is on screen
+  // Diagnostics, epoch ms on this machine's wall clock (performance.timeOrigin + now):
+  rings: [], // { call, pressed, at, shown, painted }: the station's press stamp, ring
+  //            message handled, ring screen set, the animation frame that paints it
+  frames: [], // the latest video frames: when presented (requestVideoFrameCallback's now)
+  received: [], // when their last packet arrived (same order as frames)
+  decoded: [], // that plus the decoder's time (processingDuration: no jitter buffer wait)
+  composited: [], // when they were handed to the compositor (presentationTime)
 };
 
 // ---------- screens ----------
+
+/** Now, in epoch ms, with sub-millisecond resolution (Date.now() has whole ms). */
+const clock = () => performance.timeOrigin + performance.now();
 
 function show(screen) {
   for (const el of document.querySelectorAll(".screen")) el.hidden = el.id !== `screen-${screen}`;
@@ -52,6 +60,22 @@ function formatFingerprint(hex) {
 
 function normalFingerprint(text) {
   return (text ?? "").toLowerCase().replace(/[^0-9a-f]/g, "");
+}
+
+/**
+ * Note in the call history later (HISTORY_DELAY_MS, or at once before the next note):
+ * storing and re-listing the history takes the page's main thread for milliseconds, in
+ * which it cannot paint the ring screen or the first video frame.
+ */
+function deferHistory(update) {
+  app.historyLater.push(update);
+  if (app.historyLater.length === 1) setTimeout(flushHistory, HISTORY_DELAY_MS);
+}
+
+function flushHistory() {
+  const updates = app.historyLater.splice(0);
+  for (const update of updates) update();
+  if (updates.length) renderHistory();
 }
 
 function renderHistory() {
@@ -215,16 +239,22 @@ async function onMessage(msg) {
       if (peer === app.peer) app.signal.send({ type: "answer", sdp });
       break;
     }
-    case "ring":
-      app.rings.push({ call: msg.call, at: Date.now(), pressed: (msg.at ?? 0) * 1000 });
+    case "ring": {
+      // The ring screen first, then nothing else until it and the first picture had
+      // their chance to be painted: the call history waits (see deferHistory).
+      const ring = { call: msg.call, at: clock(), pressed: (msg.at ?? 0) * 1000 };
       app.call = msg.call;
-      history.note(msg.call, "ringing", { rang: msg.at ?? Date.now() / 1000 });
       $("unlock-result").textContent = ""; // the last call's result is old news
       delete $("unlock-result").dataset.result;
       setCallState("ringing", "Someone is at the door");
+      ring.shown = clock();
+      requestAnimationFrame(() => { ring.painted = clock(); }); // the frame that paints it
+      app.rings.push(ring);
       navigator.vibrate?.([300, 200, 300]);
-      renderHistory();
+      const rang = msg.at ?? Date.now() / 1000;
+      deferHistory(() => history.note(msg.call, "ringing", { rang }));
       break;
+    }
     case "call":
       onCallState(msg);
       break;
@@ -235,6 +265,7 @@ async function onMessage(msg) {
 
 function onCallState(msg) {
   if (msg.call !== app.call) return;
+  flushHistory(); // in order: the ring's note first
   const now = Date.now() / 1000;
   if (msg.state === "answered") {
     history.note(msg.call, "answered", { answered: now });
@@ -264,6 +295,7 @@ function answer() {
 function decline() {
   if (app.state !== "ringing") return;
   app.signal.send({ type: "decline", call: app.call });
+  flushHistory();
   history.note(app.call, "declined", { ended: Date.now() / 1000 });
   endLocally("declined");
   renderHistory();
@@ -272,6 +304,7 @@ function decline() {
 function hangup() {
   if (app.state !== "in_call") return;
   app.signal.send({ type: "hangup", call: app.call });
+  flushHistory();
   history.note(app.call, "ended", { ended: Date.now() / 1000 });
   endLocally("ended");
   renderHistory();
@@ -333,13 +366,16 @@ function onControl(msg) {
 function watchFrames() {
   const video = $("preview");
   if (!("requestVideoFrameCallback" in video)) return;
-  const onFrame = (_now, meta) => {
-    app.frames.push(performance.timeOrigin + meta.presentationTime);
+  const onFrame = (now, meta) => {
+    app.frames.push(performance.timeOrigin + now);
     const received = performance.timeOrigin + (meta.receiveTime ?? meta.presentationTime);
     app.received.push(received);
     app.decoded.push(received + (meta.processingDuration ?? 0) * 1000);
+    app.composited.push(performance.timeOrigin + meta.presentationTime);
     if (app.frames.length > 200) {
-      for (const list of [app.frames, app.received, app.decoded]) list.splice(0, 100);
+      for (const list of [app.frames, app.received, app.decoded, app.composited]) {
+        list.splice(0, 100);
+      }
     }
     video.requestVideoFrameCallback(onFrame);
   };
@@ -370,6 +406,7 @@ window.intercom = {
   frames: app.frames,
   received: app.received,
   decoded: app.decoded,
+  composited: app.composited,
   stats,
 };
 
