@@ -121,6 +121,7 @@ class SimStation:
             stderr=subprocess.STDOUT,
         )
         self._last_press = -COALESCE_S
+        self.sent_at = 0.0  # wall-clock time just before the last request was sent
         self.url = self._wait_for_web()
 
     def request(self, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
@@ -128,6 +129,7 @@ class SimStation:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(self.state_dir / SOCKET_NAME))
+            self.sent_at = time.time()
             sock.sendall(json.dumps(payload).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -165,17 +167,20 @@ class SimStation:
             raise AssertionError(f"pair failed: {answer}")
         return str(answer["url"])
 
-    def press(self, button: str | None = None) -> None:
-        """Press the bell (the simulator drives the real mock pin).
+    def press(self, button: str | None = None) -> float:
+        """Press the bell (the simulator drives the real mock pin); when, in unix seconds.
 
-        Presses within the button's coalesce time (3 s by default) of the last one count
-        as the same press, so this waits until that time has passed.
+        The time returned is taken just before the press request is sent to the control
+        socket. Presses within the button's coalesce time (3 s by default) of the last one
+        count as the same press, so this waits until that time has passed.
         """
         time.sleep(max(0.0, self._last_press + COALESCE_S - time.monotonic()))
         self._last_press = time.monotonic()
         answer = self.request({"request": "sim", "action": "press", "button": button})
+        pressed = self.sent_at
         if not answer.get("ok"):
             raise AssertionError(f"press failed: {answer}")
+        return pressed
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         """The station's recent events of one type."""
