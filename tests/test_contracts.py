@@ -131,6 +131,22 @@ async def test_one_wake_up_reads_every_waiting_packet_over_a_real_broker(broker)
 # way to learn of a keyframe request; these tests pin the private one.
 
 
+async def station_end(camera: Any) -> tuple[Any, Any]:
+    """The station's end of one device's connection: the camera opened, a tone for the
+    door microphone, the hub started and a ``DevicePeer`` on it."""
+    from intercom.calls.peer import DevicePeer  # noqa: PLC0415
+    from intercom.calls.tracks import MediaHub  # noqa: PLC0415
+    from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
+    from tests.test_calls_media import no_unlock  # noqa: PLC0415
+
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    hub.start()
+    return hub, DevicePeer(hub, [], no_unlock, lambda: None)
+
+
 def test_installed_aiortc_is_in_the_range_pyproject_pins():
     import aiortc  # noqa: PLC0415 - only these tests need it
 
@@ -165,19 +181,11 @@ def test_the_private_keyframe_hook_keeps_its_name_signature_and_caller():
 async def test_a_device_keyframe_request_reaches_the_hook_and_the_camera_encoder():
     from aiortc.rtp import RTCP_PSFB_FIR, RtcpPsfbPacket  # noqa: PLC0415
 
-    from intercom.calls.peer import DevicePeer  # noqa: PLC0415
-    from intercom.calls.tracks import MediaHub  # noqa: PLC0415
-    from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
     from tests.test_calls_client import H264Camera, eventually  # noqa: PLC0415
-    from tests.test_calls_media import connect, no_unlock  # noqa: PLC0415
+    from tests.test_calls_media import connect  # noqa: PLC0415
 
     camera = H264Camera()
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
-    peer = DevicePeer(hub, [], no_unlock, lambda: None)
+    hub, peer = await station_end(camera)
     sender = peer.video_sender
     assert "_send_keyframe" in vars(sender), "the hook is not set on the sender instance"
     forward = sender._send_keyframe
@@ -263,20 +271,12 @@ def test_the_private_report_hook_keeps_its_name_signature_and_caller():
 
 
 async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
-    from intercom.calls.peer import DevicePeer  # noqa: PLC0415
-    from intercom.calls.tracks import MediaHub  # noqa: PLC0415
-    from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
     from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
     from tests.test_calls_client import eventually  # noqa: PLC0415
-    from tests.test_calls_media import connect, no_unlock  # noqa: PLC0415
+    from tests.test_calls_media import connect  # noqa: PLC0415
 
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
-    peer = DevicePeer(hub, [], no_unlock, lambda: None)
+    hub, peer = await station_end(camera)
     assert "_send_rtcp" in vars(peer.video_sender), "the hook is not set on the sender"
     client, frames = await connect(peer)
     (receiver,) = [r for r in client.getReceivers() if r.track.kind == "video"]
@@ -298,7 +298,8 @@ async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
         ringing = await last_report()
         await asyncio.sleep(window)
         during = await last_report()
-        assert during is not None and during != ringing, "no report while sending"
+        assert during is not None, "no report while sending"
+        assert during != ringing, "no new report while sending"
 
         peer.stop_video()  # one more report after the last frame, then none
         await asyncio.sleep(2.0)
