@@ -385,6 +385,7 @@ function watchFrames() {
 async function stats() {
   const out = { connection: app.peer?.pc.connectionState ?? "none", framesDecoded: 0 };
   if (!app.peer) return out;
+  out.streams = { ...app.peer.streams };
   const report = await app.peer.pc.getStats();
   report.forEach((s) => {
     if (s.type === "inbound-rtp" && s.kind === "video") out.framesDecoded = s.framesDecoded;
