@@ -13,6 +13,7 @@ import inspect
 import logging
 import re
 import socket
+import struct
 import time
 import tomllib
 from importlib.metadata import version
@@ -22,6 +23,7 @@ from typing import Any, cast
 import aiomqtt
 import aiomqtt.client
 import paho.mqtt.client as mqtt
+import pytest
 from packaging.requirements import Requirement
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -311,3 +313,143 @@ async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
         await client.close()
         hub.close()
         await camera.close()
+
+
+# --- aiortc: the playout-delay hook (intercom/calls/peer.py) -------------------------
+#
+# aiortc neither offers nor writes the RTP playout-delay extension; DevicePeer offers it
+# and, when the device takes it, wraps ``_send_rtp`` on its transport instance to add a
+# zero playout-delay element to each video packet between serialising and encrypting.
+
+
+def test_the_private_send_hook_keeps_its_name_signature_and_callers():
+    from aiortc import RTCDtlsTransport, RTCRtpSender  # noqa: PLC0415
+    from aiortc.rtp import HeaderExtensionsMap  # noqa: PLC0415
+
+    hook = vars(RTCDtlsTransport).get("_send_rtp")
+    assert inspect.iscoroutinefunction(hook), "RTCDtlsTransport._send_rtp is gone: see peer.py"
+    assert list(inspect.signature(hook).parameters) == ["self", "data"]
+    body = inspect.getsource(hook)
+    assert "protect(data)" in body  # what it is given is the plain serialised packet
+    # every RTP packet of a sender goes through the transport instance
+    assert "await self.transport._send_rtp(packet_bytes)" in inspect.getsource(
+        RTCRtpSender._run_rtp
+    )
+    assert not hasattr(RTCDtlsTransport, "__slots__")
+    # aiortc still knows nothing of the extension (else: use it, drop the hook)
+    assert "playout" not in inspect.getsource(HeaderExtensionsMap).lower()
+    assert "playout" not in inspect.getsource(RTCRtpSender).lower()
+
+
+def rtp(ssrc: int, extensions: list[tuple[int, bytes]] | None = None) -> bytes:
+    """A plain RTP packet (payload type 97) of ``ssrc``, with these one-byte extensions."""
+    from aiortc.rtp import pack_header_extensions  # noqa: PLC0415
+
+    first = 0x90 if extensions else 0x80
+    header = bytes((first, 0x80 | 97)) + struct.pack("!HII", 7, 9000, ssrc)
+    if extensions:
+        profile, value = pack_header_extensions(extensions)
+        header += struct.pack("!HH", profile, len(value) // 4) + value
+    return header + b"\x10\x20\x30" * 20
+
+
+def extension_elements(data: bytes) -> list[tuple[int, bytes]]:
+    """The (id, value) elements of an RTP packet's header extension block, by aiortc."""
+    from aiortc.rtp import unpack_header_extensions  # noqa: PLC0415
+
+    if not data[0] & 0x10:
+        return []
+    offset = 12 + 4 * (data[0] & 0x0F)
+    profile, words = struct.unpack_from("!HH", data, offset)
+    value = data[offset + 4 : offset + 4 + 4 * words]
+    return list(unpack_header_extensions(profile, value))
+
+
+@pytest.mark.parametrize("extensions", [None, [(1, b"0")], [(1, b"0"), (3, b"\x01\x02\x03")]])
+def test_the_playout_delay_element_is_added_and_the_packet_stays_whole(extensions):
+    from aiortc.rtp import HeaderExtensionsMap, RtpPacket  # noqa: PLC0415
+
+    from intercom.calls.peer import add_playout_delay  # noqa: PLC0415
+
+    data = rtp(0x01020304, extensions)
+    out = add_playout_delay(data, bytes.fromhex("01020304"), 5)
+    parsed, before = RtpPacket.parse(out, HeaderExtensionsMap()), RtpPacket.parse(data)
+    assert (parsed.payload, parsed.sequence_number, parsed.timestamp, parsed.marker) == (
+        before.payload,
+        before.sequence_number,
+        before.timestamp,
+        before.marker,
+    )
+    elements = extension_elements(out)
+    assert (5, b"\x00\x00\x00") in elements  # min 0, max 0
+    assert [e for e in elements if e[0] != 5] == list(extensions or [])
+
+
+def test_other_streams_rtcp_and_scraps_pass_unchanged():
+    from intercom.calls.peer import add_playout_delay  # noqa: PLC0415
+
+    key = bytes.fromhex("01020304")
+    other = rtp(0x0A0B0C0D, [(1, b"0")])
+    assert add_playout_delay(other, key, 5) == other
+    report = bytes.fromhex("80c80006") + key + bytes(20)  # an RTCP sender report
+    assert add_playout_delay(report, key, 5) == report
+    for scrap in (b"", b"\x80", rtp(0x01020304)[:10]):
+        assert add_playout_delay(scrap, key, 5) == scrap
+
+
+async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet():
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: PLC0415
+
+    from intercom.calls.peer import PLAYOUT_DELAY_URI, video_ssrc  # noqa: PLC0415
+    from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
+    from tests.test_calls_client import eventually  # noqa: PLC0415
+
+    hub, peer = await station_end(SyntheticCamera(160, 120, 15))
+    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    frames: list[Any] = []
+
+    async def consume(track: Any) -> None:
+        while True:
+            frames.append(await track.recv())
+
+    client.on("track", lambda t: asyncio.ensure_future(consume(t)) if t.kind == "video" else None)
+    offer = await peer.offer()
+    assert PLAYOUT_DELAY_URI in offer.split("m=audio")[0]
+    uris: dict[str, set[str]] = {}
+    for ext_id, uri in re.findall(r"^a=extmap:(\d+) (\S+)", offer, re.MULTILINE):
+        uris.setdefault(ext_id, set()).add(uri)
+    assert all(len(u) == 1 for u in uris.values()), f"bundled: one URI an id: {uris}"
+    await client.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    await client.setLocalDescription(await client.createAnswer())
+    # aiortc's own answer drops the extension; a browser's keeps it (id 12 here)
+    answer = client.localDescription.sdp.replace(
+        "a=mid:0\r\n", f"a=mid:0\r\na=extmap:12 {PLAYOUT_DELAY_URI}\r\n", 1
+    )
+    await peer.accept_answer(answer)
+    transport = peer.video_sender.transport
+    assert "_send_rtp" in vars(transport), "the hook is not set on the transport"
+    await eventually(lambda: peer.pc.connectionState == "connected", 10, "connected")
+    seen: list[bytes] = []
+    srtp = transport._tx_srtp  # made once DTLS is up
+
+    class Spy:  # what goes into SRTP: the packets as the hook left them
+        def protect(self, data: bytes) -> bytes:
+            seen.append(data)
+            return bytes(srtp.protect(data))
+
+        def protect_rtcp(self, data: bytes) -> bytes:
+            return bytes(srtp.protect_rtcp(data))
+
+    transport._tx_srtp = Spy()
+    ssrc = video_ssrc(peer.pc.localDescription.sdp)
+    try:
+        peer.start_video()
+        await eventually(lambda: len(frames) >= 3, 10, "the device decodes the video")
+        video = [d for d in seen if int.from_bytes(d[8:12], "big") == ssrc]
+        assert video, f"no video packet went out ({len(seen)} packets, {ssrc})"
+        for data in video:
+            assert (12, b"\x00\x00\x00") in extension_elements(data)
+    finally:
+        await peer.close()
+        await client.close()
+        hub.close()

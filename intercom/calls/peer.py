@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,6 +42,7 @@ MAX_CHANNEL_MESSAGE = 8192
 CHANNEL_RATE = (2.0, 10.0)  # messages per second, burst: a person opens a door now and then
 MAX_ANSWERS_BUFFERED = 1 << 20  # bytes queued for a device that does not read its answers
 AUDIBLE = LevelSink.SILENCE
+PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
 Unlock = Callable[[str], Awaitable[dict[str, Any]]]
@@ -69,6 +71,79 @@ def jti_of(token: str) -> str | None:
         return command.parse(token).jti
     except Exception:  # noqa: BLE001 - only for the answer; the refusal stands whatever this is
         return None
+
+
+def with_playout_delay(sdp: str) -> str:
+    """The offer with the RTP ``playout-delay`` extension on the video (an unused id).
+
+    With it, each video packet can tell the device's receiver to present frames at once
+    (min = max = 0): the preview is about now, and Chromium otherwise holds the first
+    frame of a ring for its default playout delay (``docs/benchmarks.md``).
+    """
+    lines = sdp.split("\r\n")
+    out: list[str] = []
+    video = False
+    for line in lines:
+        if line.startswith("m="):
+            video = line.startswith("m=video")
+        out.append(line)
+        if video and line.startswith("a=mid:"):
+            # bundled sections share one id space: free in every section, not just video
+            used = {int(m) for m in re.findall(r"^a=extmap:(\d+)", "\n".join(lines), re.MULTILINE)}
+            free = next((n for n in range(1, 15) if n not in used), None)
+            if free is not None:
+                out.append(f"a=extmap:{free} {PLAYOUT_DELAY_URI}")
+    return "\r\n".join(out)
+
+
+def _video_section(lines: list[str]) -> str:
+    section: list[str] = []
+    for line in lines:
+        if line.startswith("m="):
+            if section:
+                break
+            if line.startswith("m=video"):
+                section.append(line)
+        elif section:
+            section.append(line)
+    return "\n".join(section)
+
+
+def playout_delay_id(sdp: str) -> int | None:
+    """The extension id the answer gives ``playout-delay`` on its video, if it took it."""
+    section = _video_section(sdp.replace("\r\n", "\n").split("\n"))
+    extmap = rf"^a=extmap:(\d+)(?:/\w+)? {re.escape(PLAYOUT_DELAY_URI)}$"
+    match = re.search(extmap, section, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def video_ssrc(sdp: str) -> int | None:
+    """The first SSRC of the video section (the primary stream; RTX follows it)."""
+    section = _video_section(sdp.replace("\r\n", "\n").split("\n"))
+    match = re.search(r"^a=ssrc:(\d+) ", section, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def add_playout_delay(packet: bytes, ssrc: bytes, ext_id: int) -> bytes:
+    """The RTP packet of ``ssrc`` with a zero ``playout-delay`` element (one-byte form).
+
+    Anything else (RTCP, another stream, a two-byte extension block, a short packet) is
+    returned as it is.
+    """
+    offset = 12 + 4 * (packet[0] & 0x0F) if packet else 0
+    rtp = len(packet) >= offset + 4 and packet[0] >> 6 == 2 and not 192 <= packet[1] <= 223
+    if not rtp or packet[8:12] != ssrc:  # not RTP, RTCP on the same port, another stream
+        return packet
+    element = bytes(((ext_id << 4) | 2, 0, 0, 0))  # id, length 3 - 1; min 0, max 0
+    if not packet[0] & 0x10:
+        first = bytes((packet[0] | 0x10,))
+        return first + packet[1:offset] + struct.pack("!HH", 0xBEDE, 1) + element + packet[offset:]
+    profile, words = struct.unpack_from("!HH", packet, offset)
+    end = offset + 4 + 4 * words
+    if profile != 0xBEDE or len(packet) < end:  # a two-byte block, or cut short
+        return packet
+    head = packet[:offset] + struct.pack("!HH", profile, words + 1)
+    return head + packet[offset + 4 : end] + element + packet[end:]
 
 
 def without_mdns(sdp: str) -> str:
@@ -144,7 +219,7 @@ class DevicePeer:
     async def offer(self) -> str:
         """The full offer SDP (non-trickle: every candidate gathered)."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        return str(self.pc.localDescription.sdp)
+        return with_playout_delay(str(self.pc.localDescription.sdp))
 
     async def accept_answer(self, sdp: str) -> None:
         """Apply the device's answer; ValueError when it is not acceptable."""
@@ -152,6 +227,33 @@ class DevicePeer:
             raise ValueError("answer already given")
         self._answered = True
         await self.pc.setRemoteDescription(RTCSessionDescription(without_mdns(sdp), "answer"))
+        ext_id = playout_delay_id(sdp)
+        ssrc = video_ssrc(str(self.pc.localDescription.sdp))
+        if ext_id is not None and ssrc is not None:
+            self._mark_playout_delay(ext_id, ssrc)
+
+    def _mark_playout_delay(self, ext_id: int, ssrc: int) -> None:
+        """Put a zero ``playout-delay`` on every video packet the device took it for.
+
+        aiortc (1.16) neither offers this extension nor writes it, and serialises its
+        packets itself; the one place to add it is between serialising and encrypting,
+        aiortc's private ``RTCDtlsTransport._send_rtp``, which every sender calls through
+        its transport instance (the transport is public: ``sender.transport``). This
+        wraps it on this connection's transport for the video's SSRC only.
+        ``tests/test_contracts.py`` pins the name, the signature and the callers, and
+        that a device receives the element; should the hook vanish, nothing breaks: the
+        device presents with its own default delay.
+        """
+        transport = self.video_sender.transport
+        send = getattr(transport, "_send_rtp", None)
+        if not callable(send):
+            return
+        key = struct.pack("!I", ssrc)
+
+        async def send_rtp(data: bytes) -> None:
+            await send(add_playout_delay(data, key, ext_id))
+
+        transport._send_rtp = send_rtp  # type: ignore[method-assign]  # noqa: SLF001
 
     # --- gates -------------------------------------------------------------------------------
 
