@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -198,22 +197,6 @@ async def worker(spec_path: str) -> None:
 # ------------------------------------------------------------------ the station and its control
 
 
-def control(state_dir: Path, payload: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """One control request; the time just before it is sent, and the answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(state_dir / "control.sock"))
-        sent = time.time()
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return sent, json.loads(data)
-
-
 def write_config(path: Path, state_dir: Path, flats: int, camera: str) -> None:
     buttons = ", ".join(
         f'{{ name = "bell{f}", pin = {PINS[f - 1]}, flat = "{f}" }}' for f in range(1, flats + 1)
@@ -289,7 +272,9 @@ class Station:
         self.fp = link.split("fp=")[1]
 
     async def ask(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return (await asyncio.to_thread(control, self.state_dir, payload))[1]
+        from tests.browser import control_request  # noqa: PLC0415 - not in the device processes
+
+        return (await asyncio.to_thread(control_request, self.state_dir, payload))[1]
 
     async def hangup(self) -> None:
         """End the call from the door and wait until the station is idle again."""
@@ -300,9 +285,10 @@ class Station:
             await asyncio.sleep(0.05)
 
     async def press(self, flat: int) -> float:
-        sent, answer = await asyncio.to_thread(
-            control, self.state_dir, {"request": "sim", "action": "press", "button": f"bell{flat}"}
-        )
+        from tests.browser import control_request  # noqa: PLC0415 - not in the device processes
+
+        press = {"request": "sim", "action": "press", "button": f"bell{flat}"}
+        sent, answer = await asyncio.to_thread(control_request, self.state_dir, press)
         if not answer.get("ok"):
             raise SystemExit(f"press refused: {answer}")
         return sent

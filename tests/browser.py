@@ -97,6 +97,26 @@ def cert_fingerprint(url: str) -> str:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
 
+def control_request(
+    state_dir: Path, payload: dict[str, Any], timeout: float = 10
+) -> tuple[float, dict[str, Any]]:
+    """One blocking request to a station's control socket: when it was sent (unix
+    seconds, just before the request's first byte), and the answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(state_dir / SOCKET_NAME))
+        sent = time.time()
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return sent, answer
+
+
 class SimStation:
     """``intercom run --simulate`` as a real process, spoken to over its control socket."""
 
@@ -126,18 +146,7 @@ class SimStation:
 
     def request(self, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
         """One control-socket request (blocking: Playwright's sync API owns this thread's loop)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(self.state_dir / SOCKET_NAME))
-            self.sent_at = time.time()
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        answer: dict[str, Any] = json.loads(data)
+        self.sent_at, answer = control_request(self.state_dir, payload, timeout)
         return answer
 
     def status(self) -> dict[str, Any]:
