@@ -6,9 +6,11 @@ prints one line per problem, naming the key path and the reason.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -391,6 +393,43 @@ class PrivacyConfig(Model):
     )
 
 
+class MonitorConfig(Model):
+    """Health metrics (`intercom status`, MQTT) and the thresholds of alerts."""
+
+    interval_s: float = Field(
+        default=30, ge=0.05, le=3600, description="How often health is sampled and alerts checked."
+    )
+    camera_stall_s: float = Field(
+        default=10, ge=0.05, le=3600,
+        description="camera_stalled: a reader has waited this long for a camera frame.",
+    )
+    disk_low_percent: float = Field(
+        default=10, ge=0, le=100,
+        description="disk_low: less free space than this on the state directory's filesystem.",
+    )
+    broker_unreachable_s: float = Field(
+        default=300, ge=0.05, le=86_400,
+        description="broker_unreachable: the MQTT link has not been connected for this long.",
+    )
+    cert_expiry_days: float = Field(
+        default=30, ge=0, le=3650,
+        description="certificate_expiry: the station's TLS certificate or the MQTT client "
+        "certificate expires within this many days.",
+    )
+    unlock_failures: int = Field(
+        default=5, ge=1, le=1000,
+        description="unlock_failures: this many denied commands of one principal...",
+    )
+    unlock_failure_window_s: float = Field(
+        default=600, ge=1, le=86_400, description="...within this many seconds."
+    )
+    clock_check: bool = Field(
+        default=True,
+        description="clock_unsynchronised: ask systemd-timesyncd (`timedatectl show -p "
+        "NTPSynchronized`); where it cannot be asked the state is unknown, no alert.",
+    )
+
+
 class Settings(Model):
     """The whole station configuration."""
 
@@ -402,6 +441,7 @@ class Settings(Model):
     web: WebConfig = WebConfig()
     calls: CallsConfig = CallsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    monitor: MonitorConfig = MonitorConfig()
     simulated: bool = Field(
         default=False,
         description="Set by `intercom run --simulate`: mock pins and the simulator control.",
@@ -479,37 +519,149 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc)) from exc
+        raise ConfigError(_problems(exc, text)) from exc
 
 
-def _problems(exc: ValidationError) -> list[str]:
-    lines = []
+def _problems(exc: ValidationError, text: str = "") -> list[str]:
+    """One plain line per problem: ``line N: key.path: what is wrong``."""
+    lines: list[tuple[int, str]] = []
+    where = _key_lines(text)
     for err in exc.errors(include_url=False):
         path = _key_path(err["loc"])
-        msg = _message(err)
         if err["type"] == "missing":
-            lines.append(f"{path}: required key is missing")
+            line = f"{path}: required key is missing"
         elif err["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key")
+            line = f"{path}: unknown key{_suggestion(err['loc'])}"
         elif err["type"] == "value_error":
-            text = msg.removeprefix("Value error, ")
+            text_ = str(err["msg"]).removeprefix("Value error, ")
             # Model-level checks name their own sub-key ("relay.pin: ...").
-            sub, sep, rest = text.partition(": ")
+            sub, sep, rest = text_.partition(": ")
             if sep and re.fullmatch(r"[\w.\[\]]+", sub):
-                lines.append(f"{_join(path, sub)}: {rest}")
-            else:
-                lines.append(f"{path}: {text}")
+                path, text_ = _join(path, sub), rest
+            line = f"{path}: {text_}"
         else:
-            lines.append(f"{path}: {msg}, got {err['input']!r}")
-    return lines
+            line = f"{path}: {_message(err)}, got {err['input']!r}"
+        number = _line_of(where, path)
+        lines.append((number or 0, line if number is None else f"line {number}: {line}"))
+    return [line for _, line in sorted(lines, key=lambda item: item[0])]
+
+
+# Plain wording for pydantic's error types; ``{name}`` fills from the error's context.
+PLAIN: dict[str, str] = {
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be text in quotes",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "literal_error": "must be one of {expected}",
+    "string_pattern_mismatch": "is not of the allowed form (the pattern {pattern})",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} characters",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} items",
+    "list_type": "must be a list, [...]",
+    "tuple_type": "must be a list, [...]",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "dict_type": "must be a table",
+    "path_type": "must be a path in quotes",
+}
 
 
 def _message(err: Any) -> str:
-    msg = str(err["msg"])
-    ctx = err.get("ctx") or {}
-    if err["type"] in {"greater_than_equal", "less_than_equal"} and ctx:
-        return msg.replace("Input should be", "must be")
-    return msg.replace("Input should be", "must be")
+    ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items()}
+    plain = PLAIN.get(str(err["type"]))
+    if plain is not None:
+        try:
+            return plain.format(**ctx)
+        except (KeyError, IndexError):
+            pass
+    return str(err["msg"]).replace("Input should be", "must be")
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    """``; did you mean 'pulse_s'?`` (difflib), else the keys that are known there."""
+    known = _fields_at(loc[:-1])
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (known keys here: {', '.join(known)})"
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the config model at ``loc`` knows (none when the path leaves the models)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part)
+        inner = _inner_models(info.annotation) if info is not None else []
+        if not inner:
+            return []
+        model = inner[0]
+    return [name for name in model.model_fields if name != "simulated"]
+
+
+def _inner_models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _inner_models(arg)]
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_\-.\"' ]+")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each table and key of a TOML text, by key path (``a.b[1].c``).
+
+    Plain string work, linear in the text: only lines of the simple shapes ``[table]``,
+    ``[[array]]`` and ``key = ...`` are read; anything else is passed over.
+    """
+    lines: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    table = ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("["):
+            array = line.startswith("[[")
+            name, sep, _ = line.lstrip("[").partition("]")
+            if not sep or not _BARE_KEY.fullmatch(name):
+                continue
+            name = _dotted(name)
+            if array:
+                counts[name] = counts.get(name, -1) + 1
+                name = f"{name}[{counts[name]}]"
+            table = name
+            lines.setdefault(table, number)
+            continue
+        key, sep, _ = line.partition("=")
+        if sep and _BARE_KEY.fullmatch(key):
+            path = _dotted(key)
+            lines.setdefault(f"{table}.{path}" if table else path, number)
+    return lines
+
+
+def _dotted(key: str) -> str:
+    return ".".join(part.strip().strip("\"'") for part in key.split("."))
+
+
+def _line_of(lines: dict[str, int], path: str) -> int | None:
+    """The line of ``path``, else of the nearest enclosing key or table that is written."""
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = path.rfind("[") if path.endswith("]") else path.rfind(".")
+        path = path[:max(cut, 0)]
+    return None
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

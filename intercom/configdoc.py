@@ -17,7 +17,9 @@ HEADER = """\
 
 The station reads one TOML file, by default `/etc/intercom/intercom.toml`.
 `intercom check-config FILE` validates it: exit 0 when valid, 2 with one line per
-problem naming the key path and the reason. Unknown keys are errors.
+problem naming its line in the file, the key path and the reason in plain words
+(`line 12: hardware.relay.pulse: unknown key; did you mean 'pulse_s'?`). Unknown keys
+are errors.
 
 This page is generated from the config models (`intercom/config.py`) by
 `scripts/config-doc`; a test keeps it in step with the code.

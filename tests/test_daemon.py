@@ -132,7 +132,7 @@ def test_bad_config_stops_startup(tmp_path: Path):
     conf.write_text(GOOD_HW.replace("pin = 27", "pin = 27, max_open_s = 90"))
     res = cli("run", "--config", str(conf), "--state-dir", str(tmp_path / "s"))
     assert res.returncode == 2
-    assert "hardware.relay.max_open_s: must be less than or equal to 30, got 90" in res.stderr
+    assert "hardware.relay.max_open_s: must be at most 30, got 90" in res.stderr
 
 
 def test_missing_camera_is_a_clear_error_and_nothing_starts(tmp_path: Path):

@@ -421,9 +421,10 @@ async def test_snapshots_switched_off_are_neither_taken_nor_kept_past_retention(
 @pytest.mark.parametrize(
     ("zones", "problem"),
     [
-        ("[[[0, 0], [1, 0]]]", "privacy.zones[0]: List should have at least 3 items"),
-        ("[[[0, 0], [1.5, 0], [1, 1]]]", "privacy.zones[0][1][0]: must be less than or equal"),
-        ("[[[0, 0, 0], [1, 0], [1, 1]]]", "privacy.zones[0][0]: Tuple should have at most 2"),
+        ("[[[0, 0], [1, 0]]]", "line 7: privacy.zones[0]: must have at least 3 item(s)"),
+        ("[[[0, 0], [1.5, 0], [1, 1]]]",
+         "line 7: privacy.zones[0][1][0]: must be at most 1, got 1.5"),
+        ("[[[0, 0, 0], [1, 0], [1, 1]]]", "line 7: privacy.zones[0][0]: must have at most 2 items"),
     ],
 )
 def test_bad_zones_are_refused_naming_the_key(zones, problem):

@@ -17,6 +17,7 @@ from intercom.config import (
     simulated_settings,
     wiring_warnings,
 )
+from intercom.errors import ConfigError
 from intercom.logsetup import setup_logging
 from intercom.statedir import CONFIG_ENV, STATE_ENV, resolve
 
@@ -61,7 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser(
         "check-config",
         help="validate a config file",
-        description="Validate a config file: exit 0 when valid, 2 with one line per problem.",
+        description="Validate a config file: exit 0 when valid, 2 with one line per problem "
+        "(its line in the file, the key, what is wrong; a misspelt key gets a 'did you "
+        "mean').",
     )
     check.add_argument("file", type=Path, help="the TOML file to check")
     check.set_defaults(func=cmd_check_config)
@@ -84,7 +87,14 @@ def _settings_for(args: argparse.Namespace) -> Settings:
         base = load_settings(config) if config else None
         where = resolve(args.state_dir, config, simulate=True, settings=base)
         return simulated_settings(where.state_dir, base)
-    settings = load_settings(config or DEFAULT_CONFIG)
+    path = config or DEFAULT_CONFIG
+    if not path.exists():
+        how = (f"give one with --config FILE (or ${CONFIG_ENV})" if config is None
+               else "check the path given")
+        problem = (f"{path}: no such config file; {how}, or try a simulated station, "
+                   "which needs none: intercom run --simulate")
+        raise ConfigError([problem])
+    settings = load_settings(path)
     where = resolve(args.state_dir, config or DEFAULT_CONFIG, settings=settings)
     return settings.with_state_dir(where.state_dir)
 
