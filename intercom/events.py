@@ -318,6 +318,32 @@ class LogPurged(Event):
     through_seq: int
 
 
+# --- health --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertRaised(Event):
+    """Something needs attention (``intercom.monitor``): ``alert`` names it.
+
+    ``alert`` is one of camera_stalled, clock_unsynchronised, disk_low,
+    broker_unreachable, certificate_expiry (conditions, later ``AlertCleared``),
+    relay_guard and unlock_failures (occurrences). ``principal`` is the principal whose
+    unlock commands kept failing, empty for every other alert.
+    """
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    alert: str
+    message: str
+    principal: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertCleared(Event):
+    """A condition raised as ``AlertRaised`` has ended."""
+
+    alert: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {}
 
 
@@ -353,6 +379,8 @@ for _cls in (
     PrivilegedAction,
     LogCheckpoint,
     LogPurged,
+    AlertRaised,
+    AlertCleared,
 ):
     register(_cls)
 

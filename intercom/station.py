@@ -17,17 +17,27 @@ from intercom.calls import Calls
 from intercom.calls.component import Media
 from intercom.config import Settings
 from intercom.control import ControlServer
+from intercom.deploy.tlscert import TLS_CERT
 from intercom.errors import CommandRefusedError, IntercomError
 from intercom.eventlog import EventLog
-from intercom.events import EventBus, StationStarted, StationStopping
+from intercom.events import (
+    CallMissed,
+    CallRinging,
+    DoorbellPressed,
+    Event,
+    EventBus,
+    StationStarted,
+    StationStopping,
+)
 from intercom.hardware.doorbell import Doorbell
 from intercom.hardware.lock import Lock
 from intercom.hardware.pins import make_pin_factory
 from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
-from intercom.identity import StationIdentity, create_identity
+from intercom.identity import StationIdentity, create_identity, key_dir
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.media.encodeonce import EncodeOnceCamera
-from intercom.mqtt.bridge import mqtt_bridge
+from intercom.monitor import Links, MeteredCamera, Monitor, Probes
+from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
 from intercom.notify import Notifier
 from intercom.privacy.camera import privacy_camera
 from intercom.privacy.component import Privacy
@@ -39,6 +49,7 @@ from intercom.statedir import CLI_WAIT_S, InstanceLock
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 4.0
+SIM_PRESS_WAIT_S = 1.0  # after the debounce time, how long `sim press` waits for the press
 
 
 class Component(Protocol):
@@ -64,8 +75,9 @@ class Station:
     Only the verifier holds the lock.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, probes: Probes | None = None) -> None:
         self.settings = settings
+        self.probes = probes
         self.state_dir: Path = settings.station.state_dir
         self.bus = EventBus()
         self.instance = InstanceLock(self.state_dir, "run")
@@ -84,6 +96,7 @@ class Station:
         self.calls: Calls | None = None
         self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
+        self.monitor: Monitor | None = None
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
         self._closers: list[Any] = []
@@ -130,19 +143,7 @@ class Station:
         if self.settings.simulated:
             self.simulator = Simulator(self.settings, self.pin_factory)
             self.simulator.prepare()
-        # Zones are masked at the source: every consumer of station.camera gets them.
-        camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
-        if self.settings.media.camera.encode_once:  # after the mask: the encoder sees it
-            camera = EncodeOnceCamera(camera, self.settings.media.camera.fps)
-        self.camera = camera
-        await self.camera.open()
-        self._closers.append(self.camera.close)
-        self.microphone, self.speaker = open_audio(self.settings.media.audio)
-        await self.microphone.open()
-        self._closers.append(self.microphone.close)
-        await self.speaker.open()
-        self._closers.append(self.speaker.close)
-        media = Media(self.camera, self.microphone, self.speaker)
+        media, metered = await self._open_media()
 
         for bell in self.doorbells:
             bell.start(loop)
@@ -156,6 +157,7 @@ class Station:
         await self.registry.open()
         self._closers.append(self.registry.close)
         self.components.extend(self._build_components(identity, self.registry, media))
+        self.components.append(self._build_monitor(metered))
         for component in self.components:
             await component.start()
             self._closers.append(component.stop)
@@ -168,6 +170,24 @@ class Station:
         self.bus.publish(
             StationStarted(station=self.id, version=__version__, simulated=self.settings.simulated)
         )
+
+    async def _open_media(self) -> tuple[Media, MeteredCamera]:
+        """Open the camera and audio; every reader gets the camera through the meter."""
+        # Zones are masked at the source: every consumer of station.camera gets them.
+        camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
+        if self.settings.media.camera.encode_once:  # after the mask: the encoder sees it
+            camera = EncodeOnceCamera(camera, self.settings.media.camera.fps)
+        self.camera = camera
+        await camera.open()
+        self._closers.append(camera.close)
+        self.microphone, self.speaker = open_audio(self.settings.media.audio)
+        await self.microphone.open()
+        self._closers.append(self.microphone.close)
+        await self.speaker.open()
+        self._closers.append(self.speaker.close)
+        # Frames counted for the monitor (read-only figures; the camera stays as it is).
+        metered = MeteredCamera(camera)
+        return Media(metered, self.microphone, self.speaker), metered
 
     async def _own_state(self) -> tuple[StationIdentity, bytes]:
         """Take the instance lock, then load or make the station's keys (only here)."""
@@ -208,6 +228,30 @@ class Station:
                             known=lambda kid: registry.get(kid) is not None)
             )
         return components
+
+    def _build_monitor(self, camera: MeteredCamera) -> Monitor:
+        """The monitor, last: it reads the other components' states."""
+        settings = self.settings
+        bridge = next((c for c in self.components if isinstance(c, MqttBridge)), None)
+        calls, eventlog = self.calls, self.eventlog
+
+        def checkpoint_at() -> float | None:
+            latest = eventlog.latest_checkpoint() if eventlog is not None else None
+            return float(latest["signed_at"]) if latest else None
+
+        links = Links(
+            mqtt=lambda: bridge.link.state.value if bridge is not None else None,
+            web=lambda: "listening" if calls is not None and calls.url else "down",
+            checkpoint_at=checkpoint_at,
+        )
+        certificates = [key_dir(self.state_dir) / TLS_CERT]
+        if settings.mqtt is not None and settings.mqtt.client_cert is not None:
+            certificates.append(settings.mqtt.client_cert)
+        self.monitor = Monitor(settings.monitor, self.bus, self.state_dir, camera, links,
+                               tuple(certificates), self.probes)
+        if bridge is not None:
+            self.monitor.listeners.append(bridge.note_health)
+        return self.monitor
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop everything, relay de-energised first."""
@@ -270,8 +314,43 @@ class Station:
         button = request.get("button")
         if button is not None and not isinstance(button, str):
             raise CommandRefusedError("button must be a string")
-        await self.simulator.act(str(request.get("action")), button)
-        return {"ok": True}
+        action = str(request.get("action"))
+        if action != "press":
+            await self.simulator.act(action, button)
+            return {"ok": True}
+        return {"ok": True, "press": await self._sim_press(self.simulator, button)}
+
+    async def _sim_press(self, simulator: Simulator, button: str | None) -> dict[str, Any]:
+        """Press, then say what became of it: the press, the call, how many devices rang."""
+        seen: list[Event] = []
+        pressed = asyncio.Event()
+
+        def note(event: Event) -> None:
+            if isinstance(event, DoorbellPressed | CallRinging | CallMissed):
+                seen.append(event)
+            if isinstance(event, DoorbellPressed):
+                pressed.set()
+
+        unsubscribe = self.bus.on(note)
+        try:
+            await simulator.act("press", button)
+            debounce = max(b.debounce_ms for b in self.settings.hardware.buttons) / 1000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pressed.wait(), debounce + SIM_PRESS_WAIT_S)
+            await asyncio.sleep(0)  # the ring group answers a press in the same turn
+        finally:
+            unsubscribe()
+        outcome: dict[str, Any] = {"pressed": pressed.is_set(), "call": None, "devices": 0,
+                                   "missed": False,
+                                   "ring_timeout_s": self.settings.calls.ring_timeout_s}
+        for event in seen:
+            if isinstance(event, DoorbellPressed):
+                outcome.update(button=event.button, flat=event.flat)
+            elif isinstance(event, CallRinging):
+                outcome.update(call=event.call, devices=event.devices)
+            elif isinstance(event, CallMissed) and event.call == outcome["call"]:
+                outcome["missed"] = True
+        return outcome
 
 
 async def run_station(

@@ -83,9 +83,14 @@ async def test_station_reports_availability_state_and_discovery(broker, sim_sett
         assert seen[f"{PREFIX}/state/door"]["state"] == "closed"
         assert seen[f"{PREFIX}/state/call"]["state"] == "idle"
         discovery = {t: v for t, v in seen.items() if t.startswith("homeassistant/")}
-        kinds = sorted(t.split("/")[1] + "/" + t.split("/")[3] for t in discovery)
-        assert kinds == ["binary_sensor/door", "binary_sensor/lock", "binary_sensor/online",
-                         "event/doorbell", "sensor/call"]
+        kinds = {t.split("/")[1] + "/" + t.split("/")[3]: t for t in discovery}
+        core = ["binary_sensor/door", "binary_sensor/lock", "binary_sensor/online",
+                "event/doorbell", "sensor/call"]
+        assert sorted(k for k in kinds if k in core) == core
+        # The rest are the monitor's health figures, all diagnostic (tests/test_monitor.py).
+        health = [k for k in kinds if k not in core]
+        assert "sensor/memory" in health
+        assert all(discovery[kinds[k]]["entity_category"] == "diagnostic" for k in health)
         for config in discovery.values():
             assert config["state_topic"].startswith(PREFIX + "/")
             assert config["unique_id"]

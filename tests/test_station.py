@@ -19,8 +19,11 @@ from .conftest import Recorder
 async def test_sim_press_over_control_socket(station: Station):
     recorder = Recorder(station.bus)
     answer = await request(station.state_dir, {"request": "sim", "action": "press"})
-    assert answer == {"ok": True}
     (pressed,) = await recorder.wait_for("DoorbellPressed")
+    (ringing,) = recorder.of("CallRinging")
+    assert answer == {"ok": True, "press": {
+        "pressed": True, "button": "bell", "flat": "1", "call": ringing.call,  # type: ignore[attr-defined]
+        "devices": 0, "missed": True, "ring_timeout_s": 30.0}}
     assert pressed.flat == "1"
     status = (await request(station.state_dir, {"request": "status"}))["status"]
     assert status["station"] == station.id

@@ -186,6 +186,11 @@ class MqttBridge:
             }
         }
 
+    def note_health(self, health: dict[str, Any]) -> None:
+        """Publish the monitor's latest sample on ``<p>/state/health`` (retained)."""
+        self._state["health"] = dict(health)
+        self._state_changed.set()
+
     # --- from the bus (runs at publication: must stay quick) -------------------------
 
     def _on_event(self, event: Event) -> None:
@@ -268,7 +273,7 @@ class MqttBridge:
         sent: dict[str, dict[str, Any]] = {}
         sent_checkpoint: dict[str, Any] | None = None
         topics = {"lock": self.topics.state_lock, "door": self.topics.state_door,
-                  "call": self.topics.state_call}
+                  "call": self.topics.state_call, "health": self.topics.state_health}
         while True:
             self._state_changed.clear()
             for key, value in list(self._state.items()):

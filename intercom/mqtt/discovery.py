@@ -9,9 +9,34 @@ from intercom.mqtt.topics import OFFLINE, ONLINE, Topics
 
 CALL_STATES = ["idle", "ringing", "in_call"]
 
+# Diagnostic sensors read from <p>/state/health: (object id, name, key, extra fields).
+HEALTH_SENSORS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("uptime", "Uptime", "uptime_s",
+     {"device_class": "duration", "unit_of_measurement": "s", "state_class": "measurement"}),
+    ("load", "CPU load (1 min)", "load_1m", {"state_class": "measurement"}),
+    ("cpu_temperature", "CPU temperature", "cpu_temp_c",
+     {"device_class": "temperature", "unit_of_measurement": "°C",
+      "state_class": "measurement"}),
+    ("memory", "Memory (RSS)", "rss_bytes",
+     {"device_class": "data_size", "unit_of_measurement": "B", "state_class": "measurement"}),
+    ("open_files", "Open descriptors", "open_fds", {"state_class": "measurement"}),
+    ("disk_free", "Disk free", "disk_free_percent",
+     {"unit_of_measurement": "%", "state_class": "measurement"}),
+    ("writes_per_day", "Bytes written per day", "write_bytes_per_day",
+     {"device_class": "data_size", "unit_of_measurement": "B", "state_class": "measurement"}),
+    ("eventlog_size", "Event log size", "eventlog_bytes",
+     {"device_class": "data_size", "unit_of_measurement": "B", "state_class": "measurement"}),
+    ("checkpoint_age", "Log checkpoint age", "checkpoint_age_s",
+     {"device_class": "duration", "unit_of_measurement": "s", "state_class": "measurement"}),
+    ("camera_fps", "Camera frames per second", "camera_fps",
+     {"unit_of_measurement": "fps", "state_class": "measurement"}),
+    ("calls_per_day", "Calls in 24 h", "calls_24h", {"state_class": "measurement"}),
+    ("web", "Web server", "web", {"device_class": "enum", "options": ["listening", "down"]}),
+]
+
 
 def discovery_messages(topics: Topics, door: str) -> dict[str, dict[str, Any]]:
-    """Retained discovery config per topic: doorbell, door, lock, call, availability."""
+    """Retained discovery config per topic: doorbell, door, lock, call, availability, health."""
     node = topics.node_id
     device = {
         "identifiers": [node],
@@ -32,6 +57,27 @@ def discovery_messages(topics: Topics, door: str) -> dict[str, dict[str, Any]]:
         return {"unique_id": f"{node}_{object_id}", "object_id": f"{node}_{object_id}",
                 **common, **fields}
 
+    health: dict[str, dict[str, Any]] = {}
+    for object_id, name, key, extra in HEALTH_SENSORS:
+        health[topics.discovery("sensor", object_id)] = entity(
+            object_id, name=name, entity_category="diagnostic",
+            state_topic=topics.state_health,
+            value_template=f"{{{{ value_json.{key} }}}}", **extra,
+        )
+    health[topics.discovery("binary_sensor", "clock_synchronized")] = entity(
+        "clock_synchronized", name="Clock synchronised", entity_category="diagnostic",
+        state_topic=topics.state_health,
+        # None (unknown: timesyncd cannot be asked) is Home Assistant's "unknown".
+        value_template="{% set s = value_json.clock_synchronized %}"
+        "{{ 'None' if s is none else ('ON' if s else 'OFF') }}",
+    )
+    health[topics.discovery("binary_sensor", "problem")] = entity(
+        "problem", name="Problem", device_class="problem", entity_category="diagnostic",
+        state_topic=topics.state_health,
+        value_template="{{ 'ON' if value_json.alerts else 'OFF' }}",
+        json_attributes_topic=topics.state_health,
+        json_attributes_template="{{ {'alerts': value_json.alerts} | tojson }}",
+    )
     return {
         topics.discovery("event", "doorbell"): entity(
             "doorbell",
@@ -80,4 +126,5 @@ def discovery_messages(topics: Topics, door: str) -> dict[str, dict[str, Any]]:
             "payload_on": ONLINE,
             "payload_off": OFFLINE,
         },
+        **health,
     }

@@ -45,6 +45,11 @@ class Topics:
         return f"{self.prefix}/state/call"
 
     @property
+    def state_health(self) -> str:
+        """Retained JSON: the latest health sample and the active alerts."""
+        return f"{self.prefix}/state/health"
+
+    @property
     def events(self) -> str:
         """Every logged event as JSON with its seq and type, QoS 1."""
         return f"{self.prefix}/events"
