@@ -217,7 +217,6 @@ class Monitor:
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[Any] | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._wake = asyncio.Event()
 
     async def start(self) -> None:
         """Watch the bus and sample every ``interval_s``, the first time now."""
@@ -254,9 +253,7 @@ class Monitor:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
-            self._wake.clear()
+            await asyncio.sleep(self.config.interval_s)
             try:
                 await self.sample()
             except Exception:
