@@ -144,7 +144,7 @@ async function pair(link) {
       cache: "no-store",
     });
     const answer = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(answer.error ?? `pairing refused (${response.status})`);
+    if (!response.ok) throw new Error(pairingRefused(response.status, answer.error));
     const device = {
       privateKey: key.privateKey, alg: key.alg, jwk: key.jwk,
       principal: answer.principal, station: answer.station, door: answer.door,
@@ -161,8 +161,20 @@ async function pair(link) {
   }
 }
 
+/** Why pairing was refused, and what to do about it. */
+function pairingRefused(status, error) {
+  const why = error ?? `pairing refused (${status})`;
+  if (status === 403) {
+    return `${why}. A pairing link works once and for 10 minutes: ask whoever set up `
+      + "the door for a new one.";
+  }
+  if (status === 429) return `${why}. Too many tries from this network: wait a minute.`;
+  return why;
+}
+
 function showEnrolment(answer) {
   show("enrol");
+  setLink("paired");
   let markup = answer.totp_qr_svg ?? "";
   if (markup.startsWith("<svg") && !markup.includes("xmlns=")) {
     markup = markup.replace("<svg", '<svg xmlns="http://www.w3.org/2000/svg"'); // as an image
@@ -206,7 +218,14 @@ function onLink(state, detail) {
   if (state === "offline" || state === "refused") {
     app.peer?.close();
     app.peer = null;
-    if (app.state !== "idle") endLocally("ended");
+    if (app.state !== "idle") {
+      // A call cut by the network ends here too, in the history as well (not "answered"
+      // for ever); a ring that was never answered counts as missed.
+      const state = app.state === "in_call" ? "ended" : "missed";
+      history.note(app.call, state, { ended: Date.now() / 1000 });
+      endLocally(state);
+      renderHistory();
+    }
   }
   if (state === "refused") {
     $("call-state").textContent = "The station refused this device: it may have been "
@@ -281,6 +300,9 @@ function onCallState(msg) {
 function endLocally(reason) {
   app.peer?.talk(false);
   app.call = null;
+  $("unlock-form").hidden = true;
+  $("unlock-result").textContent = ""; // the call's result goes with the call
+  delete $("unlock-result").dataset.result;
   const texts = { taken: "Answered on another device", missed: "Missed", ended: "Call ended" };
   setCallState("idle", texts[reason] ?? "No call");
 }
