@@ -406,3 +406,42 @@ def test_enrolment_shows_paired_and_a_cut_call_ends_in_the_history(station, brow
     finally:
         context.close()
         wait_idle_station(station)
+
+
+def test_on_a_390_px_phone_the_buttons_fit_and_the_label_leaves_the_picture(station, browser):
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, ignore_https_errors=True, device_scale_factor=3
+    )
+    page = context.new_page()
+    try:
+        page.goto(station.url)
+        page.wait_for_selector("#screen-unpaired:not([hidden])")
+        # the call screen as it is during a call (classes as app.js sets them)
+        layout = page.evaluate(
+            """() => {
+              for (const el of document.querySelectorAll('.screen')) el.hidden = true;
+              document.getElementById('screen-home').hidden = false;
+              document.getElementById('stage').className = 'stage live';
+              document.getElementById('call-state').textContent = 'In call';
+              document.getElementById('call-actions').hidden = false;
+              const stage = document.getElementById('stage').getBoundingClientRect();
+              const label = document.getElementById('call-state').getBoundingClientRect();
+              const buttons = [...document.querySelectorAll('#call-actions button')].map(
+                (b) => ({text: b.textContent, fits: b.scrollWidth <= b.clientWidth,
+                         height: b.getBoundingClientRect().height,
+                         oneLine: parseFloat(getComputedStyle(b).minHeight)}));
+              return {stage: [stage.top, stage.bottom, stage.width, stage.height],
+                      label: [label.top, label.bottom, label.width, label.height], buttons};
+            }"""
+        )
+        top, bottom, width, height = layout["stage"]
+        l_top, l_bottom, l_width, _ = layout["label"]
+        assert l_top == pytest.approx(top, abs=1)  # at the top edge ...
+        assert l_bottom < top + height / 4  # ... leaving the lower three quarters free
+        assert l_width < width / 2
+        # one line each (a wrapped label makes the row taller than a button's own height)
+        assert all(b["height"] <= b["oneLine"] + 1 for b in layout["buttons"]), layout
+        assert all(b["fits"] for b in layout["buttons"]), layout["buttons"]
+        assert bottom > top
+    finally:
+        context.close()
