@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyotp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
@@ -267,6 +268,8 @@ def pair_device(page: Page, link: str) -> dict[str, Any]:
         "qr_src": page.get_attribute("#enrol-qr", "src") or "",
         "fingerprint": page.text_content("#pair-fp") or "",
     }
+    # the enrolment's check: the code an authenticator would show now
+    page.fill("#enrol-code", pyotp.parse_uri(enrolment["totp_uri"]).now())
     page.click("#enrol-done")
     page.wait_for_selector("body[data-link='online']", timeout=20000)
     return enrolment

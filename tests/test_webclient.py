@@ -383,6 +383,14 @@ def test_enrolment_shows_paired_and_a_cut_call_ends_in_the_history(station, brow
         page.click("#pair-go")
         page.wait_for_selector("#screen-enrol:not([hidden])")
         assert page.text_content("#link-state") == "paired"
+        # a wrong code (a failed scan) is caught here, not at the door
+        totp = pyotp.parse_uri(page.text_content("#enrol-uri") or "")
+        page.fill("#enrol-code", wrong_code(totp))
+        page.click("#enrol-done")
+        page.wait_for_function("() => document.querySelector('#enrol-error').textContent")
+        assert "not the code for this door" in (page.text_content("#enrol-error") or "")
+        assert page.is_visible("#screen-enrol")
+        page.fill("#enrol-code", totp.now())
         page.click("#enrol-done")
         page.wait_for_selector("body[data-link='online']", timeout=20000)
         pid = page.text_content("#info-principal") or ""

@@ -1,6 +1,7 @@
 // The resident web client: pairing, the ring screen, the call, opening the door.
 
 import * as history from "./history.js";
+import * as totp from "./totp.js";
 import { StationPeer, microphone } from "./call.js";
 import { loadDevice, makeKeyPair, saveDevice, unlockToken } from "./keys.js";
 import { Signal } from "./signal.js";
@@ -184,11 +185,24 @@ function showEnrolment(answer) {
   for (const byte of svg) text += String.fromCharCode(byte);
   $("enrol-qr").src = `data:image/svg+xml;base64,${btoa(text)}`;
   $("enrol-uri").textContent = answer.totp_uri ?? "";
-  $("enrol-done").onclick = () => {
+  const uri = answer.totp_uri ?? "";
+  const finish = () => {
     $("enrol-qr").removeAttribute("src");
     $("enrol-uri").textContent = ""; // shown once: not kept anywhere on this device
+    $("enrol-code").value = "";
     startHome();
   };
+  $("enrol-check").onsubmit = async (event) => {
+    event.preventDefault();
+    const code = $("enrol-code").value.trim();
+    if (await totp.matches(uri, code).catch(() => false)) {
+      finish();
+    } else {
+      $("enrol-error").textContent = "That is not the code for this door: scan the QR code "
+        + "again (or type the link), and check that the phone's clock is right.";
+    }
+  };
+  $("enrol-skip").onclick = finish;
 }
 
 // ---------- the call ----------

@@ -1,8 +1,8 @@
 // Service worker: keeps the app shell for fast starts; never touches /api or /ws.
 
-const CACHE = "intercom-shell-v1";
+const CACHE = "intercom-shell-v2";
 const SHELL = [
-  "./", "index.html", "app.js", "call.js", "keys.js", "signal.js", "history.js",
+  "./", "index.html", "app.js", "call.js", "keys.js", "signal.js", "history.js", "totp.js",
   "style.css", "manifest.webmanifest", "icon.svg",
 ];
 
