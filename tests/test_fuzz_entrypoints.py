@@ -73,7 +73,7 @@ from intercom.deploy.firstboot import ERROR_FILE, INSTALLER_FILE, FirstBoot
 from intercom.deploy.releases import Layout
 from intercom.deploy.releases import verify as verify_release
 from intercom.errors import ConfigError, IntercomError
-from intercom.events import DoorbellPressed, EventBus
+from intercom.events import EventBus
 from intercom.media.audio import ToneSource
 from intercom.mqtt.bridge import MqttBridge
 from intercom.mqtt.link import LinkState
@@ -89,6 +89,7 @@ from intercom.station import Station
 from .conftest import Recorder
 from .mosquitto import Broker
 from .test_calls_client import Device, DeviceKey, b64url, call_settings, pair, pinned
+from .test_calls_unlock import in_call
 from .test_mqtt_broker import PREFIX, mqtt_settings
 from .test_security_kit import DOOR, STATION
 
@@ -515,14 +516,7 @@ def claim_sets(draw: st.DrawFn) -> dict[str, Any]:
         "totp": draw(st.text(alphabet="0123456789", min_size=6, max_size=6)),
     }
     values = claim_values(now)
-    changes = draw(st.sampled_from([0, 0, 0, 1, 1, 1, 2, 2, 3]))
-    for key in draw(st.lists(st.sampled_from(sorted(values)), min_size=changes,
-                             max_size=changes, unique=True)):
-        claims[key] = draw(values[key])
-    if draw(st.integers(0, 3)) == 0:
-        for key in draw(st.lists(st.sampled_from(sorted(claims)), max_size=3, unique=True)):
-            del claims[key]
-    return claims
+    return varied(draw, claims, values, [0, 0, 0, 1, 1, 1, 2, 2, 3], most_left_out=3)
 
 
 @st.composite
@@ -538,14 +532,27 @@ def header_sets(draw: st.DrawFn, kids: list[str]) -> dict[str, Any]:
         "typ": st.sampled_from(["JWT", "JOSE"]) | json_values,
         "jwk": json_values, "crit": json_values, "x5c": json_values,
     }
-    changes = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
-    for key in draw(st.lists(st.sampled_from(sorted(values)), min_size=changes,
-                             max_size=changes, unique=True)):
-        header[key] = draw(values[key])
+    return varied(draw, header, values, [0, 0, 0, 1, 1, 2], most_left_out=2)
+
+
+def varied(
+    draw: st.DrawFn,
+    fields: dict[str, Any],
+    values: dict[str, st.SearchStrategy[Any]],
+    changes: list[int],
+    most_left_out: int,
+) -> dict[str, Any]:
+    """``fields`` with a drawn number of them changed or added (from ``values``) and,
+    one time in four, up to ``most_left_out`` of them left out."""
+    count = draw(st.sampled_from(changes))
+    for key in draw(st.lists(st.sampled_from(sorted(values)), min_size=count,
+                             max_size=count, unique=True)):
+        fields[key] = draw(values[key])
     if draw(st.integers(0, 3)) == 0:
-        for key in draw(st.lists(st.sampled_from(sorted(header)), max_size=2, unique=True)):
-            del header[key]
-    return header
+        for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=most_left_out,
+                                 unique=True)):
+            del fields[key]
+    return fields
 
 
 def segment(data: bytes, style: str) -> str:
@@ -1271,16 +1278,11 @@ def test_fuzz_data_channel(make_rig: Callable[..., Rig], cases: int) -> None:
     assert registry is not None
 
     async def into_call() -> tuple[Device, Device]:
-        phone, other = await pair(station), await pair(station)
-        rig.closers.extend([phone.close, other.close])
-        for device in (phone, other):
-            await device.connect()
-            await device.wait_connected()
-        station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
-        ring = await phone.expect("ring")
-        await phone.send({"type": "accept", "call": ring["call"]})
-        await phone.expect("call", state="answered")
-        return phone, other
+        devices: list[Device] = []
+        try:
+            return await in_call(station, devices)
+        finally:
+            rig.closers.extend(device.close for device in devices)
 
     phone, other = rig.run(into_call())
     (session,) = [s for s in rig.sessions.values() if s.principal == phone.principal]
