@@ -87,8 +87,10 @@ async def test_events_carry_seq_and_type_and_principal_ids_only(tmp_path, sim_se
     broker = Broker(tmp_path / "broker")
     broker.start()
     try:
-        async with running(mqtt_settings(sim_settings, port=broker.port)) as station, \
-                Watcher(broker.port) as watcher:
+        # The watcher subscribes first: an event published before any subscription exists
+        # has no one to be kept for, and StationStarted is published at start-up.
+        async with Watcher(broker.port) as watcher, \
+                running(mqtt_settings(sim_settings, port=broker.port)) as station:
             station.bus.publish(UnlockGranted(door="front", principal="p-7", via="cli", jti="j1"))
             await until(lambda: any(b["type"] == "UnlockGranted" for b in watcher.seqs.values()))
             body = next(b for b in watcher.seqs.values() if b["type"] == "UnlockGranted")
