@@ -394,7 +394,7 @@ class PrivacyConfig(Model):
 
 
 class MonitorConfig(Model):
-    """Health metrics (`intercom status`, MQTT) and the thresholds of alerts."""
+    """Health metrics (`intercom status`, MQTT, optionally `/metrics`) and alert thresholds."""
 
     interval_s: float = Field(
         default=30, ge=0.05, le=3600, description="How often health is sampled and alerts checked."
@@ -427,6 +427,11 @@ class MonitorConfig(Model):
         default=True,
         description="clock_unsynchronised: ask systemd-timesyncd (`timedatectl show -p "
         "NTPSynchronized`); where it cannot be asked the state is unknown, no alert.",
+    )
+    metrics: bool = Field(
+        default=False,
+        description="Serve the health metrics as Prometheus text at `/metrics` on the "
+        "station's HTTPS server, only to a manager's bearer token (`intercom sign-bearer`).",
     )
 
 

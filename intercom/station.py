@@ -36,6 +36,7 @@ from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
 from intercom.identity import StationIdentity, create_identity, key_dir
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.media.encodeonce import EncodeOnceCamera
+from intercom.metrics import MetricsEndpoint
 from intercom.monitor import Links, MeteredCamera, Monitor, Probes
 from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
 from intercom.notify import Notifier
@@ -161,6 +162,7 @@ class Station:
         for component in self.components:
             await component.start()
             self._closers.append(component.stop)
+        self._serve_metrics()
 
         self.control.register("status", self._status_request)
         self.control.register("sim", self._sim_request)
@@ -252,6 +254,17 @@ class Station:
         if bridge is not None:
             self.monitor.listeners.append(bridge.note_health)
         return self.monitor
+
+    def _serve_metrics(self) -> None:
+        """Prometheus text at /metrics on the calls' HTTPS server, with [monitor] metrics."""
+        server = self.calls.server if self.calls is not None else None
+        monitor, verifier = self.monitor, self.verifier
+        if not self.settings.monitor.metrics or server is None or monitor is None:
+            return
+        if verifier is None:
+            return
+        endpoint = MetricsEndpoint(lambda: monitor.status()["health"], verifier.check_bearer)
+        server.metrics_handler = endpoint.handle
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop everything, relay de-energised first."""

@@ -1,4 +1,4 @@
-"""The station's HTTPS server: the resident web client, /api/info, /api/pair and /ws.
+"""The station's HTTPS server: the resident web client, /api/info, /api/pair, /ws, /metrics.
 
 Everything a resident's browser sends is hostile until verified: bodies are capped,
 pairing attempts are rate limited per source address (charged when the request
@@ -61,6 +61,7 @@ CONTENT_TYPES = {
 }
 
 WsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MetricsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error(status: int, reason: str) -> web.Response:
@@ -109,6 +110,7 @@ class WebServer:
         self._clock = clock
         self.url = ""
         self.ws_handler: WsHandler | None = None
+        self.metrics_handler: MetricsHandler | None = None  # set when [monitor] metrics is on
         self._runner: web.AppRunner | None = None
         self._per_address = BucketTable(*PAIR_RATE_PER_ADDRESS, size=MAX_TRACKED_ADDRESSES)
         self._pair_refusals = RefusalLog(log)
@@ -119,6 +121,7 @@ class WebServer:
         app.router.add_get("/api/info", self._info)
         app.router.add_post("/api/pair", self._pair)
         app.router.add_get("/ws", self._ws)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
         app.router.add_get(
             r"/{path:[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*}", self._static
@@ -218,6 +221,11 @@ class WebServer:
         if self.ws_handler is None:
             return error(503, "signalling is not running")
         return await self.ws_handler(request)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if self.metrics_handler is None:
+            return error(404, "not found")
+        return await self.metrics_handler(request)
 
     async def _index(self, _request: web.Request) -> web.StreamResponse:
         return self._file(self.web_dir / "index.html")

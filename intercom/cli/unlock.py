@@ -1,4 +1,4 @@
-"""``intercom sign-command`` and ``intercom unlock``: make a signed command, hand one over."""
+"""``intercom sign-command``, ``sign-bearer`` and ``unlock``: sign a command or a bearer, unlock."""
 
 from __future__ import annotations
 
@@ -38,6 +38,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sign.add_argument("--alg", choices=["Ed25519", "EdDSA", "ES256"],
                       help="JWS algorithm (default: Ed25519 or ES256 by the key)")
     sign.set_defaults(func=cmd_sign)
+
+    bearer = sub.add_parser(
+        "sign-bearer",
+        help="print a manager's read-only bearer token for /metrics",
+        description="Sign a read-only bearer token with a manager principal's private key and "
+        "print it (a compact JWS with cmd 'metrics'). A Prometheus scraper sends it as "
+        "'Authorization: Bearer TOKEN' to /metrics ([monitor] metrics = true). It opens "
+        "nothing; it stops working when it expires or the principal is revoked.",
+    )
+    bearer.add_argument("--key", required=True, type=Path, metavar="PEMFILE",
+                        help="the manager's private key (Ed25519 or ECDSA P-256, PEM)")
+    bearer.add_argument("--kid", required=True, metavar="ID", help="the manager's principal id")
+    bearer.add_argument("--station", required=True, metavar="ID", help="the station id (aud)")
+    bearer.add_argument("--days", type=float, default=365, metavar="N",
+                        help="days until the token expires, at most 366 (default 365)")
+    bearer.set_defaults(func=cmd_sign_bearer)
 
     unlock = sub.add_parser(
         "unlock",
@@ -83,6 +99,23 @@ def cmd_sign(args: argparse.Namespace) -> int:
         token = command.sign(
             key, kid=args.kid, station=args.station, door=args.door, totp=code,
             lifetime=args.lifetime, alg=args.alg,
+        )
+    except (command.CommandFormatError, ValueError) as exc:
+        raise CommandRefusedError(str(exc)) from exc
+    print(token)
+    return 0
+
+
+def cmd_sign_bearer(args: argparse.Namespace) -> int:
+    """Print a signed read-only bearer."""
+    try:
+        pem = args.key.read_bytes()
+    except OSError as exc:
+        raise IntercomError(f"cannot read {args.key}: {exc.strerror or exc}") from exc
+    try:
+        key = command.load_private_key(pem)
+        token = command.sign_bearer(
+            key, kid=args.kid, station=args.station, lifetime=args.days * 86_400
         )
     except (command.CommandFormatError, ValueError) as exc:
         raise CommandRefusedError(str(exc)) from exc

@@ -33,9 +33,12 @@ from intercom.security.principals import (
 
 MAX_TOKEN_BYTES = 4096
 MAX_LIFETIME_S = 60
+MAX_BEARER_LIFETIME_S = 366 * 86_400  # a read-only bearer (/metrics) lives up to a year
+BEARER_SCOPES = frozenset({"metrics"})
 MAX_TIME = 2**53  # |iat|, |exp| in seconds: every such integer is exact as a float
 HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 CLAIM_KEYS = frozenset({"aud", "cmd", "door", "iat", "exp", "jti", "totp"})
+BEARER_CLAIM_KEYS = frozenset({"aud", "cmd", "iat", "exp", "jti"})
 JTI_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
 B64URL = re.compile(rb"^[A-Za-z0-9_-]*$")
 
@@ -123,8 +126,8 @@ def _string(mapping: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
-def parse(token: str | bytes) -> UnverifiedCommand:
-    """Parse a compact JWS into an unverified command; CommandFormatError says why not."""
+def _segments(token: str | bytes) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """The token's bytes, header and claims of a size-checked, canonical compact JWS."""
     raw = token.encode("utf-8", "surrogatepass") if isinstance(token, str) else bytes(token)
     if len(raw) > MAX_TOKEN_BYTES:
         raise CommandFormatError("oversized")
@@ -135,11 +138,15 @@ def parse(token: str | bytes) -> UnverifiedCommand:
     header = _json_object(b64url_decode(parts[0]), "header")
     claims = _json_object(b64url_decode(parts[1]), "payload")
     b64url_decode(parts[2])
+    return raw, header, claims
+
+
+def parse(token: str | bytes) -> UnverifiedCommand:
+    """Parse a compact JWS into an unverified command; CommandFormatError says why not."""
+    raw, header, claims = _segments(token)
     alg, kid = _check_header(header)
     _check_claim_names(claims)
-    jti = _string(claims, "jti", "claim")
-    if not JTI_PATTERN.match(jti):
-        raise CommandFormatError("malformed jti")
+    jti = _jti(claims)
     return UnverifiedCommand(
         token=raw,
         alg=alg,
@@ -151,6 +158,54 @@ def parse(token: str | bytes) -> UnverifiedCommand:
         jti=jti,
         totp=_string(claims, "totp", "claim"),
     )
+
+
+@dataclass(frozen=True)
+class UnverifiedBearer:
+    """A parsed read-only bearer (a JWS naming a scope, ``cmd``), signature not checked."""
+
+    token: bytes
+    alg: str
+    kid: str
+    aud: str
+    scope: str
+    iat: float
+    exp: float
+    jti: str
+
+
+def parse_bearer(token: str | bytes) -> UnverifiedBearer:
+    """Parse a bearer token as strictly as a command; CommandFormatError says why not.
+
+    A bearer has the command's header and claims less ``door`` and ``totp``, and a
+    ``cmd`` naming what it may read (``metrics``). It opens nothing.
+    """
+    raw, header, claims = _segments(token)
+    alg, kid = _check_header(header)
+    if missing := BEARER_CLAIM_KEYS - set(claims):
+        raise CommandFormatError(f"claim missing: {min(missing)}")
+    if extra := set(claims) - BEARER_CLAIM_KEYS:
+        raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+    scope = _string(claims, "cmd", "claim")
+    if scope not in BEARER_SCOPES:
+        raise CommandFormatError("cmd is not a bearer scope")
+    return UnverifiedBearer(
+        token=raw,
+        alg=alg,
+        kid=kid,
+        aud=_string(claims, "aud", "claim"),
+        scope=scope,
+        iat=_number(claims, "iat"),
+        exp=_number(claims, "exp"),
+        jti=_jti(claims),
+    )
+
+
+def _jti(claims: dict[str, Any]) -> str:
+    jti = _string(claims, "jti", "claim")
+    if not JTI_PATTERN.match(jti):
+        raise CommandFormatError("malformed jti")
+    return jti
 
 
 def _check_header(header: dict[str, Any]) -> tuple[str, str]:
@@ -176,7 +231,7 @@ def _check_claim_names(claims: dict[str, Any]) -> None:
         raise CommandFormatError("cmd is not 'unlock'")
 
 
-def verify_signature(command: UnverifiedCommand, key: PublicKey) -> bool:
+def verify_signature(command: UnverifiedCommand | UnverifiedBearer, key: PublicKey) -> bool:
     """Whether the command's signature is valid for ``key`` under its (allowed) algorithm."""
     try:
         jws.deserialize_compact(command.token, key, algorithms=[command.alg])
@@ -227,6 +282,34 @@ def sign(
         "exp": issued + int(lifetime),
         "jti": jti or secrets.token_urlsafe(16),
         "totp": totp,
+    }
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    return jws.serialize_compact({"alg": alg, "kid": kid}, payload, key, algorithms=[alg])
+
+
+def sign_bearer(
+    key: OKPKey | ECKey,
+    *,
+    kid: str,
+    station: str,
+    scope: str = "metrics",
+    lifetime: float = 365 * 86_400,
+    now: float | None = None,
+) -> str:
+    """A signed read-only bearer for ``station`` (``scope``: what it may read)."""
+    if scope not in BEARER_SCOPES:
+        raise CommandFormatError(f"scope must be one of {', '.join(sorted(BEARER_SCOPES))}")
+    if not 0 < lifetime <= MAX_BEARER_LIFETIME_S:
+        raise CommandFormatError(f"lifetime must be 1 s to {MAX_BEARER_LIFETIME_S // 86_400} days")
+    kind = key_kind(key)
+    alg = "Ed25519" if kind == "Ed25519" else "ES256"
+    issued = int(time.time() if now is None else now)
+    claims = {
+        "aud": station,
+        "cmd": scope,
+        "iat": issued,
+        "exp": issued + int(lifetime),
+        "jti": secrets.token_urlsafe(16),
     }
     payload = json.dumps(claims, separators=(",", ":")).encode()
     return jws.serialize_compact({"alg": alg, "kid": kid}, payload, key, algorithms=[alg])
