@@ -15,8 +15,16 @@ from intercom.errors import CommandRefusedError, IntercomError
 from intercom.security import command, totp
 
 
+def _signer_arguments(parser: argparse.ArgumentParser, who: str) -> None:
+    """``--key``, ``--kid`` and ``--station``: who signs, for which station."""
+    parser.add_argument("--key", required=True, type=Path, metavar="PEMFILE",
+                        help=f"the {who}'s private key (Ed25519 or ECDSA P-256, PEM)")
+    parser.add_argument("--kid", required=True, metavar="ID", help=f"the {who}'s id (kid)")
+    parser.add_argument("--station", required=True, metavar="ID", help="the station id (aud)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``sign-command`` and ``unlock`` commands."""
+    """Add the ``sign-command``, ``sign-bearer`` and ``unlock`` commands."""
     sign = sub.add_parser(
         "sign-command",
         help="print a signed unlock command (compact JWS)",
@@ -24,10 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "key and current TOTP code, and print it as a compact JWS. Any JOSE library can make "
         "the same; see docs/security.md.",
     )
-    sign.add_argument("--key", required=True, type=Path, metavar="PEMFILE",
-                      help="the principal's private key (Ed25519 or ECDSA P-256, PEM)")
-    sign.add_argument("--kid", required=True, metavar="ID", help="the principal id")
-    sign.add_argument("--station", required=True, metavar="ID", help="the station id (aud)")
+    _signer_arguments(sign, "principal")
     sign.add_argument("--door", required=True, metavar="NAME", help="the door to open")
     code = sign.add_mutually_exclusive_group(required=True)
     code.add_argument("--totp", metavar="CODE", help="the current TOTP code")
@@ -47,10 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "'Authorization: Bearer TOKEN' to /metrics ([monitor] metrics = true). It opens "
         "nothing; it stops working when it expires or the principal is revoked.",
     )
-    bearer.add_argument("--key", required=True, type=Path, metavar="PEMFILE",
-                        help="the manager's private key (Ed25519 or ECDSA P-256, PEM)")
-    bearer.add_argument("--kid", required=True, metavar="ID", help="the manager's principal id")
-    bearer.add_argument("--station", required=True, metavar="ID", help="the station id (aud)")
+    _signer_arguments(bearer, "manager")
     bearer.add_argument("--days", type=float, default=365, metavar="N",
                         help="days until the token expires, at most 366 (default 365)")
     bearer.set_defaults(func=cmd_sign_bearer)
