@@ -344,6 +344,19 @@ class AlertCleared(Event):
     alert: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class SelfTestCompleted(Event):
+    """The station tested its parts (``intercom.selftest``), at start or when asked.
+
+    ``failed`` names the parts that failed, comma-separated (empty when all passed);
+    ``trigger`` is ``start`` or ``request``.
+    """
+
+    passed: bool
+    failed: str
+    trigger: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {}
 
 
@@ -381,6 +394,7 @@ for _cls in (
     LogPurged,
     AlertRaised,
     AlertCleared,
+    SelfTestCompleted,
 ):
     register(_cls)
 

@@ -206,6 +206,9 @@ class Monitor:
         self.probes = probes or Probes()
         self.started_at = self.probes.monotonic()
         self.active: dict[str, _Active] = {}
+        # Each condition's verdict at the last sample: its message while it holds, "" when
+        # it does not (the self-test reads these: one place for each check).
+        self.verdicts: dict[str, str] = {}
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=10)
         self.metrics: dict[str, Any] = {}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -371,12 +374,15 @@ class Monitor:
         expiring = []
         for path in self._certificates:
             expires = self.probes.cert_expiry(path)
-            if expires is not None and expires - now < cfg.cert_expiry_days * DAY_S:
+            if expires is None and path.exists():
+                expiring.append(f"{path.name} cannot be read as a PEM certificate")
+            elif expires is not None and expires - now < cfg.cert_expiry_days * DAY_S:
                 when = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d")
                 expiring.append(f"{path.name} expires {when}")
         self._condition(CERTIFICATE_EXPIRY, bool(expiring), "; ".join(expiring))
 
     def _condition(self, alert: str, holds: bool, message: str) -> None:
+        self.verdicts[alert] = message if holds else ""
         if holds and alert not in self.active:
             self.active[alert] = _Active(self.probes.clock(), message)
             self._raise(alert, message)

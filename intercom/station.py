@@ -44,6 +44,7 @@ from intercom.privacy.camera import privacy_camera
 from intercom.privacy.component import Privacy
 from intercom.security import Registry, Site, Verifier
 from intercom.security.secretbox import create_key
+from intercom.selftest import Parts, SelfTest
 from intercom.simulator import Simulator
 from intercom.statedir import CLI_WAIT_S, InstanceLock
 
@@ -98,6 +99,7 @@ class Station:
         self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
         self.monitor: Monitor | None = None
+        self.selftest: SelfTest | None = None
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
         self._closers: list[Any] = []
@@ -158,7 +160,9 @@ class Station:
         await self.registry.open()
         self._closers.append(self.registry.close)
         self.components.extend(self._build_components(identity, self.registry, media))
-        self.components.append(self._build_monitor(metered))
+        monitor = self._build_monitor(metered)
+        self.components.append(monitor)
+        self.components.append(self._build_selftest(metered, monitor))
         for component in self.components:
             await component.start()
             self._closers.append(component.stop)
@@ -265,6 +269,25 @@ class Station:
             return
         endpoint = MetricsEndpoint(lambda: monitor.status()["health"], verifier.check_bearer)
         server.metrics_handler = endpoint.handle
+
+    def _build_selftest(self, camera: MeteredCamera, monitor: Monitor) -> SelfTest:
+        """The self-test, after the monitor whose checks it reads; it runs once started."""
+        calls, contact, tamper, lock, eventlog = (
+            self.calls, self.contact, self.tamper, self.lock, self.eventlog)
+        parts = Parts(
+            camera=camera, fps=self.settings.media.camera.fps, microphone=self.microphone,
+            door_contact=contact.describe if contact is not None else None,
+            tamper=tamper.describe if tamper is not None else None,
+            relay=lock.readback if lock is not None else None,
+            eventlog=eventlog.verify_tail if eventlog is not None else None,
+            busy=lambda: calls is not None and calls.state != "idle",
+        )
+        self.selftest = SelfTest(parts, monitor, self.bus)
+        self.control.register("selftest", self.selftest.control_request)
+        bridge = next((c for c in self.components if isinstance(c, MqttBridge)), None)
+        if bridge is not None:
+            self.selftest.listeners.append(bridge.note_selftest)
+        return self.selftest
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop everything, relay de-energised first."""

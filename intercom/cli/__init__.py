@@ -26,6 +26,7 @@ EXIT_USAGE = 2
 COMMAND_MODULES = (
     "intercom.cli.run",
     "intercom.cli.sim",
+    "intercom.cli.selftest",
     "intercom.cli.log",
     "intercom.cli.principals",
     "intercom.cli.unlock",

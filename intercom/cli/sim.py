@@ -73,7 +73,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if log := status.get("eventlog"):
         print(f"log      {_log_line(log, status.get('health') or {})}")
     if health := status.get("health"):
-        for line in _health_lines(health):
+        for line in _health_lines(health) + _selftest_lines(status.get("selftest")):
             print(line)
     for event in status["recent_events"][-EVENTS_SHOWN:]:
         print(f"event    {_event_line(event)}")
@@ -126,6 +126,15 @@ def _health_lines(health: dict[str, Any]) -> list[str]:
     for name, alert in sorted(alerts.items()):
         lines.append(f"ALERT    {name} since {_clock(alert.get('since'))}: {alert.get('message')}")
     return lines
+
+
+def _selftest_lines(selftest: dict[str, Any] | None) -> list[str]:
+    """``selftest 12:03:04 (start): FAILED: camera, clock`` (nothing before the first)."""
+    if not selftest:
+        return []
+    failed = selftest.get("failed") or []
+    return [f"selftest {_clock(selftest.get('at'))} ({selftest.get('trigger')}): "
+            + (f"FAILED: {', '.join(failed)}" if failed else "passed")]
 
 
 def _machine_lines(health: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from intercom.eventlog.errors import EventLogError
 from intercom.eventlog.reader import LogReader
 from intercom.eventlog.records import Entry, LoggedEvent
 from intercom.eventlog.store import connect, db_path, open_log
+from intercom.eventlog.verify import Verdict, verify
 from intercom.eventlog.worker import Kind, Op, Outcome, WriterThread, entry_op
 from intercom.eventlog.writer import LogWriter, Shredded
 from intercom.events import Event, EventBus, LogPurged
@@ -178,6 +179,24 @@ class EventLog:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, future))
         await future
+
+    async def verify_tail(self) -> Verdict:
+        """The chain and checkpoints checked, the records after the last one authenticated.
+
+        Read on a connection of its own in a worker thread, beside the writer (WAL).
+        """
+        if self._reader is None:
+            raise EventLogError("the event log is not running")
+        keyring, public_key = self._reader.keyring, self.identity.public_key
+
+        def run() -> Verdict:
+            conn = connect(db_path(self.state_dir))
+            try:
+                return verify(conn, public_key, reader=LogReader(conn, keyring))
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run)
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest signed checkpoint as JSON."""

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from intercom.config import RelayConfig
+from intercom.errors import HardwareError
 from intercom.events import EventBus, LockStateChanged
 from intercom.hardware.pins import open_device
 
@@ -119,6 +120,20 @@ class Lock:
         self._guard.start()
         log.info("lock %s: relay energised (%s)", self.door, reason)
         self._announce(LockState.UNLOCKED, reason)
+
+    def readback(self) -> str:
+        """The relay pin read back: what it is driven to, or HardwareError when it differs.
+
+        Reads only: the relay is never moved here.
+        """
+        with self._mutex:
+            driven = self._state is LockState.UNLOCKED
+            level = bool(self.device.value)  # gpiozero raises when the pin is closed
+        words = {True: "energised", False: "released"}
+        if level != driven:
+            raise HardwareError(f"GPIO{self.config.pin} reads {words[level]} while driven "
+                                f"{words[driven]}")
+        return f"GPIO{self.config.pin} reads back {words[driven]}, as driven"
 
     def release(self, reason: str = "released") -> None:
         """De-energise the relay now (safe from any thread, any number of times)."""

@@ -64,6 +64,10 @@ class DoorContact:
         high = not self.device.is_active  # pull-up: active means the pin reads low
         return DoorState.OPEN if high == self.config.open_when_high else DoorState.CLOSED
 
+    def describe(self) -> str:
+        """The pin read now, in words (gpiozero raises when it cannot be read)."""
+        return f"GPIO{self.config.pin} reads the door {self._read().value}"
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the current state and start listening for changes."""
         self._loop = loop
@@ -127,6 +131,10 @@ class TamperSwitch:
     def _tampered(self) -> bool:
         low = bool(self.device.is_active)
         return low == self.config.active_low
+
+    def describe(self) -> str:
+        """The pin read now, in words (gpiozero raises when it cannot be read)."""
+        return f"GPIO{self.config.pin} reads the cover {'open' if self._tampered() else 'closed'}"
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start listening; a switch already tripped at start is reported too."""

@@ -191,6 +191,11 @@ class MqttBridge:
         self._state["health"] = dict(health)
         self._state_changed.set()
 
+    def note_selftest(self, report: dict[str, Any]) -> None:
+        """Publish the latest self-test on ``<p>/state/selftest`` (retained)."""
+        self._state["selftest"] = dict(report)
+        self._state_changed.set()
+
     # --- from the bus (runs at publication: must stay quick) -------------------------
 
     def _on_event(self, event: Event) -> None:
@@ -273,7 +278,8 @@ class MqttBridge:
         sent: dict[str, dict[str, Any]] = {}
         sent_checkpoint: dict[str, Any] | None = None
         topics = {"lock": self.topics.state_lock, "door": self.topics.state_door,
-                  "call": self.topics.state_call, "health": self.topics.state_health}
+                  "call": self.topics.state_call, "health": self.topics.state_health,
+                  "selftest": self.topics.state_selftest}
         while True:
             self._state_changed.clear()
             for key, value in list(self._state.items()):

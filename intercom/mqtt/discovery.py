@@ -8,6 +8,9 @@ from intercom import __version__
 from intercom.mqtt.topics import OFFLINE, ONLINE, Topics
 
 CALL_STATES = ["idle", "ringing", "in_call"]
+# The self-test's parts (intercom.selftest.PARTS; not imported: mqtt stays below selftest).
+SELFTEST_PARTS = ("camera", "microphone", "door_contact", "tamper", "relay", "clock", "disk",
+                  "eventlog", "certificate", "mqtt")
 
 # Diagnostic sensors read from <p>/state/health: (object id, name, key, extra fields).
 HEALTH_SENSORS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -78,6 +81,22 @@ def discovery_messages(topics: Topics, door: str) -> dict[str, dict[str, Any]]:
         json_attributes_topic=topics.state_health,
         json_attributes_template="{{ {'alerts': value_json.alerts} | tojson }}",
     )
+    health[topics.discovery("binary_sensor", "selftest")] = entity(
+        "selftest", name="Self-test", device_class="problem", entity_category="diagnostic",
+        state_topic=topics.state_selftest,
+        value_template="{{ 'OFF' if value_json.passed else 'ON' }}",
+        json_attributes_topic=topics.state_selftest,
+        json_attributes_template="{{ {'failed': value_json.failed, 'at': value_json.at} "
+        "| tojson }}",
+    )
+    for part in SELFTEST_PARTS:  # one problem sensor a part: which one failed, at a glance
+        health[topics.discovery("binary_sensor", f"selftest_{part}")] = entity(
+            f"selftest_{part}", name=f"Self-test {part.replace('_', ' ')}",
+            device_class="problem", entity_category="diagnostic",
+            state_topic=topics.state_selftest,
+            value_template=f"{{% set o = value_json.parts.{part} %}}"
+            "{{ 'None' if o == 'skipped' else ('ON' if o == 'failed' else 'OFF') }}",
+        )
     return {
         topics.discovery("event", "doorbell"): entity(
             "doorbell",

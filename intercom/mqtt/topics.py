@@ -50,6 +50,11 @@ class Topics:
         return f"{self.prefix}/state/health"
 
     @property
+    def state_selftest(self) -> str:
+        """Retained JSON: the latest self-test, each part's outcome and detail."""
+        return f"{self.prefix}/state/selftest"
+
+    @property
     def events(self) -> str:
         """Every logged event as JSON with its seq and type, QoS 1."""
         return f"{self.prefix}/events"
