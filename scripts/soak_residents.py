@@ -121,7 +121,7 @@ def act(page: Any, plan: dict[str, Any], totp: Any, ring_wait_s: float, wait_sta
     """One ring as ``plan`` says; what happened."""
     # The ring is noted in the page's history (the ringing state itself may last only
     # milliseconds when another device answers at once).
-    page.wait_for_function(f"window.intercom.rings.length > {plan['rings']}",
+    page.wait_for_function("(n) => window.intercom.rings.length > n", arg=plan["rings"],
                            timeout=ring_wait_s * 1000)
     what = plan.get("plan")
     mine = what == "answer" and plan.get("who") == "chromium"
