@@ -1,4 +1,4 @@
-"""Endurance run: a simulated station rung every 20 s by real clients, for --minutes.
+"""Endurance run: a simulated station rung every 20 s by real clients for --minutes.
 
 The parts are real: a Mosquitto on a loopback port, ``intercom run --simulate`` with a
 config (scripts/bench_devices.py's, plus MQTT, a short ring timeout and frequent
@@ -289,28 +289,38 @@ async def main(args: argparse.Namespace) -> int:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/soak", description=__doc__.split("\n\n")[0] if __doc__ else None
+        prog="scripts/soak", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--minutes", type=float, default=60.0, help="how long (default 60)")
-    parser.add_argument("--kills", type=int, default=0, metavar="N",
-                        help="instead: kill -9 the station in a call N times")
-    parser.add_argument("--period-s", type=float, default=20.0, help="seconds between presses")
-    parser.add_argument("--devices", type=int, default=4, help="aiortc resident devices")
-    parser.add_argument("--per-process", type=int, default=2, help="devices in one worker")
-    parser.add_argument("--ring-timeout-s", type=float, default=8.0,
-                        help="the station's [calls] ring_timeout_s: a missed call ends then")
-    parser.add_argument("--talk-s", type=float, default=2.0, help="how long an answered call lasts")
-    parser.add_argument("--purge-every-s", type=float, default=60.0,
-                        help="how often to purge the event log (default 60)")
-    parser.add_argument("--purge-hours", type=float, default=0.02,
-                        help="each purge shreds epochs older than this (default 0.02: 72 s)")
-    parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
-    parser.add_argument("--keep", metavar="DIR", help="work folder to keep")
+    add = parser.add_argument
+    add("--minutes", type=float, default=60.0, help="how long (default 60)")
+    add("--kills", type=int, default=0, metavar="N",
+        help="instead: kill -9 the station in a call N times")
+    add("--period-s", type=float, default=20.0, help="seconds between presses (default 20)")
+    add("--devices", type=int, default=4, help="aiortc resident devices (default 4)")
+    add("--per-process", type=int, default=2,
+        help="devices in one worker process (default 2)")
+    add("--ring-timeout-s", type=float, default=8.0,
+        help="the station's [calls] ring_timeout_s: a missed call ends then (default 8)")
+    add("--talk-s", type=float, default=2.0, help="seconds an answered call lasts (default 2)")
+    add("--purge-every-s", type=float, default=60.0,
+        help="how often to purge the event log (default 60)")
+    add("--purge-hours", type=float, default=0.02,
+        help="each purge shreds epochs older than this (default 0.02: 72 s)")
+    add("--json", metavar="FILE", help="write the whole report as JSON")
+    add("--keep", metavar="DIR", help="work folder to keep")
     args = parser.parse_args()
-    if args.minutes <= 0 or args.period_s < args.ring_timeout_s + 5:
-        parser.error("--minutes must be positive and --period-s at least --ring-timeout-s + 5")
-    if args.devices < 1 or args.per_process < 1:
-        parser.error("--devices and --per-process must be at least 1")
+    if args.minutes <= 0:
+        parser.error(f"--minutes must be more than 0, not {args.minutes:g}")
+    if args.kills < 0:
+        parser.error(f"--kills must be 0 or more, not {args.kills}")
+    if args.period_s < args.ring_timeout_s + 5:
+        parser.error(f"--period-s {args.period_s:g} leaves a missed call no time to end: give "
+                     f"at least --ring-timeout-s + 5 = {args.ring_timeout_s + 5:g}")
+    if args.devices < 1:
+        parser.error(f"--devices must be at least 1, not {args.devices}")
+    if args.per_process < 1:
+        parser.error(f"--per-process must be at least 1, not {args.per_process}")
     return args
 
 
