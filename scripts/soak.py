@@ -51,6 +51,7 @@ from soak_parts import (  # noqa: E402
 )
 
 PLANS = ("answer", "decline", "ignore")
+PLAN_LEAD_S = 1.0  # the residents are told the plan this long before the press at least
 
 
 def plan_of(number: int, residents: Residents) -> tuple[str, str]:
@@ -66,17 +67,15 @@ def plan_of(number: int, residents: Residents) -> tuple[str, str]:
 
 
 async def one_call(
-    number: int, station: SoakStation, residents: Residents, watcher: MqttWatcher,
+    plan: str, who: str, station: SoakStation, residents: Residents, watcher: MqttWatcher,
     args: argparse.Namespace,
-) -> tuple[str, list[str]]:
-    """Press once with the plan of press ``number``; the plan and what went wrong."""
-    plan, who = plan_of(number, residents)
-    residents.plan({"plan": plan, "who": who, "talk_s": args.talk_s})
+) -> list[str]:
+    """Press once, the residents told ``plan`` already; what went wrong."""
     after = watcher.last_seq
     pressed = await station.press(1)
     ringing = await watcher.wait_event("CallRinging", after, 5)
     if ringing is None:
-        return plan, ["no CallRinging on MQTT within 5 s"]
+        return ["no CallRinging on MQTT within 5 s"]
     call = ringing["details"]["call"]
     problems: list[str] = []
     if ringing["details"]["devices"] != residents.online:
@@ -89,7 +88,7 @@ async def one_call(
         problems.append(f"no {end}")
     problems += judge(plan, who, residents, watcher, after, call)
     problems += await residents.check_rung(call, pressed, plan)
-    return plan, problems
+    return problems
 
 
 def judge(
@@ -126,11 +125,14 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         number = 0
         next_press = began
         while time.monotonic() - began < args.minutes * 60:
-            await asyncio.sleep(max(0.0, next_press - time.monotonic()))
+            # the plan goes out first: a worker busy with the last call reads it in time
+            plan, who = plan_of(number, residents)
+            residents.plan({"plan": plan, "who": who, "talk_s": args.talk_s})
+            await asyncio.sleep(max(PLAN_LEAD_S, next_press - time.monotonic()))
             next_press = time.monotonic() + args.period_s
             figures = station.proc_figures()
             result["samples"].append({"minute": (time.monotonic() - began) / 60, **figures})
-            plan, problems = await one_call(number, station, residents, watcher, args)
+            problems = await one_call(plan, who, station, residents, watcher, args)
             result["calls"] += 1
             if problems:
                 result["failed"].append({"press": number, "plan": plan, "problems": problems})
@@ -168,6 +170,7 @@ async def kills(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for number in range(args.kills):
             who = residents.aiortc_principals[number % len(residents.aiortc_principals)]
             residents.plan({"plan": "answer", "who": who, "talk_s": 0.0})
+            await asyncio.sleep(PLAN_LEAD_S)
             after = watcher.last_seq
             await station.press(1)
             problems: list[str] = []
@@ -178,6 +181,7 @@ async def kills(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 problems += await residents.unlock_over_mqtt(
                     ringing["details"]["call"], who, watcher, 0.0
                 )
+            residents.plan({"plan": "ignore"})  # for the ring after the restart
             ready = await station.kill_and_restart()
             result["kills"] += 1
             status = (await station.ask({"request": "status"}))["status"]

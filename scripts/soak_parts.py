@@ -317,7 +317,8 @@ class Residents:
         collector = self.collector
         index = next(d["index"] for d in self.devices if d["principal"] == who)
         if not await collector.until(lambda: collector.of("unlock", d=index, call=call), 10):
-            return ["the answering device made no unlock command (did it answer?)"]
+            saw = [k for k in ("ring", "frame", "call") if collector.of(k, d=index, call=call)]
+            return [f"the answering device made no unlock command (it saw: {saw or 'nothing'})"]
         token = collector.of("unlock", d=index, call=call)[0]["token"]
         result = await watcher.command(token)
         await asyncio.sleep(talk_s)
@@ -354,12 +355,14 @@ class Residents:
         )
 
     async def ring_after(self, station: SoakStation, ready: float) -> float | None:
-        """Press once every device is back; how long after READY the last was rung."""
+        """Press once every device is back; how long after READY the last was rung.
+
+        The residents must have been told to let this ring ring (plan ``ignore``).
+        """
         deadline = ready + READY_RING_S
         online = 0
         while online < self.online and time.time() < deadline:
             online = await self.devices_online()
-        self.plan({"plan": "ignore"})
         pressed = await station.press(1)
         collector = self.collector
         everyone = {d["index"] for d in self.devices}
@@ -374,12 +377,21 @@ class Residents:
         return max(rings) - ready
 
     async def stop(self) -> None:
-        """Stop every resident process; keep what they reported in residents.jsonl."""
+        """Stop every resident process; keep what they reported in residents.jsonl.
+
+        Their stdin is closed first, so that Chromium is closed by its resident (a killed
+        resident leaves Playwright's driver to notice); what is still running 5 s later
+        is killed.
+        """
         for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
             if proc.returncode is None:
                 proc.kill()
-        for proc in self.procs:
-            await proc.wait()
+                await proc.wait()
         for reader in self.collector.readers:
             reader.cancel()
         lines = "".join(json.dumps(e) + "\n" for e in self.collector.events)
