@@ -21,6 +21,18 @@ problem naming its line in the file, the key path and the reason in plain words
 (`line 12: hardware.relay.pulse: unknown key; did you mean 'pulse_s'?`). Unknown keys
 are errors.
 
+A running station changes its file only through its one config writer
+(`intercom/configwriter.py`): `intercom config set KEY VALUE ...` (and the installer
+console) send key paths such as `hardware.relay.pulse_s` or `hardware.buttons[0].flat`
+with new values; the writer validates the whole file with these same models, refuses a
+bad value naming the key and the reason, writes the file atomically (a temporary file
+beside it, fsynced, renamed over it, its mode kept) and logs a `PrivilegedAction`
+(`config-set`) with who changed which keys, never the values. It refuses `station.id`,
+`station.state_dir` and secrets (`mqtt.password`: give `password_file` or
+`password_credential`). Privacy zones take effect at once; other keys at the next
+start, and the answer says which. The file is written back without its comments.
+The daemon must be able to write the file's folder.
+
 This page is generated from the config models (`intercom/config.py`) by
 `scripts/config-doc`; a test keeps it in step with the code.
 """

@@ -9,7 +9,10 @@ every path here must be new: a folder is made 0700 by us, a file is created 0600
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -82,3 +85,39 @@ def write_new(directory: Path, name: str, data: bytes) -> Path:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     return path
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` all at once, keeping its mode.
+
+    A reader sees the old file or the new one, never a part (a power cut included): the
+    data goes to a new temporary file beside it (``O_EXCL | O_NOFOLLOW``, in the folder
+    opened without following a link), is fsynced, renamed over ``path``, and the folder
+    is fsynced. ``path`` itself must be a regular file, not a link.
+    """
+    path = Path(path)
+    try:
+        dir_fd = os.open(path.parent, DIRECTORY)
+    except OSError as exc:
+        raise _refusal(path.parent, exc) from exc
+    tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        old = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(old.st_mode):
+            raise IntercomError(f"{path}: not a regular file; refusing to replace it")
+        fd = os.open(tmp, NEW_FILE, old.st_mode & 0o777, dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise IntercomError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(dir_fd)

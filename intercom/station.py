@@ -16,6 +16,7 @@ from intercom.admin import Admin
 from intercom.calls import Calls
 from intercom.calls.component import Media
 from intercom.config import Settings
+from intercom.configwriter import ConfigWriter
 from intercom.control import ControlServer
 from intercom.deploy.tlscert import TLS_CERT
 from intercom.errors import CommandRefusedError, IntercomError
@@ -40,7 +41,7 @@ from intercom.metrics import MetricsEndpoint
 from intercom.monitor import Links, MeteredCamera, Monitor, Probes
 from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
 from intercom.notify import Notifier
-from intercom.privacy.camera import privacy_camera
+from intercom.privacy.camera import PrivacyCamera, privacy_camera
 from intercom.privacy.component import Privacy
 from intercom.security import Registry, Site, Verifier
 from intercom.security.secretbox import create_key
@@ -77,13 +78,15 @@ class Station:
     Only the verifier holds the lock.
     """
 
-    def __init__(self, settings: Settings, probes: Probes | None = None) -> None:
+    def __init__(self, settings: Settings, probes: Probes | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
         self.probes = probes
         self.state_dir: Path = settings.station.state_dir
         self.bus = EventBus()
         self.instance = InstanceLock(self.state_dir, "run")
         self.control = ControlServer(self.state_dir)
+        self.config_writer = ConfigWriter(config_path, self.bus)  # the file's one writer
         self.started_at = time.time()
         self.components: list[Component] = []
         self.pin_factory: Any = None
@@ -100,6 +103,7 @@ class Station:
         self.camera: CameraSource | None = None
         self.monitor: Monitor | None = None
         self.selftest: SelfTest | None = None
+        self.masked: PrivacyCamera | None = None  # the camera's privacy layer, when it has one
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
         self._closers: list[Any] = []
@@ -170,6 +174,8 @@ class Station:
 
         self.control.register("status", self._status_request)
         self.control.register("sim", self._sim_request)
+        self.control.register("config-set", self.config_writer.control_request)
+        self.control.register("config-get", self.config_writer.get_request)
         await self.control.start()
         self._closers.append(self.control.stop)
         self.started_at = time.time()
@@ -180,7 +186,9 @@ class Station:
     async def _open_media(self) -> tuple[Media, MeteredCamera]:
         """Open the camera and audio; every reader gets the camera through the meter."""
         # Zones are masked at the source: every consumer of station.camera gets them.
-        camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy)
+        camera = privacy_camera(open_camera(self.settings.media.camera), self.settings.privacy,
+                                live=True)  # zones drawn later apply at once
+        self.masked = camera if isinstance(camera, PrivacyCamera) else None
         if self.settings.media.camera.encode_once:  # after the mask: the encoder sees it
             camera = EncodeOnceCamera(camera, self.settings.media.camera.fps)
         self.camera = camera
@@ -221,7 +229,16 @@ class Station:
             register(name, handler)
         self.calls = Calls(settings, media, bus, registry, self.verifier.submit, register)
         components.append(self.calls)
-        components.append(Privacy(settings, bus, media.camera, self.eventlog, register))
+        privacy = Privacy(settings, bus, media.camera, self.eventlog, register)
+        components.append(privacy)
+        if self.masked is not None:  # zones from the config writer apply at once
+            masked = self.masked
+
+            def set_zones(new: Settings) -> None:
+                masked.set_zones(new.privacy.zones)
+                privacy.set_zones(new.privacy.zones)
+
+            self.config_writer.on_change("privacy.zones", set_zones)
         if settings.mqtt is not None:  # last: it reads the event log, uses the verifier
             lock, contact = self.lock, self.contact
 
@@ -390,7 +407,8 @@ class Station:
 
 
 async def run_station(
-    settings: Settings, notifier: Notifier | None = None, station: Station | None = None
+    settings: Settings, notifier: Notifier | None = None, station: Station | None = None,
+    config_path: Path | None = None,
 ) -> int:
     """Run a station until SIGTERM or SIGINT; the exit code for the process."""
     notifier = notifier or Notifier()
@@ -406,7 +424,7 @@ async def run_station(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    station = station or Station(settings)
+    station = station or Station(settings, config_path=config_path)
     try:
         await station.start()
     except IntercomError:

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "intercom.cli.run",
     "intercom.cli.sim",
     "intercom.cli.selftest",
+    "intercom.cli.config",
     "intercom.cli.log",
     "intercom.cli.principals",
     "intercom.cli.unlock",

@@ -99,6 +99,12 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     return settings.with_state_dir(where.state_dir)
 
 
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The file the daemon's config writer changes: the one it was started from, if any."""
+    config = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    return config if config is not None or args.simulate else DEFAULT_CONFIG
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon."""
     from intercom.station import run_station  # noqa: PLC0415 - keep --help fast
@@ -107,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or settings.station.log_level)
     for warning in wiring_warnings(settings):
         logging.getLogger("intercom.config").warning("%s", warning)
-    return asyncio.run(run_station(settings))
+    return asyncio.run(run_station(settings, config_path=config_path(args)))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

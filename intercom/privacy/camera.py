@@ -38,6 +38,10 @@ class PrivacyCamera:
         self._latest_at = 0.0
         self.frames = 0
 
+    def set_zones(self, zones: list[list[tuple[float, float]]]) -> None:
+        """Mask these zones from the next frame on (the config writer's change)."""
+        self.masks = ZoneMasks(zones)
+
     async def open(self) -> None:
         """Hand the filter to a source that encodes itself, then open the source."""
         if self.redact:
@@ -91,9 +95,16 @@ class PrivacyCamera:
         await self.inner.close()
 
 
-def privacy_camera(inner: CameraSource, config: PrivacyConfig) -> CameraSource:
-    """The source itself when no zone or redaction applies, else a PrivacyCamera."""
-    if not config.zones and not config.redact_all_outputs:
+def privacy_camera(
+    inner: CameraSource, config: PrivacyConfig, *, live: bool = False
+) -> CameraSource:
+    """The source itself when no zone or redaction applies, else a PrivacyCamera.
+
+    ``live``: a PrivacyCamera whenever the source can be masked (decoded frames, or a
+    ``frame_filter``), so that zones drawn later apply at once (``set_zones``).
+    """
+    maskable = not inner.encoded or hasattr(inner, "frame_filter")
+    if not config.zones and not config.redact_all_outputs and not (live and maskable):
         return inner
     return PrivacyCamera(inner, config)
 

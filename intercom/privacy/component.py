@@ -66,6 +66,10 @@ class Privacy:
             self._unsubscribe = None
         await self.snapshots.stop()
 
+    def set_zones(self, zones: list[list[tuple[float, float]]]) -> None:
+        """The zones the preview outlines, from the config writer's change."""
+        self.config = self.config.model_copy(update={"zones": zones})
+
     async def _preview_request(self, _request: dict[str, Any]) -> dict[str, Any]:
         """One frame as the outputs get it (zones masked), JPEG, and the zones to outline."""
         camera = self._camera
