@@ -85,7 +85,11 @@ class BenchDevice:
         self.want_frame = False
         self.ws: Any = None
         self.sender: Any = None
-        self.mic: Any = None
+        self.pc: Any = None
+        self.number = 0  # the station's number of the current connection
+        from aiortc.mediastreams import AudioStreamTrack  # noqa: PLC0415
+
+        self.mic = AudioStreamTrack()  # silence: only its packets matter here
 
     def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"e": event, "d": self.index, "t": time.time(), **fields})
@@ -104,15 +108,8 @@ class BenchDevice:
 
     async def session(self) -> None:
         import aiohttp  # noqa: PLC0415
-        from aiortc import (  # noqa: PLC0415
-            RTCConfiguration,
-            RTCPeerConnection,
-            RTCSessionDescription,
-        )
-        from aiortc.mediastreams import AudioStreamTrack  # noqa: PLC0415
 
         connector = aiohttp.TCPConnector(local_addr=(address(self.index), 0))
-        pc: Any = None
         async with aiohttp.ClientSession(connector=connector) as http:
             try:
                 ws = self.ws = await http.ws_connect(
@@ -129,35 +126,60 @@ class BenchDevice:
                     raise RuntimeError(f"not signed in: {ready}")
                 self.emit("ready")
                 offer = await ws.receive_json(timeout=60)
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                pc.on("track", lambda track: asyncio.ensure_future(self.consume(track)))
-
-                @pc.on("connectionstatechange")
-                async def changed() -> None:
-                    self.emit("state", state=pc.connectionState)
-                    if pc.connectionState == "failed":
-                        await ws.close()  # as the web client: a fresh sign-in, a fresh offer
-
-                await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
-                audio = next(t for t in pc.getTransceivers() if t.kind == "audio")
-                audio.direction = "sendrecv"
-                self.sender = audio.sender
-                self.mic = AudioStreamTrack()  # silence: only its packets matter here
-                if self.idle_audio:
-                    self.sender.replaceTrack(self.mic)
-                await pc.setLocalDescription(await pc.createAnswer())
-                await ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp})
+                await self.answer(offer)
                 async for message in ws:
                     if message.type == aiohttp.WSMsgType.TEXT:
                         await self.on_message(json.loads(message.data))
                 self.emit("lost", why=f"socket closed {ws.close_code}")
             finally:
                 self.want_frame = False
-                if pc is not None:
-                    await pc.close()
+                if self.pc is not None:
+                    await asyncio.shield(self.pc.close())
+                    self.pc = None
+
+    async def answer(self, offer: dict[str, Any]) -> None:
+        """Answer an offer as docs/calls.md says: a new number is a new connection (the
+        first, and the idle one after each call), the same number a ring's media."""
+        from aiortc import (  # noqa: PLC0415
+            RTCConfiguration,
+            RTCPeerConnection,
+            RTCSessionDescription,
+        )
+
+        if self.pc is None or offer["peer"] != self.number:
+            old = self.pc
+            pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            self.number = offer["peer"]
+            pc.on("track", lambda track: asyncio.ensure_future(self.consume(track)))
+
+            @pc.on("connectionstatechange")
+            async def changed() -> None:
+                if pc is not self.pc:
+                    return
+                self.emit("state", state=pc.connectionState)
+                if pc.connectionState == "failed" and self.ws is not None:
+                    await self.ws.close()  # as the web client: a fresh sign-in, a fresh offer
+
+            if old is not None:
+                await asyncio.shield(old.close())
+        pc = self.pc
+        await pc.setRemoteDescription(RTCSessionDescription(offer["sdp"], "offer"))
+        audio = next(t for t in pc.getTransceivers() if t.kind == "audio")
+        audio.direction = "sendrecv"
+        self.sender = audio.sender
+        if self.idle_audio:
+            self.sender.replaceTrack(self.mic)
+        await pc.setLocalDescription(await pc.createAnswer())
+        if self.ws is None:
+            return
+        await self.ws.send_json(
+            {"type": "answer", "sdp": pc.localDescription.sdp, "peer": self.number}
+        )
 
     async def on_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "ring":
+        if msg["type"] == "offer":
+            await self.answer(msg)
+        elif msg["type"] == "ring":
             self.call = msg["call"]
             self.want_frame = True
             self.emit("ring", call=msg["call"])

@@ -124,6 +124,8 @@ class Device:
         self._tasks: list[asyncio.Task[Any]] = []
         self._mic: MediaStreamTrack | None = None
         self._audio_sender: Any = None
+        self.number = 0  # the station's number of the current connection
+        self.answers = True  # answer the station's offers (the renegotiations too)
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         assert self.station.calls is not None
@@ -150,25 +152,33 @@ class Device:
         assert ready["type"] == "ready", ready
         offer = await ws.receive_json(timeout=10)
         assert offer["type"] == "offer"
+        self.answers = answer
         self._tasks.append(asyncio.create_task(self._read()))
         if answer:
-            await self.answer_offer(offer["sdp"])
+            await self.answer_offer(offer["sdp"], offer["peer"])
 
-    async def answer_offer(self, sdp: str) -> None:
+    async def answer_offer(self, sdp: str, number: int) -> None:
+        """Answer an offer as docs/calls.md says: a new number, a new connection."""
         assert self.ws is not None
-        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        tone = ToneSource(660.0)
-        await tone.open()
-        self._mic = SourceTrack("audio", tone.next)
-        pc.on("track", self._on_track)
-        pc.on("datachannel", self._on_channel)
+        if self.pc is None or number != self.number:
+            old, self.pc = self.pc, RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            if old is not None:  # shielded: aiortc's close must not be cut half-way
+                await asyncio.shield(old.close())
+            self.number = number
+            self.channel = None
+            tone = ToneSource(660.0)
+            await tone.open()
+            self._mic = SourceTrack("audio", tone.next)
+            self.pc.on("track", self._on_track)
+            self.pc.on("datachannel", self._on_channel)
+        pc = self.pc
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         # As docs/calls.md asks: audio sendrecv, but no track (no RTP) until answered.
         audio = next(t for t in pc.getTransceivers() if t.kind == "audio")
         audio.direction = "sendrecv"
         self._audio_sender = audio.sender
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp})
+        await self.ws.send_json({"type": "answer", "sdp": pc.localDescription.sdp, "peer": number})
 
     async def _read(self) -> None:
         assert self.ws is not None
@@ -179,6 +189,8 @@ class Device:
                 self.seen.append(data)
                 if data.get("type") == "call":  # the microphone only while in a call
                     self._talk(data.get("state") == "answered")
+                elif data.get("type") == "offer" and self.answers:
+                    await self.answer_offer(data["sdp"], data["peer"])
                 await self.messages.put(data)
         self.close_code = self.ws.close_code
 
@@ -233,6 +245,15 @@ class Device:
             assert asyncio.get_running_loop().time() < deadline, "data channel not open"
             await asyncio.sleep(0.02)
 
+    async def wait_renewed(self, after: int, timeout: float = 10) -> None:
+        """Wait for the connection the station offers after connection ``after`` (a call
+        over for this device: the station replaces its connection by a fresh idle one)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.number <= after:
+            assert asyncio.get_running_loop().time() < deadline, "no fresh connection offered"
+            await asyncio.sleep(0.02)
+        await self.wait_connected(max(0.1, deadline - asyncio.get_running_loop().time()))
+
     def unlock_token(self, totp_code: str | None = None) -> str:
         code = totp_code or pyotp.parse_uri(self.totp_uri).now()
         assert self.station.settings.hardware.relay.door
@@ -255,7 +276,7 @@ class Device:
         for task in self._tasks:
             task.cancel()
         if self.pc is not None:
-            await self.pc.close()
+            await asyncio.shield(self.pc.close())
         if self.ws is not None:
             await self.ws.close()
         if self.http is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -11,38 +12,122 @@ from aiortc.mediastreams import MediaStreamError
 from intercom.calls.peer import DevicePeer, without_mdns
 from intercom.calls.tracks import MediaHub
 from intercom.media.audio import LevelSink, ToneSource
+from intercom.media.synthetic import SyntheticCamera
 
 from .test_calls_client import H264Camera, eventually
 
 
-async def connect(peer: DevicePeer) -> tuple[RTCPeerConnection, list[Any]]:
-    """An aiortc device answering the station's offer; returns it and its video frames."""
-    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    frames: list[Any] = []
+class LocalDevice:
+    """An aiortc device in this process: it answers every offer of one ``DevicePeer``.
 
-    async def consume(track: Any) -> None:
+    The first offer sets the connection up with its media inactive; ``start_video``
+    (a ring) renegotiates it, and this device answers that offer too.
+    """
+
+    def __init__(self) -> None:
+        self.client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.frames: list[Any] = []
+        self.peer: DevicePeer | None = None
+        self.answers = 0
+        self.offers: list[str] = []
+        self.edit_answer: Callable[[str], str] = lambda sdp: sdp
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.client.on("track", self._on_track)
+
+    def _on_track(self, track: Any) -> None:
+        task = asyncio.ensure_future(self._consume(track))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _consume(self, track: Any) -> None:
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
             if track.kind == "video":
-                frames.append(frame)
+                self.frames.append(frame)
 
-    client.on("track", lambda track: asyncio.ensure_future(consume(track)))
-    await client.setRemoteDescription(RTCSessionDescription(await peer.offer(), "offer"))
-    await client.setLocalDescription(await client.createAnswer())
-    await peer.accept_answer(client.localDescription.sdp)
+    def send_offer(self, sdp: str) -> None:
+        """The peer's offer callback: answered in a task, as a socket would deliver it."""
+        task = asyncio.ensure_future(self.answer(sdp))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def answer(self, sdp: str) -> None:
+        assert self.peer is not None
+        self.offers.append(sdp)
+        await self.client.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        await self.client.setLocalDescription(await self.client.createAnswer())
+        # A socket's hop: aiortc starts this end's receivers in a task of its own, and
+        # the station's first packets must not arrive before they are listening.
+        await asyncio.sleep(0.02)
+        await self.peer.accept_answer(self.edit_answer(self.client.localDescription.sdp))
+        self.answers += 1
+
+
+def local_peer(hub: MediaHub, unlock: Any = None) -> tuple[DevicePeer, LocalDevice]:
+    """A station ``DevicePeer`` on ``hub`` and the in-process device that answers it."""
+    device = LocalDevice()
+    peer = DevicePeer(hub, [], unlock or no_unlock, lambda: None, device.send_offer)
+    device.peer = peer
+    return peer, device
+
+
+async def connect(peer: DevicePeer, device: LocalDevice) -> tuple[RTCPeerConnection, list[Any]]:
+    """The device answers the station's first offer; returns its connection and frames."""
+    await device.answer(await peer.offer())
     for _ in range(500):
         if peer.pc.connectionState == "connected":
             break
         await asyncio.sleep(0.02)
     assert peer.pc.connectionState == "connected"
-    return client, frames
+    return device.client, device.frames
 
 
 async def no_unlock(_token: str) -> dict[str, Any]:
     return {}
+
+
+async def transport_packets(pc: RTCPeerConnection) -> tuple[int, int]:
+    """Packets sent and received over DTLS (RTP, RTCP, SCTP; not ICE's own checks)."""
+    stats = await pc.getStats()
+    (transport,) = [s for s in stats.values() if s.type == "transport"]
+    return transport.packetsSent, transport.packetsReceived
+
+
+async def test_an_idle_connection_carries_nothing_until_a_ring_turns_media_on():
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    hub.start()
+    peer, device = local_peer(hub)
+    client, frames = await connect(peer, device)
+    try:
+        assert "a=inactive" in device.offers[0].split("m=application")[0]
+        await asyncio.sleep(0.5)  # the data channel's own set-up
+        before = await transport_packets(peer.pc)
+        await asyncio.sleep(3.2)  # aiortc reports every 0.5-1.5 s from a running sender
+        assert await transport_packets(peer.pc) == before, "an idle connection sent or got media"
+        assert not peer.media_on
+        assert device.answers == 1
+        peer.start_video()  # the ring: one renegotiation, then frames
+        await eventually(lambda: len(frames) >= 3, what="video after the renegotiation")
+        assert device.answers == 2
+        assert peer.media_on
+        assert "a=sendonly" in device.offers[1].split("m=audio")[0]
+        peer.stop_video()
+        peer.start_video()  # a second ring on the same connection: gates only
+        count = len(frames)
+        await eventually(lambda: len(frames) > count, what="video again")
+        assert device.answers == 2
+    finally:
+        await peer.close()
+        await client.close()
+        hub.close()
+        await camera.close()
 
 
 async def test_h264_packets_pass_through_with_an_idr_at_each_ring():
@@ -52,8 +137,8 @@ async def test_h264_packets_pass_through_with_an_idr_at_each_ring():
     await microphone.open()
     hub = MediaHub(camera, microphone, LevelSink())
     hub.start()
-    peer = DevicePeer(hub, [], no_unlock, lambda: None)
-    client, frames = await connect(peer)
+    peer, device = local_peer(hub)
+    client, frames = await connect(peer, device)
     try:
         assert "H264" in peer.pc.localDescription.sdp
         assert "VP8" not in peer.pc.localDescription.sdp.split("m=audio")[0]

@@ -70,6 +70,50 @@ def press(station: Station, flat: str = "1") -> None:
     station.bus.publish(DoorbellPressed(button="bell0", flat=flat))
 
 
+async def test_a_ring_renegotiates_and_the_call_over_leaves_a_fresh_idle_connection(
+    call_station: Station, devices: list[Device]
+):
+    station = call_station
+    assert station.calls is not None
+    assert station.calls.signalling is not None
+    phone, other = await online(station, devices, 2)
+    sessions = {s.principal: s for s in station.calls.signalling.sessions.values()}
+    first = {d.principal: sessions[d.principal].peer for d in (phone, other)}
+    assert all(p is not None and not p.media_on for p in first.values())
+    press(station)
+    ring = await phone.expect("ring")
+    # the ring's offer renegotiates the same connection (same number) with media on
+    offer = await phone.expect("offer")
+    assert offer["peer"] == 1
+    assert "a=sendonly" in offer["sdp"].split("m=audio")[0]
+    await eventually(lambda: len(phone.video_frames) >= 3, what="video after the renegotiation")
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    # the device told "taken" is out of the call at once: a fresh idle connection
+    await other.wait_renewed(1)
+    assert sessions[other.principal].peer is not first[other.principal]
+    await eventually(
+        lambda: first[other.principal].pc.connectionState == "closed",  # type: ignore[union-attr]
+        what="the replaced connection closed once the new one was answered",
+    )
+    # the answering one keeps its call's connection until the call is over
+    assert sessions[phone.principal].peer is first[phone.principal]
+    await phone.send({"type": "hangup", "call": ring["call"]})
+    await phone.expect("call", state="ended")
+    await phone.wait_renewed(1)
+    fresh = sessions[phone.principal].peer
+    assert fresh is not None
+    assert not fresh.media_on
+    assert first[phone.principal].pc.connectionState == "closed"  # type: ignore[union-attr]
+    # and the next ring works on the fresh connection
+    frames = len(phone.video_frames)
+    press(station)
+    await phone.expect("ring")
+    await eventually(lambda: len(phone.video_frames) > frames + 3, what="video on the fresh one")
+    timing = station.status()["calls"]["last_call"]
+    assert timing["pressed_at"] < timing["first_frame_at"] < timing["pressed_at"] + 5
+
+
 async def test_two_accepts_at_once_give_exactly_one_call(
     call_station: Station, devices: list[Device]
 ):

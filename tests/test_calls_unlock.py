@@ -72,7 +72,8 @@ async def test_only_the_call_may_unlock(call_station: Station, devices: list[Dev
     station = call_station
     recorder = Recorder(station.bus)
     phone, other = await in_call(station, devices)
-    # the device that was told "taken" is out of the call
+    # the device that was told "taken" is out of the call (and on a fresh connection)
+    await other.wait_renewed(1)
     assert (await other.unlock())["result"] == "denied"
     # a command signed by another principal, sent over this device's channel
     other.channel.send(phone.unlock_token())
@@ -85,5 +86,6 @@ async def test_only_the_call_may_unlock(call_station: Station, devices: list[Dev
     # the call over, the answering device may not open either
     await phone.send({"type": "hangup", "call": station.calls.ring_group.last_call.id})
     await phone.expect("call", state="ended")
+    await phone.wait_renewed(1)
     assert (await phone.unlock())["result"] == "denied"
     assert not relay_was_energised(station)

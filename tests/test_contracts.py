@@ -133,20 +133,20 @@ async def test_one_wake_up_reads_every_waiting_packet_over_a_real_broker(broker)
 # way to learn of a keyframe request; these tests pin the private one.
 
 
-async def station_end(camera: Any) -> tuple[Any, Any]:
+async def station_end(camera: Any) -> tuple[Any, Any, Any]:
     """The station's end of one device's connection: the camera opened, a tone for the
-    door microphone, the hub started and a ``DevicePeer`` on it."""
-    from intercom.calls.peer import DevicePeer  # noqa: PLC0415
+    door microphone, the hub started, a ``DevicePeer`` on it and the in-process device
+    that answers its offers."""
     from intercom.calls.tracks import MediaHub  # noqa: PLC0415
     from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
-    from tests.test_calls_media import no_unlock  # noqa: PLC0415
+    from tests.test_calls_media import local_peer  # noqa: PLC0415
 
     await camera.open()
     microphone = ToneSource()
     await microphone.open()
     hub = MediaHub(camera, microphone, LevelSink())
     hub.start()
-    return hub, DevicePeer(hub, [], no_unlock, lambda: None)
+    return (hub, *local_peer(hub))
 
 
 def test_installed_aiortc_is_in_the_range_pyproject_pins():
@@ -187,7 +187,7 @@ async def test_a_device_keyframe_request_reaches_the_hook_and_the_camera_encoder
     from tests.test_calls_media import connect  # noqa: PLC0415
 
     camera = H264Camera()
-    hub, peer = await station_end(camera)
+    hub, peer, device = await station_end(camera)
     sender = peer.video_sender
     assert "_send_keyframe" in vars(sender), "the hook is not set on the sender instance"
     forward = sender._send_keyframe
@@ -198,11 +198,12 @@ async def test_a_device_keyframe_request_reaches_the_hook_and_the_camera_encoder
         forward()
 
     sender._send_keyframe = spy  # type: ignore[method-assign]
-    client, _frames = await connect(peer)
+    client, frames = await connect(peer, device)
     try:
         peer.start_video()  # the ring: the hook once, and with it the camera
         assert len(calls) == 1
-        (receiver,) = [r for r in client.getReceivers() if r.track.kind == "video"]
+        await eventually(lambda: len(frames) > 0, what="video after the ring")
+        (receiver,) = [r for r in client.getReceivers() if r.track and r.track.kind == "video"]
         # A picture loss indication, then a full intra request, over real RTCP.
         requested = camera.keyframes_requested
         await receiver._send_rtcp_pli(sender._ssrc)
@@ -278,25 +279,21 @@ async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
     from tests.test_calls_media import connect  # noqa: PLC0415
 
     camera = SyntheticCamera(160, 120, 15)
-    hub, peer = await station_end(camera)
+    hub, peer, device = await station_end(camera)
     assert "_send_rtcp" in vars(peer.video_sender), "the hook is not set on the sender"
-    client, frames = await connect(peer)
-    (receiver,) = [r for r in client.getReceivers() if r.track.kind == "video"]
-
-    async def last_report() -> Any:
-        stats = await receiver.getStats()
-        reports = [s for s in stats.values() if s.type == "remote-outbound-rtp"]
-        return reports[0].timestamp if reports else None
-
+    client, frames = await connect(peer, device)
     window = 3.2  # aiortc reports every 0.5-1.5 s: at least two would arrive in this time
     try:
-        await asyncio.sleep(2.0)  # the first report (nothing sent yet) may go out
-        before = await last_report()
-        await asyncio.sleep(window)
-        assert await last_report() == before, "an idle sender still sent reports"
-
-        peer.start_video()  # frames flow: reports flow too
+        # The ring renegotiates the video on: frames flow, and reports with them.
+        peer.start_video()
         await eventually(lambda: len(frames) > 0, what="video after the ring")
+        (receiver,) = [r for r in client.getReceivers() if r.track and r.track.kind == "video"]
+
+        async def last_report() -> Any:
+            stats = await receiver.getStats()
+            reports = [s for s in stats.values() if s.type == "remote-outbound-rtp"]
+            return reports[0].timestamp if reports else None
+
         ringing = await last_report()
         await asyncio.sleep(window)
         during = await last_report()
@@ -308,6 +305,12 @@ async def test_an_idle_sender_sends_no_reports_and_a_sending_one_does():
         after = await last_report()
         await asyncio.sleep(window)
         assert await last_report() == after, "reports went on after the gate closed"
+
+        peer.start_video()  # the next ring on the same connection: reports again
+        count = len(frames)
+        await eventually(lambda: len(frames) > count, what="video after the second ring")
+        await asyncio.sleep(window)
+        assert await last_report() != after, "no report after the gate opened again"
     finally:
         await peer.close()
         await client.close()
@@ -398,37 +401,24 @@ def test_other_streams_rtcp_and_scraps_pass_unchanged():
 
 
 async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet():
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription  # noqa: PLC0415
-
     from intercom.calls.peer import PLAYOUT_DELAY_URI, video_ssrc  # noqa: PLC0415
     from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
     from tests.test_calls_client import eventually  # noqa: PLC0415
+    from tests.test_calls_media import connect  # noqa: PLC0415
 
-    hub, peer = await station_end(SyntheticCamera(160, 120, 15))
-    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    frames: list[Any] = []
-
-    async def consume(track: Any) -> None:
-        while True:
-            frames.append(await track.recv())
-
-    client.on("track", lambda t: asyncio.ensure_future(consume(t)) if t.kind == "video" else None)
-    offer = await peer.offer()
+    hub, peer, device = await station_end(SyntheticCamera(160, 120, 15))
+    # aiortc's own answer drops the extension; a browser's keeps it (id 12 here)
+    device.edit_answer = lambda sdp: sdp.replace(
+        "a=mid:0\r\n", f"a=mid:0\r\na=extmap:12 {PLAYOUT_DELAY_URI}\r\n", 1
+    )
+    client, frames = await connect(peer, device)
+    (offer,) = device.offers
     assert PLAYOUT_DELAY_URI in offer.split("m=audio")[0]
     uris: dict[str, set[str]] = {}
     for ext_id, uri in re.findall(r"^a=extmap:(\d+) (\S+)", offer, re.MULTILINE):
         uris.setdefault(ext_id, set()).add(uri)
     assert all(len(u) == 1 for u in uris.values()), f"bundled: one URI an id: {uris}"
-    await client.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-    await client.setLocalDescription(await client.createAnswer())
-    # aiortc's own answer drops the extension; a browser's keeps it (id 12 here)
-    answer = client.localDescription.sdp.replace(
-        "a=mid:0\r\n", f"a=mid:0\r\na=extmap:12 {PLAYOUT_DELAY_URI}\r\n", 1
-    )
-    await peer.accept_answer(answer)
     transport = peer.video_sender.transport
-    assert "_send_rtp" in vars(transport), "the hook is not set on the transport"
-    await eventually(lambda: peer.pc.connectionState == "connected", 10, "connected")
     seen: list[bytes] = []
     srtp = transport._tx_srtp  # made once DTLS is up
 
@@ -441,10 +431,11 @@ async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet()
             return bytes(srtp.protect_rtcp(data))
 
     transport._tx_srtp = Spy()
-    ssrc = video_ssrc(peer.pc.localDescription.sdp)
     try:
-        peer.start_video()
+        peer.start_video()  # the ring renegotiates: the device's answer takes the extension
         await eventually(lambda: len(frames) >= 3, 10, "the device decodes the video")
+        assert "_send_rtp" in vars(transport), "the hook is not set on the transport"
+        ssrc = video_ssrc(peer.pc.localDescription.sdp)
         video = [d for d in seen if int.from_bytes(d[8:12], "big") == ssrc]
         assert video, f"no video packet went out ({len(seen)} packets, {ssrc})"
         for data in video:

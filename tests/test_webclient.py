@@ -130,21 +130,23 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     wait_idle_station(station)
     before = stats(page)
     assert before["dtlsState"] == "connected"
-    # the preview is not held back for lip sync with the door audio: its own stream
-    streams = before["streams"]
-    assert streams["video"], streams
-    assert streams["audio"], streams
-    assert streams["video"] != streams["audio"]
-    frames_before = before["framesDecoded"]
+    # idle, the connection has its media sections inactive: no track, nothing received
+    assert before["streams"] == {}, before
+    assert before["framesDecoded"] == 0
     heard_before = speaker(station)["audible_frames"]
 
     station.press()
     wait_call_state(page, "ringing")
-    # the preview plays before anyone answers: frames decoded and presented
+    # the ring renegotiates the media on: the preview plays before anyone answers,
+    # frames decoded and presented
     page.wait_for_function(
-        f"() => window.intercom.stats().then(s => s.framesDecoded > {frames_before} + 3)",
-        timeout=5000,
+        "() => window.intercom.stats().then(s => s.framesDecoded > 3)", timeout=5000
     )
+    # the preview is not held back for lip sync with the door audio: its own stream
+    streams = stats(page)["streams"]
+    assert streams["video"], streams
+    assert streams["audio"], streams
+    assert streams["video"] != streams["audio"]
     ring = page.evaluate("window.intercom.rings.at(-1)")
     assert page.evaluate(f"window.intercom.frames.some(t => t >= {ring['at']} - 1000)")
     assert page.is_visible("#btn-answer")
@@ -189,6 +191,12 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     page.click("#btn-hangup")
     wait_call_state(page, "idle")
     wait_idle_station(station)
+    # the call over, the station replaces the connection by a fresh idle one
+    page.wait_for_function(
+        "() => window.intercom.stats().then(s => s.connection === 'connected'"
+        " && Object.keys(s.streams).length === 0)",
+        timeout=10000,
+    )
     assert "ended" in page.text_content("#history")
     assert page.text_content("#unlock-result") == ""  # the call's result went with it
     assert not [e for e in resident["errors"] if "Content Security Policy" in e]

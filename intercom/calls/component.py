@@ -116,7 +116,6 @@ class Calls:
             self.flats,
             self._registry.get,
             self.ring_group,
-            self.media,
             self._make_peer,
             servers,
         )
@@ -186,14 +185,9 @@ class Calls:
         call = self.ring_group.last_call
         if call is None:
             return None
-        firsts = [
-            d.peer.video.first_frame_at
-            for d in call.rung
-            if isinstance(d, Session) and d.peer and d.peer.video.first_frame_at
-        ]
+        firsts = [t for d in call.rung if isinstance(d, Session) and (t := first_frame(d))]
         answerer = call.answerer
-        peer = answerer.peer if isinstance(answerer, Session) else None
-        heard = peer.first_audio_at if peer is not None else None
+        heard = first_audio(answerer) if isinstance(answerer, Session) else None
         return {
             "call": call.id,
             "state": call.state.value,
@@ -212,7 +206,9 @@ class Calls:
         if self.signalling is not None:
             self.signalling.revoke_check()
 
-    def _make_peer(self, media: MediaHub, session: Session) -> DevicePeer:
+    def _make_peer(self, session: Session, send_offer: Callable[[str], None]) -> DevicePeer:
+        if self.media is None:
+            raise RuntimeError("calls: a peer connection before the media started")
         servers = ice_servers(self.web_config.ice_servers)
 
         async def unlock(token: str) -> dict[str, Any]:
@@ -220,9 +216,10 @@ class Calls:
 
         def lost() -> None:
             if self.signalling is not None:
-                self.signalling.lost(session)
+                self.signalling.lost(session, peer)
 
-        return DevicePeer(media, servers, unlock, lost)
+        peer = DevicePeer(self.media, servers, unlock, lost, send_offer)
+        return peer
 
     async def _unlock(self, session: Session, token: str) -> dict[str, Any]:
         """An unlock command from a device's data channel, judged by the verifier.
@@ -266,3 +263,15 @@ class Calls:
                     self.signalling.revoke_check()  # principals whose time ran out
             except Exception:
                 log.exception("calls: housekeeping failed")
+
+
+def first_frame(session: Session) -> float | None:
+    """When the session's last ring released its first frame (across a renewal)."""
+    peer = session.peer
+    return (peer.video.first_frame_at if peer else None) or session.first_frame_at
+
+
+def first_audio(session: Session) -> float | None:
+    """When the session's last call first played audible audio at the door."""
+    peer = session.peer
+    return (peer.first_audio_at if peer else None) or session.first_audio_at

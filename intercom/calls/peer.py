@@ -1,8 +1,13 @@
 """One resident device's WebRTC connection, set up when it comes online and kept open.
 
-The station is the offerer: video sendonly (gated until this device is rung), audio
-sendrecv (door microphone gated until this device answers; its audio reaches the door
-speaker only while it is in the call) and a data channel ``control`` for unlocking.
+The station is the offerer. While nobody rings the device the connection carries a data
+channel ``control`` and two media sections, video and audio, both ``inactive``: ICE
+consent checks are all that cross it, no RTP and no RTCP either way. A ring renegotiates
+it once (video sendonly, gated until this device is rung; audio sendrecv, the door
+microphone gated until this device answers, its audio reaching the door speaker only
+while it is in the call), over the connection's ICE and DTLS, already up. After the call
+the signalling session replaces the connection with a fresh idle one
+(``docs/calls.md``, "Connections").
 
 Every message on the data channel gets one ``unlock-result`` answer, ``denied`` when it
 is refused (binary, oversized, beyond the channel's rate) or when answering it fails.
@@ -160,6 +165,7 @@ class DevicePeer:
         servers: list[RTCIceServer],
         unlock: Unlock,
         on_lost: Callable[[], None],
+        send_offer: Callable[[str], None],
     ) -> None:
         self.media = media
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
@@ -169,21 +175,27 @@ class DevicePeer:
         self.first_audio_at: float | None = None  # first audible frame at the door, this call
         self._unlock = unlock
         self._on_lost = on_lost
+        self._send_offer = send_offer
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.video_sender = self.pc.addTransceiver(self.video, direction="sendonly").sender
+        # Both media sections start inactive: an idle device costs no RTP or RTCP.
+        self._video_tx = self.pc.addTransceiver(self.video, direction="inactive")
+        self.video_sender = self._video_tx.sender
         if media.encoded:  # hardware H.264 packets go out as they are
-            transceiver = self.pc.getTransceivers()[0]
             codecs = RTCRtpSender.getCapabilities("video").codecs
-            transceiver.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+            self._video_tx.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
             self._forward_keyframe_requests()
-        audio_sender = self.pc.addTransceiver(self.audio, direction="sendrecv").sender
-        for sender, track in ((self.video_sender, self.video), (audio_sender, self.audio)):
+        self._audio_tx = self.pc.addTransceiver(self.audio, direction="inactive")
+        for sender, track in ((self.video_sender, self.video), (self._audio_tx.sender, self.audio)):
             _quiet_idle_reports(sender, track)
+        self.media_on = False  # renegotiated for a ring: video and audio sections active
+        self.media_at: float | None = None  # when that renegotiation's answer was applied
+        self._awaiting_answer = False
+        self._answered = asyncio.Event()  # the first answer is applied
+        self._marked = False
         self.channel: RTCDataChannel = self.pc.createDataChannel("control")
         self.channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
-        self._answered = False
         self._bucket = TokenBucket(*CHANNEL_RATE)
         self._refusals = RefusalLog(log)
 
@@ -217,20 +229,40 @@ class DevicePeer:
         sender._send_keyframe = send_keyframe  # type: ignore[method-assign]  # noqa: SLF001
 
     async def offer(self) -> str:
-        """The full offer SDP (non-trickle: every candidate gathered)."""
+        """The next offer SDP (non-trickle: every candidate gathered), for its answer."""
+        if self._awaiting_answer:
+            raise RuntimeError("an offer already awaits its answer")
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        self._awaiting_answer = True
         return with_playout_delay(str(self.pc.localDescription.sdp))
 
     async def accept_answer(self, sdp: str) -> None:
         """Apply the device's answer; ValueError when it is not acceptable."""
-        if self._answered:
-            raise ValueError("answer already given")
-        self._answered = True
+        if not self._awaiting_answer:
+            raise ValueError("no offer awaits an answer")
+        self._awaiting_answer = False
         await self.pc.setRemoteDescription(RTCSessionDescription(without_mdns(sdp), "answer"))
+        self._answered.set()
+        if self.media_on and self.media_at is None:
+            self.media_at = time.time()
         ext_id = playout_delay_id(sdp)
         ssrc = video_ssrc(str(self.pc.localDescription.sdp))
-        if ext_id is not None and ssrc is not None:
+        if not self._marked and ext_id is not None and ssrc is not None:
+            self._marked = True
             self._mark_playout_delay(ext_id, ssrc)
+
+    def _media(self) -> None:
+        """Renegotiate the media sections active, once (a ring; the rest is gates)."""
+        if self.media_on:
+            return
+        self.media_on = True
+        self._video_tx.direction = "sendonly"
+        self._audio_tx.direction = "sendrecv"
+        self._spawn(self._renegotiate(), "call-renegotiate")
+
+    async def _renegotiate(self) -> None:
+        await self._answered.wait()  # the connection's first offer has its answer
+        self._send_offer(await self.offer())
 
     def _mark_playout_delay(self, ext_id: int, ssrc: int) -> None:
         """Put a zero ``playout-delay`` on every video packet the device took it for.
@@ -259,6 +291,7 @@ class DevicePeer:
 
     def start_video(self) -> None:
         """Send the camera to this device, newest frame first, from a keyframe."""
+        self._media()
         self.video.open()
         # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
         # to make aiortc's own encoder send an IDR; wrapped, it reaches the camera too.
@@ -274,6 +307,7 @@ class DevicePeer:
 
     def start_audio(self) -> None:
         """Two-way audio: door microphone to the device, the device to the door speaker."""
+        self._media()
         self.audio.open()
         self.first_audio_at = None
         self.to_door = True
@@ -340,7 +374,10 @@ class DevicePeer:
         self.audio.stop()
         for task in list(self._tasks):
             task.cancel()
-        await self.pc.close()
+        # Shielded: aiortc's close, cancelled half-way (its caller cancelled: a session
+        # closing while it retires a connection), leaves a connection whose next close
+        # never returns.
+        await asyncio.shield(self.pc.close())
 
 
 def _quiet_idle_reports(sender: RTCRtpSender, track: GatedTrack) -> None:

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from intercom.calls.peer import DevicePeer
 from intercom.calls.ringgroup import RingGroup
-from intercom.calls.tracks import MediaHub
 from intercom.security.limits import RefusalLog, TokenBucket, source_key
 from intercom.security.principals import ID_PATTERN, Principal, Role
 
@@ -98,15 +97,35 @@ def verify_device_signature(principal: Principal, data: bytes, signature: bytes)
     return False
 
 
-class Session:
-    """One authenticated device: its socket, its peer connection, its place in the ring."""
+PeerFactory = Callable[["Session", Callable[[str], None]], DevicePeer]
 
-    def __init__(self, ws: web.WebSocketResponse, principal: str, flats: frozenset[str]) -> None:
+
+class Session:
+    """One authenticated device: its socket, its peer connection, its place in the ring.
+
+    The peer connection is numbered (``peer`` in the ``offer`` messages and their
+    answers): after a call the session replaces it by a fresh idle one (``renew``), and
+    an answer to a replaced connection's offer is then ignored, not refused.
+    """
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        principal: str,
+        flats: frozenset[str],
+        peer_factory: PeerFactory | None = None,
+    ) -> None:
         self.id = secrets.token_hex(6)
         self.ws = ws
         self.principal = principal
         self.flats = flats
         self.peer: DevicePeer | None = None
+        self.number = 0  # of the current peer connection
+        self.first_frame_at: float | None = None  # of the last call, kept across a renewal
+        self.first_audio_at: float | None = None
+        self._peer_factory = peer_factory
+        self._retired: DevicePeer | None = None  # replaced, closed once the new one answers
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write(), name=f"call-ws-writer-{self.id}")
 
@@ -124,19 +143,81 @@ class Session:
                 log.debug("signalling: send failed: %s", exc)
                 return
 
+    # --- the peer connection ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """A fresh idle peer connection: its offer goes out now."""
+        if self._peer_factory is None:
+            raise RuntimeError("signalling: a session without a peer factory")
+        number = self.number + 1
+        peer = self._peer_factory(self, lambda sdp: self._offer(number, sdp))
+        self.peer, self.number = peer, number
+        self._offer(number, await peer.offer())
+
+    def _offer(self, number: int, sdp: str) -> None:
+        if number == self.number:
+            self.send({"type": "offer", "sdp": sdp, "peer": number})
+
+    async def accept_answer(self, sdp: str, number: int) -> None:
+        """Apply an answer; one to a replaced connection is ignored."""
+        if self.peer is None or number != self.number:
+            log.debug("signalling: session %s: answer for connection %d ignored", self.id, number)
+            return
+        await self.peer.accept_answer(sdp)
+        if self._retired is not None:  # the device took the new connection: the old goes
+            retired, self._retired = self._retired, None
+            await retired.close()
+
+    def renew(self) -> None:
+        """After a call: replace the connection by a fresh idle one.
+
+        Once renegotiated for a ring, a connection keeps sending reports and keeping
+        receive statistics for ever (aiortc stops no sender or receiver when a section
+        goes inactive); a fresh one costs the station only consent checks again. The old
+        one is closed once the device answers the new offer (closing it first could make
+        the device see a failed connection and sign in again).
+        """
+        old = self.peer
+        if old is None or self._peer_factory is None:
+            return
+        self.first_frame_at = old.video.first_frame_at or self.first_frame_at
+        self.first_audio_at = old.first_audio_at or self.first_audio_at
+        if self._retired is not None:
+            self._spawn(self._retired.close(), "call-peer-close")
+        self._retired = old
+        self._spawn(self.connect(), "call-peer-renew")
+
+    def lost_peer(self, peer: DevicePeer) -> bool:
+        """Whether ``peer`` failing means the device is gone (not a retired connection)."""
+        return peer is self.peer
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_consume)
+
+    # --- what the ring group asks ----------------------------------------------------------
+
     def start_video(self) -> None:
         """Show the door."""
         if self.peer is not None:
+            self.first_frame_at = None
             self.peer.start_video()
 
     def stop_video(self) -> None:
-        """Stop showing the door."""
-        if self.peer is not None:
-            self.peer.stop_video()
+        """Stop showing the door; once the device is out of the call, a fresh connection."""
+        peer = self.peer
+        if peer is not None:
+            peer.stop_video()
+            if peer.media_on and not peer.audio.is_open:
+                self.renew()
 
     def start_audio(self) -> None:
         """Two-way audio."""
         if self.peer is not None:
+            self.first_audio_at = None
             self.peer.start_audio()
 
     def stop_audio(self) -> None:
@@ -153,8 +234,11 @@ class Session:
             self._writer.cancel()
         if not self.ws.closed:
             await self.ws.close(code=code, message=reason.encode()[:120])
-        if self.peer is not None:
-            await self.peer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for peer in (self.peer, self._retired):
+            if peer is not None:
+                await peer.close()
 
 
 class Signalling:
@@ -167,8 +251,7 @@ class Signalling:
         flats: frozenset[str],
         principal_of: Callable[[str], Principal | None],
         ring_group: RingGroup,
-        media: MediaHub,
-        peer_factory: Callable[[MediaHub, Session], DevicePeer],
+        peer_factory: PeerFactory,
         ice_servers: list[dict[str, Any]],
     ) -> None:
         self.station = station
@@ -176,7 +259,6 @@ class Signalling:
         self.flats = flats
         self._principal_of = principal_of
         self.ring_group = ring_group
-        self.media = media
         self._peer_factory = peer_factory
         self._ice_servers = ice_servers
         self.sessions: dict[str, Session] = {}
@@ -270,7 +352,7 @@ class Signalling:
         old = [s for s in self.sessions.values() if s.principal == principal.id]
         for stale in old:  # the same device again (new network, reload): the old one goes
             await self._drop(stale, CLOSE_REPLACED, "replaced by a newer connection")
-        session = Session(ws, principal.id, frozenset(flats))
+        session = Session(ws, principal.id, frozenset(flats), self._peer_factory)
         self.sessions[session.id] = session
         log.info("signalling: device online (session %s, flats %s)", session.id, sorted(flats))
         code, reason = 1000, ""
@@ -284,8 +366,7 @@ class Signalling:
                     "ice_servers": self._ice_servers,
                 }
             )
-            session.peer = self._peer_factory(self.media, session)
-            session.send({"type": "offer", "sdp": await session.peer.offer()})
+            await session.connect()
             self.ring_group.add(session)
             await self._loop(ws, session)
         except Refused as exc:
@@ -314,11 +395,13 @@ class Signalling:
         if kind == "ping":
             session.send({"type": "pong"})
         elif kind == "answer":
-            sdp = data.get("sdp")
+            sdp, number = data.get("sdp"), data.get("peer", session.number)
             if not isinstance(sdp, str) or len(sdp) > MAX_SDP or session.peer is None:
                 raise Refused(CLOSE_MALFORMED, "answer needs an sdp string")
+            if not isinstance(number, int) or isinstance(number, bool):
+                raise Refused(CLOSE_MALFORMED, "peer must be a connection number")
             try:
-                await session.peer.accept_answer(sdp)
+                await session.accept_answer(sdp, number)
             except Exception as exc:  # any fault of a device's SDP is its own
                 raise Refused(CLOSE_MALFORMED, f"answer refused: {str(exc)[:80]}") from exc
         elif kind in CALL_TYPES:
@@ -334,9 +417,9 @@ class Signalling:
         else:
             raise Refused(CLOSE_MALFORMED, f"unknown message type {str(kind)[:20]!r}")
 
-    def lost(self, session: Session) -> None:
-        """The device's media connection failed: treat it as gone."""
-        if session.id in self.sessions:
+    def lost(self, session: Session, peer: DevicePeer) -> None:
+        """The device's media connection failed: treat it as gone (not a replaced one)."""
+        if session.id in self.sessions and session.lost_peer(peer):
             log.info("signalling: session %s lost its media connection", session.id)
             task = asyncio.ensure_future(self._drop(session, CLOSE_LOST, "media connection lost"))
             task.add_done_callback(_consume)

@@ -13,7 +13,8 @@ const HISTORY_DELAY_MS = 250;
 const app = {
   device: null,
   signal: null,
-  peer: null,
+  peer: null, // the StationPeer: its number is the station's for that connection
+  iceServers: [],
   call: null, // the call id while ringing or in a call
   state: "idle", // idle | ringing | in_call
   muted: false,
@@ -254,22 +255,30 @@ async function onMessage(msg) {
   switch (msg.type) {
     case "ready":
       app.peer?.close();
-      app.peer = new StationPeer({
-        iceServers: msg.ice_servers,
-        video: $("preview"),
-        audio: $("door-audio"),
-        onControl,
-        onState: (state) => {
-          if (state === "failed") app.signal.ws?.close(4000); // reconnect: a fresh offer
-        },
-      });
-      app.peer.setMuted(app.muted, false);
+      app.peer = null;
+      app.iceServers = msg.ice_servers;
       break;
     case "offer": {
+      // A new connection number: the station replaced the connection (after a call, the
+      // idle one again); the same number: it renegotiates it (a ring turns media on).
+      if (app.peer?.number !== msg.peer) {
+        app.peer?.close();
+        const peer = new StationPeer({
+          number: msg.peer,
+          iceServers: app.iceServers,
+          video: $("preview"),
+          audio: $("door-audio"),
+          onControl,
+          onState: (state) => { // reconnect: a fresh sign-in, a fresh connection
+            if (state === "failed" && peer === app.peer) app.signal.ws?.close(4000);
+          },
+        });
+        peer.setMuted(app.muted, false);
+        app.peer = peer;
+      }
       const peer = app.peer;
-      if (!peer) return;
       const sdp = await peer.answer(msg.sdp);
-      if (peer === app.peer) app.signal.send({ type: "answer", sdp });
+      if (peer === app.peer) app.signal.send({ type: "answer", sdp, peer: msg.peer });
       break;
     }
     case "ring": {

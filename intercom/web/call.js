@@ -1,4 +1,4 @@
-// The one peer connection to the station: answer its offer, the microphone, the data channel.
+// The peer connection to the station: answer its offers, the microphone, the data channel.
 
 let micStream = null;
 
@@ -54,7 +54,8 @@ function gathered(pc) {
 
 /** One station peer connection: video while ringing, two-way audio once answered. */
 export class StationPeer {
-  constructor({ iceServers, video, audio, onControl, onState }) {
+  constructor({ number, iceServers, video, audio, onControl, onState }) {
+    this.number = number; // the station's number for this connection
     this.pc = new RTCPeerConnection({ iceServers: iceServers ?? [] });
     this.video = video;
     this.audio = audio;
@@ -95,14 +96,17 @@ export class StationPeer {
     }
   }
 
-  /** Answer the station's offer (full SDP, non-trickle) and return our answer SDP. */
+  /**
+   * Answer one of the station's offers (full SDP, non-trickle) and return our answer SDP.
+   * The first sets the connection up with its media inactive; a ring's turns them on.
+   */
   async answer(offerSdp) {
     const stream = await microphone();
     await this.pc.setRemoteDescription({ type: "offer", sdp: ownVideoStream(offerSdp) });
     const audioTx = this.pc.getTransceivers().find(
       (t) => t.receiver.track.kind === "audio",
     );
-    if (audioTx && stream) {
+    if (audioTx && stream && !this.mic) {
       // The microphone is kept ready but not attached: an attached track, even a disabled
       // one, sends silence 50 times a second, which a station with a building's worth of
       // idle devices would have to receive and decrypt. It is attached when a call is

@@ -1,6 +1,6 @@
 // Service worker: keeps the app shell for fast starts; never touches /api or /ws.
 
-const CACHE = "intercom-shell-v2";
+const CACHE = "intercom-shell-v3";
 const SHELL = [
   "./", "index.html", "app.js", "call.js", "keys.js", "signal.js", "history.js", "totp.js",
   "style.css", "manifest.webmanifest", "icon.svg",
