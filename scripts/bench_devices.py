@@ -22,7 +22,8 @@ Measured, all on the machine's wall clock (``time.time()`` in every process):
 track attached from the start, i.e. 50 audio packets/s from every idle device.
 
 Usage: scripts/bench devices [--devices 1,10,50,100] [--flats 10] [--idle-seconds 30]
-       [--presses 20] [--per-process 10] [--idle-audio] [--keep DIR]
+       [--presses 20] [--per-process 10] [--camera encode-once|software|passthrough]
+       [--idle-audio] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -219,6 +220,17 @@ async def worker(spec_path: str) -> None:
 # ------------------------------------------------------------------ the station and its control
 
 
+def camera_keys(camera: str, work: Path) -> str:
+    """The ``[media.camera]`` keys of a bench source (640x480 at 15 fps)."""
+    if camera == "passthrough":  # the Pi's path: packets of an H.264 encoder as they are
+        from bench_call import make_h264  # noqa: PLC0415 - scripts/ is on the path
+
+        video = make_h264(work / "door.h264")
+        return f'source = "file"\ndevice = "{video}"\npassthrough = true'
+    encode_once = "true" if camera == "encode-once" else "false"
+    return f'source = "synthetic"\nencode_once = {encode_once}'
+
+
 def write_config(path: Path, state_dir: Path, flats: int, camera: str) -> None:
     buttons = ", ".join(
         f'{{ name = "bell{f}", pin = {PINS[f - 1]}, flat = "{f}" }}' for f in range(1, flats + 1)
@@ -236,11 +248,10 @@ door_contact = {{ pin = 22 }}
 tamper = {{ pin = 23 }}
 
 [media.camera]
-source = "synthetic"
+{camera_keys(camera, path.parent)}
 width = 640
 height = 480
 fps = 15
-encode_once = {"true" if camera == "encode-once" else "false"}
 
 [web]
 host = "127.0.0.1"
@@ -651,10 +662,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--per-process", type=int, default=10, help="devices in one worker process")
     parser.add_argument(
         "--camera",
-        choices=("encode-once", "software"),
+        choices=("encode-once", "software", "passthrough"),
         default="encode-once",
-        help="encode-once: one H.264 encoder for every peer, packets passed through as the "
-        "Pi's hardware encoder gives them (default); software: aiortc encodes VP8 per peer",
+        help="encode-once: one H.264 encoder for every peer (libx264 standing in for the "
+        "Pi's hardware encoder), its packets passed through (default); software: aiortc "
+        "encodes VP8 per peer; passthrough: the packets of an H.264 file (an IDR a second) "
+        "as they are, the station's own part of the Pi's path",
     )
     parser.add_argument(
         "--idle-audio", action="store_true", help="idle devices send silence (the old client)"
