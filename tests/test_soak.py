@@ -47,7 +47,7 @@ def test_three_minutes_of_presses_fail_no_call_and_lose_no_event(tmp_path: Path)
     assert result["failed"] == [], out
     assert result["lost_events"] == [], out
     assert result["verify"] == "ok", out
-    assert any(result["purges"]), f"no purge shredded anything: {result['purges']}"
+    assert any(result.get("purges", [])), f"no purge shredded anything: {result.get('purges')}"
     # descriptors do not grow: the last minute's samples (taken idle, before each
     # press) hold no more than those of the second minute, after the first calls
     second = fds_after(result["samples"], 1.0)[:3]
@@ -74,9 +74,9 @@ def test_an_hour_of_presses_grows_memory_at_most_ten_percent(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(1800)
 def test_fifty_kills_in_a_call_leave_the_relay_off_and_the_devices_rung(tmp_path: Path):
-    result = run_soak(tmp_path, "--kills", "50", timeout=3500)
+    result = run_soak(tmp_path, "--kills", "50", timeout=1700)
     out = result["output"]
     assert result["kills"] == 50, out
     assert result["failed"] == [], out  # relay off, every device rung within 5 s of READY
