@@ -45,10 +45,11 @@ class BadCodeError(PairingError):
 
 @dataclass(frozen=True)
 class Pending:
-    """A code waiting to be redeemed."""
+    """A code waiting to be redeemed: a resident's of ``flat``, or an installer's."""
 
     flat: str
     expires_at: float
+    installer_hours: float = 0.0  # > 0: an installer code, valid this long once redeemed
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,18 @@ class Pairing:
         log.info("pairing code made for flat %s, expires in %.0f s", flat, CODE_TTL_S)
         return code, expires_at
 
+    def new_installer_code(self, valid_hours: float) -> tuple[str, float]:
+        """A fresh code that pairs an installer's phone, time-boxed to ``valid_hours``."""
+        now = self._clock()
+        self._purge(now)
+        if len(self._codes) >= MAX_PENDING:
+            raise PairingError("too many pairing codes pending; wait for some to expire")
+        code = _new_code()
+        expires_at = now + CODE_TTL_S
+        self._codes[_digest(code)] = Pending("", expires_at, valid_hours)
+        log.info("installer pairing code made, expires in %.0f s", CODE_TTL_S)
+        return code, expires_at
+
     async def redeem(self, code: Any, jwk: Any) -> Paired:
         """Register the device key under ``code``; the code is spent either way once valid."""
         if not isinstance(jwk, dict):
@@ -137,16 +150,22 @@ class Pairing:
             log.warning("pairing refused: unknown, used or expired code")
             raise BadCodeError
         public = {k: v for k, v in key.as_dict(private=False).items() if k in JWK_MEMBERS}
-        pid = f"res-{secrets.token_hex(8)}"
         secret = totp.new_secret()
-        principal = Principal(
-            id=pid,
-            role=Role.RESIDENT,
-            jwk=public,
-            valid_from=now,
-            flats=(pending.flat,),
-            created_at=now,
-        )
+        if pending.installer_hours > 0:  # the installer's phone: every door, time-boxed
+            pid = f"inst-{secrets.token_hex(8)}"
+            principal = Principal(id=pid, role=Role.INSTALLER, jwk=public, valid_from=now,
+                                  valid_until=now + pending.installer_hours * 3600,
+                                  created_at=now)
+        else:
+            pid = f"res-{secrets.token_hex(8)}"
+            principal = Principal(
+                id=pid,
+                role=Role.RESIDENT,
+                jwk=public,
+                valid_from=now,
+                flats=(pending.flat,),
+                created_at=now,
+            )
         await self._registry.add(principal, secret)
         uri = totp.enrolment_uri(secret, account=pid, issuer=f"intercom {self.station}")
         self._bus.publish(PrincipalPaired(principal=pid, flat=pending.flat))

@@ -111,6 +111,7 @@ class WebServer:
         self.url = ""
         self.ws_handler: WsHandler | None = None
         self.metrics_handler: MetricsHandler | None = None  # set when [monitor] metrics is on
+        self.console_handler: MetricsHandler | None = None  # the installer console's API
         self._runner: web.AppRunner | None = None
         self._per_address = BucketTable(*PAIR_RATE_PER_ADDRESS, size=MAX_TRACKED_ADDRESSES)
         self._pair_refusals = RefusalLog(log)
@@ -122,6 +123,7 @@ class WebServer:
         app.router.add_post("/api/pair", self._pair)
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_route("*", r"/api/console/{action:[a-z][a-z-]{0,31}}", self._console)
         app.router.add_get("/", self._index)
         app.router.add_get(
             r"/{path:[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*}", self._static
@@ -226,6 +228,11 @@ class WebServer:
         if self.metrics_handler is None:
             return error(404, "not found")
         return await self.metrics_handler(request)
+
+    async def _console(self, request: web.Request) -> web.StreamResponse:
+        if self.console_handler is None:
+            return error(404, "not found")
+        return await self.console_handler(request)
 
     async def _index(self, _request: web.Request) -> web.StreamResponse:
         return self._file(self.web_dir / "index.html")

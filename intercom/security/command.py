@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
@@ -39,6 +40,10 @@ MAX_TIME = 2**53  # |iat|, |exp| in seconds: every such integer is exact as a fl
 HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 CLAIM_KEYS = frozenset({"aud", "cmd", "door", "iat", "exp", "jti", "totp"})
 BEARER_CLAIM_KEYS = frozenset({"aud", "cmd", "iat", "exp", "jti"})
+# A console request (the installer console's HTTPS requests): bound to one method, path
+# and body (its SHA-256, base64url), short-lived and used once.
+REQUEST_CLAIM_KEYS = frozenset({"aud", "cmd", "iat", "exp", "jti", "htm", "htu", "bh"})
+MAX_REQUEST_LIFETIME_S = 120
 JTI_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
 B64URL = re.compile(rb"^[A-Za-z0-9_-]*$")
 
@@ -201,6 +206,56 @@ def parse_bearer(token: str | bytes) -> UnverifiedBearer:
     )
 
 
+@dataclass(frozen=True)
+class UnverifiedRequest:
+    """A parsed console request token (``cmd`` ``console``), signature not checked."""
+
+    token: bytes
+    alg: str
+    kid: str
+    aud: str
+    iat: float
+    exp: float
+    jti: str
+    method: str
+    path: str
+    body_hash: str
+
+
+def parse_request(token: str | bytes) -> UnverifiedRequest:
+    """Parse a console request token as strictly as a command; CommandFormatError says why.
+
+    Its claims are the bearer's (``cmd`` is ``console``) and the request it signs:
+    ``htm`` (method), ``htu`` (path) and ``bh`` (base64url SHA-256 of the body).
+    """
+    raw, header, claims = _segments(token)
+    alg, kid = _check_header(header)
+    if missing := REQUEST_CLAIM_KEYS - set(claims):
+        raise CommandFormatError(f"claim missing: {min(missing)}")
+    if extra := set(claims) - REQUEST_CLAIM_KEYS:
+        raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+    if _string(claims, "cmd", "claim") != "console":
+        raise CommandFormatError("cmd is not 'console'")
+    return UnverifiedRequest(
+        token=raw, alg=alg, kid=kid, aud=_string(claims, "aud", "claim"),
+        iat=_number(claims, "iat"), exp=_number(claims, "exp"), jti=_jti(claims),
+        method=_string(claims, "htm", "claim"), path=_string(claims, "htu", "claim"),
+        body_hash=_string(claims, "bh", "claim"),
+    )
+
+
+def sign_request(key: OKPKey | ECKey, *, kid: str, station: str, method: str, path: str,
+                 body: bytes, now: float | None = None, lifetime: int = 60) -> str:
+    """A console request token for one request (what installer.js makes in the browser)."""
+    alg = "Ed25519" if key_kind(key) == "Ed25519" else "ES256"
+    issued = int(time.time() if now is None else now)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
+    claims = {"aud": station, "cmd": "console", "iat": issued, "exp": issued + lifetime,
+              "jti": secrets.token_urlsafe(16), "htm": method, "htu": path, "bh": digest}
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    return jws.serialize_compact({"alg": alg, "kid": kid}, payload, key, algorithms=[alg])
+
+
 def _jti(claims: dict[str, Any]) -> str:
     jti = _string(claims, "jti", "claim")
     if not JTI_PATTERN.match(jti):
@@ -231,7 +286,9 @@ def _check_claim_names(claims: dict[str, Any]) -> None:
         raise CommandFormatError("cmd is not 'unlock'")
 
 
-def verify_signature(command: UnverifiedCommand | UnverifiedBearer, key: PublicKey) -> bool:
+def verify_signature(
+    command: UnverifiedCommand | UnverifiedBearer | UnverifiedRequest, key: PublicKey
+) -> bool:
     """Whether the command's signature is valid for ``key`` under its (allowed) algorithm."""
     try:
         jws.deserialize_compact(command.token, key, algorithms=[command.alg])

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VIAS = frozenset({"mqtt", "cli", "call"})
+VIAS = frozenset({"mqtt", "cli", "call", "console"})
 HOUSEKEEPING_S = 1.0
 PURGE_EVERY_S = 60.0
 
@@ -129,6 +129,7 @@ class Verifier:
         self._running = False
         self.granted = 0
         self.denied = 0
+        self._requests: dict[str, float] = {}  # console request ids used, until they expire
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -298,6 +299,54 @@ class Verifier:
         if reason is None and not cmdfmt.verify_signature(bearer, principal.key):
             reason = "bad signature"
         return Decision(reason is None, reason or "granted", bearer.jti, principal.id)
+
+    def check_request(self, token: str, method: str, path: str, body_hash: str) -> Decision:
+        """Whether ``token`` signs this console request by an installer or admin, once.
+
+        The command's checks, cheapest first (parse, known key, active, role, algorithm,
+        audience, the request it names, times), then the signature budget, the signature,
+        and single use of its id (kept until it expires). No TOTP: it opens nothing (the
+        console's relay test is an unlock command of its own). No event: the caller
+        logs a refusal.
+        """
+        if not self._running:
+            return Decision(False, "verifier not running", None, None)
+        try:
+            request = cmdfmt.parse_request(token)
+        except cmdfmt.CommandFormatError as exc:
+            return Decision(False, str(exc), None, None)
+        principal = self._registry.get(request.kid)
+        if principal is None:
+            return Decision(False, "unknown principal", request.jti, None)
+        now = self._clock()
+        reason = self._request_checks(request, principal, (method, path, body_hash), now)
+        if reason is None and not self._budget.take(principal.id, self._monotonic()):
+            reason = "signature budget exhausted"
+        if reason is None and not cmdfmt.verify_signature(request, principal.key):
+            reason = "bad signature"
+        if reason is None:
+            self._requests = {j: t for j, t in self._requests.items() if t > now}
+            if request.jti in self._requests:
+                reason = "request id already used"
+            else:
+                self._requests[request.jti] = request.exp + self.limits.max_skew_s
+        return Decision(reason is None, reason or "granted", request.jti, principal.id)
+
+    def _request_checks(
+        self, request: cmdfmt.UnverifiedRequest, principal: Principal,
+        made: tuple[str, str, str], now: float,
+    ) -> str | None:
+        if reason := principal.inactive_reason(now):
+            return reason
+        if principal.role not in {Role.INSTALLER, Role.ADMIN}:
+            return "not an installer or admin"
+        if request.alg not in principal.algorithms:
+            return "algorithm does not match the principal's key"
+        if request.aud != self.site.station:
+            return "wrong audience"
+        if (request.method, request.path, request.body_hash) != made:
+            return "signed for another request"
+        return self._times(request.iat, request.exp, cmdfmt.MAX_REQUEST_LIFETIME_S, now)
 
     def _bearer_checks(
         self, bearer: cmdfmt.UnverifiedBearer, principal: Principal, scope: str, now: float
