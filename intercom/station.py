@@ -357,7 +357,7 @@ class Station:
             code, expires_at = calls.pairing.new_installer_code(hours)
             url = f"{calls.url}installer.html#pair={code}&fp={calls.fingerprint}"
             return {"ok": True, "code": code, "url": url, "expires_at": expires_at,
-                    "valid_hours": hours}
+                    "valid_hours": hours, "fingerprint": calls.fingerprint}
 
         self.control.register("pair-installer", pair_installer)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,16 @@ from joserfc.jwk import OKPKey
 
 from intercom.config import load_settings, simulated_settings
 from intercom.control import request as ask_station
+from intercom.privacy.zones import rasterise
 from intercom.security.command import sign, sign_request
 from intercom.station import Station
-from tests.test_calls_client import pair, pinned
+from tests import test_calls_client as kit
+from tests.test_calls_client import Device, pair, pinned
 from tests.test_configwriter import CONFIG
+from tests.test_privacy_peer import INSIDE, ZONE, consume_keeping_frames, rung_frame
 
 STATE = "api/console/state"
+devices = kit.devices
 
 
 class Installer:
@@ -174,3 +179,33 @@ async def test_handoff_ends_installer_access_at_once_and_is_logged(console_stati
                if e.type == "PrivilegedAction"]
     assert "installer-handoff" in actions
     assert "revoke" in actions
+
+
+async def test_zones_saved_from_the_console_mask_a_resident_call(console_station, devices,
+                                                                  monkeypatch):
+    monkeypatch.setattr(Device, "_consume", consume_keeping_frames)
+    station = console_station
+    installer = Installer(station)
+    await installer.pair()
+    status, body = await installer.ask("POST", "api/console/config",
+                                       {"changes": {"privacy.zones": [ZONE]}})
+    assert (status, body["applied"]) == (200, ["privacy.zones"])
+    phone, frame = await rung_frame(station, devices, "bell")
+    assert len(phone.video_frames) >= 5
+    luma = frame.to_ndarray(format="yuv420p")[: frame.height]
+    assert luma[rasterise([INSIDE], frame.width, frame.height)].max() < 40
+    assert luma[~rasterise([ZONE], frame.width, frame.height)].mean() > 60
+
+
+async def test_pair_installer_prints_the_console_link(console_station):
+    station = console_station
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "intercom", "pair", "--installer", "--no-qr", "--state-dir",
+        str(station.state_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("pairing code for an installer, valid 72 h once paired: ")
+    assert station.calls is not None
+    assert lines[-1] == (f"link:        {station.calls.url}installer.html#pair="
+                         f"{lines[0].rsplit(' ', 1)[1]}&fp={station.calls.fingerprint}")

@@ -39,23 +39,31 @@ async def consume_keeping_frames(self: Any, track: MediaStreamTrack) -> None:
             self.last_video = frame
 
 
+async def rung_frame(station: Station, devices: list[Device], button: str) -> tuple[Device, Any]:
+    """Pair a resident of flat 1, ring it, and take the newest of its first 5 video frames.
+
+    The device must keep frames: ``Device._consume`` patched to consume_keeping_frames.
+    """
+    phone = await pair(station, "1")
+    devices.append(phone)
+    await phone.connect()
+    await phone.wait_connected()
+    station.bus.publish(DoorbellPressed(button=button, flat="1"))
+    await phone.expect("ring")
+    for _ in range(200):
+        if len(phone.video_frames) >= 5:
+            break
+        await asyncio.sleep(0.02)
+    return phone, phone.last_video  # type: ignore[attr-defined]
+
+
 async def test_rung_device_receives_frames_with_the_zones_masked(tmp_path, devices, monkeypatch):
     monkeypatch.setattr(Device, "_consume", consume_keeping_frames)
     settings = call_settings(tmp_path / "state", ring_timeout_s=5)
     station = Station(settings.model_copy(update={"privacy": PrivacyConfig(zones=[ZONE])}))
     await station.start()
     try:
-        phone = await pair(station, "1")
-        devices.append(phone)
-        await phone.connect()
-        await phone.wait_connected()
-        station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
-        await phone.expect("ring")
-        for _ in range(200):
-            if len(phone.video_frames) >= 5:
-                break
-            await asyncio.sleep(0.02)
-        frame = phone.last_video
+        phone, frame = await rung_frame(station, devices, "bell0")
     finally:
         await station.stop("test finished")
     assert len(phone.video_frames) >= 5, "video decoded while ringing"

@@ -18,13 +18,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``pair`` command."""
     pair = sub.add_parser(
         "pair",
-        help="make a one-time pairing code for a resident's device",
+        help="make a one-time pairing code for a resident's device (or an installer's phone)",
         description="Ask the running station for a one-time pairing code (single use, "
         "expires in 10 minutes) for a resident of FLAT, and print the code, the pairing "
         "link and a QR code of the link. The link holds the station URL, the code and "
         "the SHA-256 fingerprint of the station certificate.",
     )
-    pair.add_argument("--flat", required=True, help="the flat whose resident pairs")
+    who = pair.add_mutually_exclusive_group(required=True)
+    who.add_argument("--flat", help="the flat whose resident pairs")
+    who.add_argument("--installer", action="store_true",
+                     help="pair an installer's phone for the installer console (installer.html), "
+                     "valid privacy.installer_valid_hours once paired")
     pair.add_argument(
         "--name", help="a name for the device, printed here only (never sent to the station)"
     )
@@ -37,7 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     """Print a pairing code, its link and QR code."""
-    answer = request_sync(state_dir(args), {"request": "pair", "flat": args.flat})
+    request = ({"request": "pair-installer"} if args.installer
+               else {"request": "pair", "flat": args.flat})
+    answer = request_sync(state_dir(args), request)
     if not answer.get("ok"):
         raise IntercomError(str(answer.get("error", "the station refused the request")))
     link = str(answer["url"])
@@ -50,7 +56,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise IntercomError(f"cannot write {path}: {exc.strerror or exc}") from exc
     who = f" ({args.name})" if args.name else ""
-    print(f"pairing code for flat {args.flat}{who}: {answer['code']}")
+    whom = (f"an installer, valid {answer['valid_hours']:g} h once paired" if args.installer
+            else f"flat {args.flat}")
+    print(f"pairing code for {whom}{who}: {answer['code']}")
     print(f"expires:     {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
     print(f"fingerprint: {answer['fingerprint']}")
     print(f"link:        {link}")

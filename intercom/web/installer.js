@@ -1,0 +1,379 @@
+// The installer console: pair the installer's phone, then set up the door station.
+// Every request to /api/console is signed by the phone's own key (a console request
+// token bound to its method, path and body); the relay test sends a signed unlock
+// command with the installer's authenticator code. See docs/installer.md.
+
+import { b64url, b64urlText, makeKeyPair, sign, unlockToken } from "./keys.js";
+
+const $ = (id) => document.getElementById(id);
+const encoder = new TextEncoder();
+const DB = "intercom-installer"; // apart from the resident app's device record
+
+const con = { device: null, zones: [], drawing: [], buttons: [] };
+
+function show(name) {
+  for (const section of document.querySelectorAll(".screen")) {
+    section.hidden = section.id !== `screen-${name}`;
+  }
+  document.body.dataset.screen = name;
+}
+
+// --- the installer's device record (IndexedDB: the private key is non-extractable) ----
+
+function store(mode, act) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open(DB, 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("device");
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction("device", mode);
+      const request = act(tx.objectStore("device"));
+      tx.oncomplete = () => { open.result.close(); resolve(request.result); };
+      tx.onerror = () => { open.result.close(); reject(tx.error); };
+    };
+  });
+}
+
+const loadInstaller = () => store("readonly", (s) => s.get("installer")).then((r) => r ?? null);
+const saveInstaller = (record) => store("readwrite", (s) => s.put(record, "installer"));
+const forgetInstaller = () => store("readwrite", (s) => s.delete("installer"));
+
+// --- signed requests ---------------------------------------------------------------------
+
+async function requestToken(device, method, path, body) {
+  const iat = Math.floor(Date.now() / 1000);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", body));
+  const claims = {
+    aud: device.station, cmd: "console", iat, exp: iat + 60,
+    jti: b64url(crypto.getRandomValues(new Uint8Array(16))),
+    htm: method, htu: path, bh: b64url(digest),
+  };
+  const header = { alg: device.alg, kid: device.principal };
+  const input = `${b64urlText(JSON.stringify(header))}.${b64urlText(JSON.stringify(claims))}`;
+  return `${input}.${b64url(await sign(device, encoder.encode(input)))}`;
+}
+
+/** One console request: signed, JSON in and out; a refusal throws with its answer. */
+async function ask(method, action, data) {
+  const path = new URL(`api/console/${action}`, location.href).pathname;
+  const body = data === undefined ? new Uint8Array() : encoder.encode(JSON.stringify(data));
+  const token = await requestToken(con.device, method, path, body);
+  const response = await fetch(path, {
+    method,
+    headers: { Authorization: `Intercom ${token}`, "Content-Type": "application/json" },
+    body: method === "GET" ? undefined : body,
+    cache: "no-store",
+  });
+  const answer = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    noAccess("The station no longer accepts this phone as its installer.");
+  }
+  if (!response.ok) {
+    const error = new Error(answer.error ?? `refused (${response.status})`);
+    error.answer = answer;
+    throw error;
+  }
+  return answer;
+}
+
+function noAccess(why) {
+  $("who").textContent = "no access";
+  $("none-why").textContent = why;
+  show("none");
+}
+
+// --- pairing -------------------------------------------------------------------------
+
+function pairingLink() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const code = params.get("pair");
+  const fp = (params.get("fp") ?? "").toLowerCase().replace(/[^0-9a-f]/g, "");
+  return code ? { code, fp } : null;
+}
+
+function startPairing(link) {
+  show("pair");
+  $("pair-fp").textContent = link.fp.match(/.{1,2}/g)?.join(":") ?? "";
+  $("pair-go").onclick = async () => {
+    $("pair-go").disabled = true;
+    $("pair-error").textContent = "";
+    try {
+      const key = await makeKeyPair();
+      const response = await fetch("api/pair", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ code: link.code, jwk: key.jwk, name: "installer" }),
+        cache: "no-store",
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (!response.ok) throw new Error(answer.error ?? `pairing refused (${response.status})`);
+      con.device = {
+        privateKey: key.privateKey, alg: key.alg, principal: answer.principal,
+        station: answer.station, door: answer.door,
+      };
+      await saveInstaller(con.device);
+      window.history.replaceState(null, "", location.pathname); // the code is spent
+      showEnrolment(answer);
+    } catch (err) {
+      $("pair-error").textContent = String(err.message ?? err);
+      $("pair-go").disabled = false;
+    }
+  };
+}
+
+function showEnrolment(answer) {
+  show("enrol");
+  let markup = answer.totp_qr_svg ?? "";
+  if (markup.startsWith("<svg") && !markup.includes("xmlns=")) {
+    markup = markup.replace("<svg", '<svg xmlns="http://www.w3.org/2000/svg"');
+  }
+  $("enrol-qr").src = `data:image/svg+xml;base64,${btoa(markup)}`;
+  $("enrol-uri").textContent = answer.totp_uri ?? "";
+  $("enrol-done").onclick = () => {
+    $("enrol-qr").removeAttribute("src");
+    $("enrol-uri").textContent = "";
+    startConsole();
+  };
+}
+
+// --- the console -----------------------------------------------------------------------
+
+async function startConsole() {
+  show("console");
+  $("who").textContent = "installer";
+  try {
+    const state = await ask("GET", "state");
+    $("station").textContent = state.station;
+    con.zones = state.zones ?? [];
+    renderButtons(state.buttons ?? []);
+    if (state.selftest) renderSelftest(state.selftest);
+    $("check-clock").checked = state.clock_synchronized === true;
+    document.body.dataset.console = "ready";
+    await refreshPicture();
+  } catch (err) {
+    $("console-error").textContent = String(err.message ?? err);
+  }
+}
+
+function renderButtons(buttons) {
+  con.buttons = buttons;
+  const box = $("buttons");
+  box.replaceChildren();
+  buttons.forEach((button, i) => {
+    const row = document.createElement("div");
+    row.className = "button-row";
+    for (const [field, kind] of [["name", "text"], ["pin", "number"], ["flat", "text"]]) {
+      const key = `hardware.buttons[${i}].${field}`;
+      const label = document.createElement("label");
+      label.textContent = `${field} (${button.name})`;
+      const input = document.createElement("input");
+      input.type = kind;
+      input.value = String(button[field]);
+      input.dataset.key = key;
+      input.id = `button-${i}-${field}`;
+      label.htmlFor = input.id;
+      const wrap = document.createElement("div");
+      wrap.append(label, input);
+      row.append(wrap);
+    }
+    for (const field of ["name", "pin", "flat"]) {
+      const error = document.createElement("p");
+      error.className = "error";
+      error.dataset.errorFor = `hardware.buttons[${i}].${field}`;
+      row.append(error);
+    }
+    box.append(row);
+  });
+}
+
+/** Show each refused key's reason next to its field; a key without a field above the form. */
+function showRefusals(refused, fallback) {
+  for (const node of document.querySelectorAll("[data-error-for]")) node.textContent = "";
+  for (const problem of refused ?? []) {
+    const slot = document.querySelector(`[data-error-for="${CSS.escape(problem.key)}"]`);
+    if (slot) slot.textContent = problem.reason;
+    else fallback.textContent = `${problem.key}: ${problem.reason}`;
+  }
+}
+
+async function saveButtons(event) {
+  event.preventDefault();
+  const changes = {};
+  for (const input of $("buttons").querySelectorAll("input[data-key]")) {
+    const field = input.dataset.key.split(".").pop();
+    const before = con.buttons[Number(input.dataset.key.match(/\[(\d+)\]/)[1])][field];
+    const value = field === "pin" ? Number(input.value) : input.value;
+    if (value !== before) changes[input.dataset.key] = value;
+  }
+  $("buttons-result").textContent = "";
+  if (!Object.keys(changes).length) {
+    $("buttons-result").textContent = "Nothing changed.";
+    return;
+  }
+  try {
+    const answer = await ask("POST", "config", { changes });
+    showRefusals([], $("buttons-result"));
+    $("buttons-result").textContent = answer.at_restart?.length
+      ? "Saved; takes effect when the station restarts." : "Saved.";
+    const state = await ask("GET", "state");
+    renderButtons(state.buttons);
+  } catch (err) {
+    showRefusals(err.answer?.refused, $("buttons-result"));
+    if (!err.answer?.refused) $("buttons-result").textContent = String(err.message ?? err);
+  }
+}
+
+async function relayTest() {
+  const code = $("relay-totp").value.trim();
+  $("relay-result").textContent = "Pulsing…";
+  try {
+    const { token } = await unlockToken(con.device, code);
+    const answer = await ask("POST", "relay-test", { token });
+    const door = answer.door ? `; door: ${answer.door}` : "";
+    $("relay-result").textContent = `Relay ${answer.result}${door}.`;
+    $("relay-result").dataset.result = answer.result;
+    if (answer.result === "granted") $("check-relay").checked = true;
+  } catch (err) {
+    $("relay-result").textContent = String(err.message ?? err);
+  }
+  $("relay-totp").value = "";
+}
+
+async function runSelftest() {
+  $("selftest").replaceChildren();
+  try {
+    renderSelftest(await ask("POST", "selftest"));
+  } catch (err) {
+    $("console-error").textContent = String(err.message ?? err);
+  }
+}
+
+function renderSelftest(report) {
+  const list = $("selftest");
+  list.replaceChildren();
+  for (const check of report.checks ?? []) {
+    const item = document.createElement("li");
+    item.dataset.outcome = check.outcome;
+    item.dataset.part = check.part;
+    item.textContent = `${check.part}: ${check.outcome} — ${check.detail}`;
+    list.append(item);
+  }
+  list.dataset.passed = String(report.passed);
+}
+
+// --- privacy zones, drawn by pointer on a still picture --------------------------------
+
+async function refreshPicture() {
+  const preview = await ask("GET", "preview");
+  const picture = $("zone-picture");
+  await new Promise((resolve) => {
+    picture.onload = resolve;
+    picture.onerror = resolve;
+    picture.src = `data:image/jpeg;base64,${preview.jpeg}`;
+  });
+  picture.dataset.zones = String(preview.zones.length);
+  const canvas = $("zone-canvas");
+  canvas.width = preview.width;
+  canvas.height = preview.height;
+  drawZones();
+}
+
+function drawZones() {
+  const canvas = $("zone-canvas");
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  g.lineWidth = Math.max(2, canvas.width / 200);
+  const path = (points, closed) => {
+    g.beginPath();
+    points.forEach(([x, y], i) => {
+      const at = [x * canvas.width, y * canvas.height];
+      if (i === 0) g.moveTo(...at); else g.lineTo(...at);
+    });
+    if (closed) g.closePath();
+    g.stroke();
+  };
+  g.strokeStyle = "#ffb703";
+  for (const zone of con.zones) path(zone, true);
+  g.strokeStyle = "#4f8fe8";
+  if (con.drawing.length) path(con.drawing, false);
+  g.fillStyle = "#4f8fe8";
+  for (const [x, y] of con.drawing) {
+    g.fillRect(x * canvas.width - 4, y * canvas.height - 4, 8, 8);
+  }
+  $("zone-canvas").dataset.points = String(con.drawing.length);
+  $("zone-canvas").dataset.zones = String(con.zones.length);
+}
+
+function addPoint(event) {
+  const box = $("zone-canvas").getBoundingClientRect();
+  const clamp = (v) => Math.min(1, Math.max(0, Math.round(v * 1000) / 1000));
+  con.drawing.push([clamp((event.clientX - box.left) / box.width),
+    clamp((event.clientY - box.top) / box.height)]);
+  drawZones();
+}
+
+async function saveZones() {
+  $("zones-result").textContent = "";
+  try {
+    await ask("POST", "config", { changes: { "privacy.zones": con.zones } });
+    showRefusals([], $("zones-result"));
+    $("zones-result").textContent = "Saved: every output is masked from now on.";
+    if (con.zones.length) $("check-zones").checked = true;
+    await refreshPicture();
+  } catch (err) {
+    showRefusals(err.answer?.refused, $("zones-result"));
+    if (!err.answer?.refused) $("zones-result").textContent = String(err.message ?? err);
+  }
+}
+
+// --- hand-off --------------------------------------------------------------------------
+
+async function handOff() {
+  const checklist = {};
+  for (const box of $("checklist").querySelectorAll("input[data-item]")) {
+    checklist[box.dataset.item] = box.checked;
+  }
+  try {
+    const answer = await ask("POST", "handoff", { checklist });
+    const ended = answer.missing.length
+      ? `Installer access ended. Not done: ${answer.missing.join(", ")}.`
+      : "Installer access ended. The door station is handed over.";
+    // Confirm: the station must now refuse this phone's next request.
+    const refused = await ask("GET", "state").then(() => false, () => true);
+    await forgetInstaller();
+    noAccess(refused ? `${ended} The station refuses this phone now.` : ended);
+    document.body.dataset.handoff = refused ? "confirmed" : "unconfirmed";
+  } catch (err) {
+    $("handoff-result").textContent = String(err.message ?? err);
+  }
+}
+
+function wire() {
+  $("relay-go").onclick = relayTest;
+  $("buttons-form").onsubmit = saveButtons;
+  $("selftest-go").onclick = runSelftest;
+  $("zone-canvas").addEventListener("pointerdown", addPoint);
+  $("zone-close").onclick = () => {
+    if (con.drawing.length >= 3) con.zones.push(con.drawing);
+    con.drawing = [];
+    drawZones();
+  };
+  $("zone-undo").onclick = () => { con.drawing.pop(); drawZones(); };
+  $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; drawZones(); };
+  $("zone-save").onclick = saveZones;
+  $("handoff-go").onclick = handOff;
+}
+
+async function main() {
+  wire();
+  const link = pairingLink();
+  if (link) {
+    startPairing(link);
+    return;
+  }
+  con.device = await loadInstaller();
+  if (con.device) await startConsole();
+  else show("none");
+}
+
+main();

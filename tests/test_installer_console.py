@@ -1,0 +1,123 @@
+"""The installer console in Debian's Chromium against a real simulated station process.
+
+The installer's phone pairs with an installer code, draws a privacy zone with pointer
+events on the still picture, gets a wrong value (a pin already used) refused next to its
+field, pulses the mock relay through the verifier with its authenticator code, and ends
+its own access at hand-off; the strict CSP holds throughout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pyotp
+import pytest
+from playwright.sync_api import Page
+
+from intercom.privacy.zones import rasterise
+from tests.browser import SimStation, chromium, new_device
+from tests.test_configwriter import CONFIG
+
+QUARTER = [(0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (0.0, 1.0)]  # the lower-left quarter
+
+
+@pytest.fixture
+def station(tmp_path: Path) -> Iterator[SimStation]:
+    config = tmp_path / "intercom.toml"
+    config.write_text(CONFIG + "\n[hardware.door_contact]\npin = 22\n")
+    sim = SimStation(tmp_path / "state", ("--config", str(config)))
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def pair_installer(page: Page, station: SimStation) -> str:
+    """Open an installer pairing link, pair, enrol; the TOTP URI the page showed."""
+    answer = station.request({"request": "pair-installer"})
+    assert answer.get("ok"), answer
+    page.goto(answer["url"])
+    page.wait_for_selector("#screen-pair:not([hidden])")
+    page.click("#pair-go")
+    page.wait_for_selector("#screen-enrol:not([hidden])")
+    uri = page.text_content("#enrol-uri") or ""
+    assert uri.startswith("otpauth://totp/")
+    page.click("#enrol-done")
+    page.wait_for_selector("body[data-console='ready']", timeout=15000)
+    page.wait_for_selector("#zone-picture[data-zones]", timeout=15000)
+    return uri
+
+
+def draw(page: Page, zone: list[tuple[float, float]]) -> None:
+    """Tap each corner on the picture (pointer events), then close the zone."""
+    page.locator("#zone-stage").scroll_into_view_if_needed()
+    box = page.locator("#zone-canvas").bounding_box()
+    assert box is not None
+    for x, y in zone:
+        page.mouse.click(box["x"] + min(x * box["width"], box["width"] - 0.5),
+                         box["y"] + min(y * box["height"], box["height"] - 0.5))
+    page.wait_for_selector(f"#zone-canvas[data-points='{len(zone)}']")
+    page.click("#zone-close")
+
+
+def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: Path):
+    violations: list[str] = []
+    with chromium(station.url) as browser:
+        context, page = new_device(browser, station.url)
+        page.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        page.on("pageerror", lambda exc: violations.append(str(exc)))
+        uri = pair_installer(page, station)
+
+        # Privacy zone drawn by pointer, saved through the config writer, masked at once.
+        draw(page, QUARTER)
+        page.click("#zone-save")
+        page.wait_for_selector("#zones-result:has-text('Saved')")
+        page.wait_for_selector("#zone-picture[data-zones='1']")
+        png = tmp_path / "preview.png"
+        done = subprocess.run(
+            [sys.executable, "-m", "intercom", "privacy", "preview", "--out", str(png),
+             "--state-dir", str(station.state_dir)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        image = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY)
+        h, w = image.shape
+        inner = rasterise([[(0.03, 0.53), (0.47, 0.53), (0.47, 0.97), (0.03, 0.97)]], w, h)
+        assert image[inner].max() < 40, "the drawn zone is masked in the preview"
+        assert image[~rasterise([QUARTER], w, h)].mean() > 60
+
+        # A wrong value is refused next to its field; the file is left as it was.
+        page.fill("#button-0-pin", "27")
+        page.click("#buttons-save")
+        error = page.locator('[data-error-for="hardware.buttons[0].pin"]')
+        error.wait_for()
+        page.wait_for_function(
+            "() => document.querySelector('[data-error-for=\"hardware.buttons[0].pin\"]')"
+            ".textContent.length > 0")
+        assert error.text_content() == "pin 27 is already used by hardware.relay.pin"
+
+        # The relay test: the installer's signed unlock energises the mock relay; the door
+        # contact's opening confirms it.
+        page.fill("#relay-totp", pyotp.parse_uri(uri).now())
+        page.click("#relay-go")
+        station.wait("the relay energised", lambda s: s["lock"] == "unlocked")
+        station.request({"request": "sim", "action": "open-door"})
+        page.wait_for_selector("#relay-result[data-result='granted']")
+        assert page.text_content("#relay-result") == "Relay granted; door: opened."
+        granted = station.events("UnlockGranted")
+        assert granted[-1]["via"] == "console"
+
+        # Hand-off ends installer access at once: the phone's next request is refused.
+        for item in ("zones", "buttons", "relay", "clock", "sheets"):
+            page.check(f"#check-{item}")
+        page.click("#handoff-go")
+        page.wait_for_selector("body[data-handoff='confirmed']", timeout=10000)
+        assert "refuses this phone now" in (page.text_content("#none-why") or "")
+        context.close()
+    assert violations == []
+    time.sleep(0.1)
+    assert station.events("PrincipalRevoked")
