@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -18,7 +17,7 @@ from intercom.calls import Calls
 from intercom.calls.component import Media
 from intercom.config import Settings
 from intercom.configwriter import ConfigWriter
-from intercom.console import Console, ConsolePorts
+from intercom.console.wiring import ConsoleWiring
 from intercom.control import ControlServer
 from intercom.deploy.tlscert import TLS_CERT
 from intercom.errors import CommandRefusedError, IntercomError
@@ -46,7 +45,6 @@ from intercom.notify import Notifier
 from intercom.privacy.camera import PrivacyCamera, privacy_camera
 from intercom.privacy.component import Privacy
 from intercom.security import Registry, Site, Verifier
-from intercom.security.principals import Role
 from intercom.security.secretbox import create_key
 from intercom.selftest import Parts, SelfTest
 from intercom.simulator import Simulator
@@ -313,79 +311,21 @@ class Station:
     def _serve_console(self) -> None:
         """The installer console's API on the calls' server, and installer pairing codes."""
         calls, verifier, registry = self.calls, self.verifier, self.registry
-        selftest = self.selftest
-        server = calls.server if calls is not None else None
-        if calls is None or server is None or verifier is None or registry is None:
+        if calls is None or calls.server is None or verifier is None or registry is None:
             return
-        if selftest is None or self.lock is None:
+        if self.selftest is None or self.lock is None:
             return
-        writer, hw, camera = self.config_writer, self.settings.hardware, self.camera
-
-        async def change(changes: dict[str, Any], actor: str) -> dict[str, Any]:
-            return await writer.control_request({"changes": changes, "actor": actor})
-
-        async def preview() -> dict[str, Any]:
-            from intercom.privacy.camera import still_frame  # noqa: PLC0415
-            from intercom.privacy.redact import frame_to_jpeg  # noqa: PLC0415
-
-            if camera is None:
-                raise IntercomError("no camera")
-            frame = await asyncio.wait_for(still_frame(camera), 5)
-            jpeg = await asyncio.to_thread(frame_to_jpeg, frame, 85)
-            return {"jpeg": base64.b64encode(jpeg).decode(), "width": frame.width,
-                    "height": frame.height, "zones": self._file_settings().privacy.zones}
-
-        async def run_selftest() -> dict[str, Any]:
-            return (await selftest.run("request")).to_dict()
-
-        async def end_installer(pid: str) -> bool:
-            return await registry.revoke(pid, pid, role=Role.INSTALLER)
-
-        def role_of(pid: str) -> str | None:
-            principal = registry.get(pid)
-            return principal.role.value if principal is not None else None
-
-        server.console_handler = Console(ConsolePorts(
-            check_request=verifier.check_request, submit=verifier.submit,
-            change_config=change, state=self._console_state, preview=preview,
-            selftest=run_selftest, end_installer=end_installer, role_of=role_of,
-            pulse_s=hw.relay.pulse_s, door_contact=hw.door_contact is not None,
-        ), self.bus).handle
-
-        async def pair_installer(_request: dict[str, Any]) -> dict[str, Any]:
-            hours = self.settings.privacy.installer_valid_hours
-            code, expires_at = calls.pairing.new_installer_code(hours)
-            url = f"{calls.url}installer.html#pair={code}&fp={calls.fingerprint}"
-            return {"ok": True, "code": code, "url": url, "expires_at": expires_at,
-                    "valid_hours": hours, "fingerprint": calls.fingerprint}
-
-        self.control.register("pair-installer", pair_installer)
-
-    def _file_settings(self) -> Settings:
-        """The config file's settings when the station has one, else the running ones."""
-        try:
-            return self.config_writer.read()
-        except IntercomError:
-            return self.settings
-
-    def _console_state(self) -> dict[str, Any]:
-        """What the installer console shows: wiring, zones, door, lock, self-test, clock."""
-        settings = self._file_settings()
-        hw = settings.hardware
-        health = self.monitor.metrics if self.monitor is not None else {}
-        return {
-            "station": self.id, "door": hw.relay.door,
-            "lock": self.lock.state.value if self.lock else "unknown",
-            "door_state": self.contact.state.value if self.contact else None,
-            "buttons": [b.model_dump(mode="json", include={"name", "pin", "flat"})
-                        for b in hw.buttons],
-            "relay_pin": hw.relay.pin, "door_contact": hw.door_contact is not None,
-            "zones": settings.privacy.zones,
-            "clock_synchronized": health.get("clock_synchronized"),
-            "selftest": self.selftest.last.to_dict() if self.selftest and self.selftest.last
-            else None,
-            "writable": self.config_writer.path is not None,
-        }
+        lock, contact, monitor = self.lock, self.contact, self.monitor
+        wiring = ConsoleWiring(
+            station=self.id, settings=self.settings, bus=self.bus, calls=calls,
+            verifier=verifier, registry=registry, selftest=self.selftest,
+            writer=self.config_writer, camera=self.camera,
+            lock_state=lambda: lock.state.value,
+            door_state=lambda: contact.state.value if contact is not None else None,
+            health=lambda: monitor.metrics if monitor is not None else {},
+        )
+        calls.server.console_handler = wiring.console().handle
+        self.control.register("pair-installer", wiring.pair_installer)
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop everything, relay de-energised first."""

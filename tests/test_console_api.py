@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -209,3 +211,56 @@ async def test_pair_installer_prints_the_console_link(console_station):
     assert station.calls is not None
     assert lines[-1] == (f"link:        {station.calls.url}installer.html#pair="
                          f"{lines[0].rsplit(' ', 1)[1]}&fp={station.calls.fingerprint}")
+
+
+def qr_links(pdf: bytes, folder: Path) -> list[str]:
+    """Every QR code on every page: rendered with pdftoppm, decoded with zbarimg."""
+    (folder / "sheets.pdf").write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-r", "100", "-png", str(folder / "sheets.pdf"),
+                    str(folder / "page")], check=True, timeout=60)
+    links = []
+    for page in sorted(folder.glob("page-*.png")):
+        done = subprocess.run(["zbarimg", "-q", "--raw", str(page)], capture_output=True,
+                              text=True, timeout=60, check=True)
+        links.extend(done.stdout.split())
+    return links
+
+
+async def test_pairing_sheets_carry_a_working_link_for_each_flat(tmp_path):
+    config = tmp_path / "intercom.toml"
+    config.write_text(CONFIG + '\n[[hardware.buttons]]\nname = "bell2"\npin = 5\nflat = "2b"\n')
+    settings = simulated_settings(tmp_path / "state", load_settings(config))
+    station = Station(settings, config_path=config)
+    await station.start()
+    try:
+        installer = Installer(station)
+        await installer.pair()
+        status, body = await installer.ask("POST", "api/console/sheets", {})
+        assert status == 200, body
+        assert body["flats"] == ["1", "2b"]
+        assert station.calls is not None
+        url, fp = station.calls.url, station.calls.fingerprint
+        links = qr_links(base64.b64decode(body["pdf"]), tmp_path)
+        assert len(links) == 2
+        for link in links:
+            assert link.startswith(f"{url}#pair=")
+            assert link.endswith(f"&fp={fp}")
+        code_1 = links[0].split("#pair=")[1].split("&")[0]
+        code_2b = links[1].split("#pair=")[1].split("&")[0]
+        status, paired = await post_json(station, "api/pair", {
+            "code": code_1, "jwk": OKPKey.generate_key("Ed25519").as_dict(private=False)})
+        assert (status, paired["flat"]) == (200, "1")
+    finally:
+        await station.stop("test finished")
+    # A printed code outlives a restart of the station (its hash is kept, 0600).
+    assert (settings.station.state_dir / "pairing-sheets.json").stat().st_mode & 0o777 == 0o600
+    station = Station(settings, config_path=config)
+    await station.start()
+    try:
+        jwk = OKPKey.generate_key("Ed25519").as_dict(private=False)
+        status, paired = await post_json(station, "api/pair", {"code": code_2b, "jwk": jwk})
+        assert (status, paired["flat"]) == (200, "2b")
+        status, _ = await post_json(station, "api/pair", {"code": code_1, "jwk": jwk})
+        assert status == 403  # used once already
+    finally:
+        await station.stop("test finished")

@@ -111,6 +111,14 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
         granted = station.events("UnlockGranted")
         assert granted[-1]["via"] == "console"
 
+        # The residents' pairing sheets, as a PDF the phone can open and print.
+        page.click("#sheets-go")
+        page.wait_for_selector("#sheets-result[data-flats='1']")
+        href = page.get_attribute("#sheets-link", "href") or ""
+        assert href.startswith("blob:")
+        assert page.get_attribute("#sheets-link", "download") == "pairing-sheets.pdf"
+        assert page.is_visible("#sheets-link")
+
         # Hand-off ends installer access at once: the phone's next request is refused.
         for item in ("zones", "buttons", "relay", "clock", "sheets"):
             page.check(f"#check-{item}")

@@ -7,8 +7,10 @@ flat with a fresh TOTP secret; the device keeps its private key.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -28,6 +30,9 @@ from intercom.security.registry import Registry
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 64
+MAX_SHEET_CODES = 1024  # printed sheets' codes, counted apart so they never block `pair`
+SHEET_CODE_TTL_S = 14 * 86_400  # a printed sheet's code: single use, for two weeks
+SHEETS_FILE = "pairing-sheets.json"  # their hashes, kept across restarts (0600)
 INVALID_CODE = "pairing code invalid or expired"
 JWK_MEMBERS = frozenset({"kty", "crv", "x", "y"})
 
@@ -50,6 +55,7 @@ class Pending:
     flat: str
     expires_at: float
     installer_hours: float = 0.0  # > 0: an installer code, valid this long once redeemed
+    sheet: bool = False  # a printed sheet's long-lived code
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Pairing:
 
     def open(self) -> None:
         """Take the codes spooled while the station was stopped (first boot's)."""
+        self._load_sheets()
         path = self.state_dir / SPOOL
         if not path.exists():
             return
@@ -99,6 +106,39 @@ class Pairing:
         self._purge(self._clock())
         log.info("pairing: %d spooled code(s) pending", len(self._codes))
 
+    def _load_sheets(self) -> None:
+        """The printed sheets' codes (hashes) of earlier runs, still valid."""
+        path = self.state_dir / SHEETS_FILE
+        if not path.exists():
+            return
+        try:
+            for entry in json.loads(path.read_text()):
+                if entry["flat"] in self.flats:
+                    self._codes[str(entry["digest"])] = Pending(
+                        str(entry["flat"]), float(entry["expires_at"]), sheet=True)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("pairing: ignored an unreadable %s: %s", SHEETS_FILE, exc)
+
+    def _save_sheets(self) -> None:
+        """Write the printed sheets' pending codes (hashes only), replacing the file."""
+        entries = [{"digest": d, "flat": p.flat, "expires_at": p.expires_at}
+                   for d, p in self._codes.items() if p.sheet]
+        path = self.state_dir / SHEETS_FILE
+        tmp = path.with_name(f".{SHEETS_FILE}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(entries))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+
+    async def sheet_codes(self, flats: list[str]) -> list[tuple[str, str, float]]:
+        """A long-lived code for each flat, for printed sheets: (flat, code, expires at)."""
+        made = [(flat, *self.new_code(flat, SHEET_CODE_TTL_S)) for flat in flats]
+        await asyncio.to_thread(self._save_sheets)
+        return made
+
     def close(self) -> None:
         """Forget every pending code."""
         self._codes.clear()
@@ -107,17 +147,19 @@ class Pairing:
         for digest in [d for d, p in self._codes.items() if p.expires_at <= now]:
             del self._codes[digest]
 
-    def new_code(self, flat: str) -> tuple[str, float]:
-        """A fresh code for ``flat`` and the time it expires."""
+    def new_code(self, flat: str, ttl_s: float = CODE_TTL_S) -> tuple[str, float]:
+        """A fresh code for ``flat`` and the time it expires (``ttl_s``: a printed sheet's)."""
         if flat not in self.flats:
             raise PairingError(f"flat {flat!r} is not served by this station")
         now = self._clock()
         self._purge(now)
-        if len(self._codes) >= MAX_PENDING:
+        sheet = ttl_s > CODE_TTL_S
+        same = sum(1 for p in self._codes.values() if p.sheet == sheet)
+        if same >= (MAX_SHEET_CODES if sheet else MAX_PENDING):
             raise PairingError("too many pairing codes pending; wait for some to expire")
         code = _new_code()
-        expires_at = now + CODE_TTL_S
-        self._codes[_digest(code)] = Pending(flat, expires_at)
+        expires_at = now + min(ttl_s, SHEET_CODE_TTL_S)
+        self._codes[_digest(code)] = Pending(flat, expires_at, sheet=sheet)
         log.info("pairing code made for flat %s, expires in %.0f s", flat, CODE_TTL_S)
         return code, expires_at
 
@@ -149,6 +191,8 @@ class Pairing:
         if pending is None:
             log.warning("pairing refused: unknown, used or expired code")
             raise BadCodeError
+        if pending.sheet:  # spent: gone from the file too
+            await asyncio.to_thread(self._save_sheets)
         public = {k: v for k, v in key.as_dict(private=False).items() if k in JWK_MEMBERS}
         secret = totp.new_secret()
         if pending.installer_hours > 0:  # the installer's phone: every door, time-boxed

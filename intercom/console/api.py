@@ -17,6 +17,8 @@ Actions (JSON in, JSON out):
   (TOTP included) to the verifier (via ``console``, bound to this signer), then the door
   contact's confirmation;
 - ``POST selftest``: run the self-test and answer it;
+- ``POST sheets``: a PDF with one page per flat, each with a fresh pairing code valid
+  for two weeks (its QR code, the fingerprint, short instructions); logged;
 - ``POST handoff`` ``{"checklist": {...}}``: logged, and the installer's access ends.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 
 from aiohttp import web
 
+from intercom.console.sheets import Sheet, pairing_sheets_pdf
 from intercom.errors import IntercomError
 from intercom.events import Event, EventBus, PrivilegedAction
 from intercom.security.limits import RefusalLog
@@ -59,6 +62,7 @@ class ConsolePorts:
     selftest: Callable[[], Awaitable[dict[str, Any]]]
     end_installer: Callable[[str], Awaitable[bool]]
     role_of: Callable[[str], str | None]
+    sheets: Callable[[], Awaitable[list[Sheet]]]
     pulse_s: float
     door_contact: bool
 
@@ -88,6 +92,7 @@ class Console:
             ("POST", "relay-test"): self._relay_test,
             ("POST", "selftest"): self._selftest,
             ("POST", "handoff"): self._handoff,
+            ("POST", "sheets"): self._sheets,
         }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -178,6 +183,19 @@ class Console:
             return await self._ports.selftest()
         except IntercomError as exc:
             raise Refused(409, str(exc)) from exc
+
+    async def _sheets(self, principal: str, _data: dict[str, Any]) -> dict[str, Any]:
+        """One printable page per flat with a fresh long-lived pairing code (PDF)."""
+        try:
+            sheets = await self._ports.sheets()
+        except IntercomError as exc:
+            raise Refused(409, str(exc)) from exc
+        pdf = await asyncio.to_thread(pairing_sheets_pdf, sheets)
+        self._bus.publish(PrivilegedAction(
+            actor=principal, action="pairing-sheets",
+            detail=f"{len(sheets)} flat(s), codes valid until "
+                   f"{max((s.expires_at for s in sheets), default=0):.0f}"))
+        return {"pdf": base64.b64encode(pdf).decode(), "flats": [s.flat for s in sheets]}
 
     async def _handoff(self, principal: str, data: dict[str, Any]) -> dict[str, Any]:
         if self._ports.role_of(principal) != "installer":

@@ -326,6 +326,22 @@ async function saveZones() {
   }
 }
 
+async function makeSheets() {
+  $("sheets-result").textContent = "Making the sheets…";
+  try {
+    const answer = await ask("POST", "sheets", {});
+    const bytes = Uint8Array.from(atob(answer.pdf), (c) => c.charCodeAt(0));
+    const link = $("sheets-link");
+    if (link.href) URL.revokeObjectURL(link.href);
+    link.href = URL.createObjectURL(new Blob([bytes], { type: "application/pdf" }));
+    link.hidden = false;
+    $("sheets-result").textContent = `Sheets for flats ${answer.flats.join(", ")}.`;
+    $("sheets-result").dataset.flats = String(answer.flats.length);
+  } catch (err) {
+    $("sheets-result").textContent = String(err.message ?? err);
+  }
+}
+
 // --- hand-off --------------------------------------------------------------------------
 
 async function handOff() {
@@ -361,6 +377,7 @@ function wire() {
   $("zone-undo").onclick = () => { con.drawing.pop(); drawZones(); };
   $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; drawZones(); };
   $("zone-save").onclick = saveZones;
+  $("sheets-go").onclick = makeSheets;
   $("handoff-go").onclick = handOff;
 }
 

@@ -1,0 +1,125 @@
+"""The console's ports, made from the station's parts (kept out of ``station.py``).
+
+The console itself (``api.Console``) gets only ``ConsolePorts``: callables, never a part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from intercom.calls import Calls
+from intercom.config import Settings
+from intercom.configwriter import ConfigWriter
+from intercom.console.api import Console, ConsolePorts
+from intercom.console.sheets import Sheet
+from intercom.errors import IntercomError
+from intercom.events import EventBus
+from intercom.media import CameraSource
+from intercom.security import Registry, Verifier
+from intercom.security.principals import Role
+from intercom.selftest import SelfTest
+
+PREVIEW_TIMEOUT_S = 5.0
+PREVIEW_QUALITY = 85
+
+
+@dataclass
+class ConsoleWiring:
+    """The station's parts the console's ports read, and the ports made of them."""
+
+    station: str
+    settings: Settings
+    bus: EventBus
+    calls: Calls
+    verifier: Verifier
+    registry: Registry
+    selftest: SelfTest
+    writer: ConfigWriter
+    camera: CameraSource | None
+    lock_state: Callable[[], str]
+    door_state: Callable[[], str | None]
+    health: Callable[[], dict[str, Any]]
+
+    def console(self) -> Console:
+        """The console, handed its ports."""
+        hw = self.settings.hardware
+        return Console(ConsolePorts(
+            check_request=self.verifier.check_request, submit=self.verifier.submit,
+            change_config=self.change, state=self.state, preview=self.preview,
+            selftest=self.run_selftest, end_installer=self.end_installer,
+            role_of=self.role_of, sheets=self.sheets, pulse_s=hw.relay.pulse_s,
+            door_contact=hw.door_contact is not None,
+        ), self.bus)
+
+    async def change(self, changes: dict[str, Any], actor: str) -> dict[str, Any]:
+        """A change for the one config writer, with the principal as actor."""
+        return await self.writer.control_request({"changes": changes, "actor": actor})
+
+    def file_settings(self) -> Settings:
+        """The config file's settings when the station has one, else the running ones."""
+        try:
+            return self.writer.read()
+        except IntercomError:
+            return self.settings
+
+    def state(self) -> dict[str, Any]:
+        """What the console shows: wiring, zones, door, lock, self-test, clock."""
+        settings = self.file_settings()
+        hw = settings.hardware
+        last = self.selftest.last
+        return {
+            "station": self.station, "door": hw.relay.door, "lock": self.lock_state(),
+            "door_state": self.door_state(),
+            "buttons": [b.model_dump(mode="json", include={"name", "pin", "flat"})
+                        for b in hw.buttons],
+            "relay_pin": hw.relay.pin, "door_contact": hw.door_contact is not None,
+            "zones": settings.privacy.zones,
+            "clock_synchronized": self.health().get("clock_synchronized"),
+            "selftest": last.to_dict() if last is not None else None,
+            "writable": self.writer.path is not None,
+        }
+
+    async def preview(self) -> dict[str, Any]:
+        """One still frame as every output gets it (zones masked), JPEG, and the zones."""
+        from intercom.privacy.camera import still_frame  # noqa: PLC0415
+        from intercom.privacy.redact import frame_to_jpeg  # noqa: PLC0415
+
+        if self.camera is None:
+            raise IntercomError("no camera")
+        frame = await asyncio.wait_for(still_frame(self.camera), PREVIEW_TIMEOUT_S)
+        jpeg = await asyncio.to_thread(frame_to_jpeg, frame, PREVIEW_QUALITY)
+        return {"jpeg": base64.b64encode(jpeg).decode(), "width": frame.width,
+                "height": frame.height, "zones": self.file_settings().privacy.zones}
+
+    async def run_selftest(self) -> dict[str, Any]:
+        """The self-test, run now."""
+        return (await self.selftest.run("request")).to_dict()
+
+    async def end_installer(self, pid: str) -> bool:
+        """Revoke the installer ``pid`` (it ends its own access)."""
+        return await self.registry.revoke(pid, pid, role=Role.INSTALLER)
+
+    def role_of(self, pid: str) -> str | None:
+        """The principal's role, None when unknown."""
+        principal = self.registry.get(pid)
+        return principal.role.value if principal is not None else None
+
+    async def sheets(self) -> list[Sheet]:
+        """A page for each flat the buttons ring, each with a fresh long-lived code."""
+        calls = self.calls
+        flats = sorted({b.flat for b in self.settings.hardware.buttons})
+        return [Sheet(self.station, flat, f"{calls.url}#pair={code}&fp={calls.fingerprint}",
+                      calls.fingerprint, expires_at)
+                for flat, code, expires_at in await calls.pairing.sheet_codes(flats)]
+
+    async def pair_installer(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """Control request ``pair-installer``: a code and link pairing an installer's phone."""
+        hours = self.settings.privacy.installer_valid_hours
+        code, expires_at = self.calls.pairing.new_installer_code(hours)
+        url = f"{self.calls.url}installer.html#pair={code}&fp={self.calls.fingerprint}"
+        return {"ok": True, "code": code, "url": url, "expires_at": expires_at,
+                "valid_hours": hours, "fingerprint": self.calls.fingerprint}
