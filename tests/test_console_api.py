@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from intercom.privacy.zones import rasterise
 from intercom.security.command import sign, sign_request
 from intercom.station import Station
 from tests import test_calls_client as kit
+from tests.mosquitto import Broker
 from tests.test_calls_client import Device, pair, pinned
 from tests.test_configwriter import CONFIG
 from tests.test_privacy_peer import INSIDE, ZONE, consume_keeping_frames, rung_frame
@@ -264,3 +266,37 @@ async def test_pairing_sheets_carry_a_working_link_for_each_flat(tmp_path):
         assert status == 403  # used once already
     finally:
         await station.stop("test finished")
+
+
+async def test_mqtt_connection_test_with_credentials_from_a_file(console_station, tmp_path):
+    station = console_station
+    installer = Installer(station)
+    await installer.pair()
+    password = secrets.token_urlsafe(12)
+    broker = Broker(tmp_path / "broker", users={"station": password})
+    broker.start()
+    try:
+        good = tmp_path / "mqtt.pass"
+        good.write_text(password + "\n")
+        wrong = tmp_path / "wrong.pass"
+        wrong.write_text("not-the-password\n")
+        given = {"host": "127.0.0.1", "port": broker.port, "username": "station"}
+        test = "api/console/mqtt-test"
+        status, body = await installer.ask("POST", test, {"mqtt": {**given,
+                                                                  "password_file": str(good)}})
+        assert (status, body["ok"], body["broker"]) == (200, True, f"127.0.0.1:{broker.port}")
+        status, body = await installer.ask("POST", test, {"mqtt": {**given,
+                                                                  "password_file": str(wrong)}})
+        assert (status, body["ok"]) == (200, False)
+        assert body["detail"].startswith("refused by the broker")
+        assert "not-the-password" not in json.dumps(body)
+        status, body = await installer.ask("POST", test, {"mqtt": {**given, "password": "x"}})
+        assert status == 422
+        assert body["refused"][0]["key"] == "mqtt.password"
+        status, body = await installer.ask("POST", test, {"mqtt": {**given, "port": "abc"}})
+        assert (status, body["refused"][0]["key"]) == (422, "mqtt.port")
+    finally:
+        broker.kill()
+    status, body = await installer.ask("POST", "api/console/mqtt-test", {"mqtt": given})
+    assert (status, body["ok"]) == (200, False)
+    assert body["detail"].startswith("cannot connect")

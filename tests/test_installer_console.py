@@ -21,6 +21,7 @@ from playwright.sync_api import Page
 
 from intercom.privacy.zones import rasterise
 from tests.browser import SimStation, chromium, new_device
+from tests.mosquitto import Broker
 from tests.test_configwriter import CONFIG
 
 QUARTER = [(0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (0.0, 1.0)]  # the lower-left quarter
@@ -65,6 +66,58 @@ def draw(page: Page, zone: list[tuple[float, float]]) -> None:
     page.click("#zone-close")
 
 
+def zone_is_drawn_and_masked(page: Page, station: SimStation, tmp_path: Path) -> None:
+    """A zone drawn by pointer, saved through the config writer, masked at once."""
+    draw(page, QUARTER)
+    page.click("#zone-save")
+    page.wait_for_selector("#zones-result:has-text('Saved')")
+    page.wait_for_selector("#zone-picture[data-zones='1']")
+    png = tmp_path / "preview.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "intercom", "privacy", "preview", "--out", str(png),
+         "--state-dir", str(station.state_dir)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    image = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY)
+    h, w = image.shape
+    inner = rasterise([[(0.03, 0.53), (0.47, 0.53), (0.47, 0.97), (0.03, 0.97)]], w, h)
+    assert image[inner].max() < 40, "the drawn zone is masked in the preview"
+    assert image[~rasterise([QUARTER], w, h)].mean() > 60
+
+
+def refusal_of(page: Page, key: str) -> str:
+    """The text shown next to the field of ``key``, once there is one."""
+    selector = f'[data-error-for="{key}"]'
+    page.wait_for_function(f"() => document.querySelector('{selector}').textContent.length")
+    return page.text_content(selector) or ""
+
+
+def relay_is_pulsed(page: Page, station: SimStation, uri: str) -> None:
+    """The installer's signed unlock energises the mock relay; the door contact confirms."""
+    page.fill("#relay-totp", pyotp.parse_uri(uri).now())
+    page.click("#relay-go")
+    station.wait("the relay energised", lambda s: s["lock"] == "unlocked")
+    station.request({"request": "sim", "action": "open-door"})
+    page.wait_for_selector("#relay-result[data-result='granted']")
+    assert page.text_content("#relay-result") == "Relay granted; door: opened."
+    assert station.events("UnlockGranted")[-1]["via"] == "console"
+
+
+def broker_is_tested(page: Page, tmp_path: Path) -> None:
+    """The broker connection test against a real Mosquitto, then a bad port refused."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        page.fill("#mqtt-host", "127.0.0.1")
+        page.fill("#mqtt-port", str(broker.port))
+        page.click("#mqtt-test")
+        page.wait_for_selector("#mqtt-result[data-ok='true']")
+    finally:
+        broker.kill()
+    page.fill("#mqtt-port", "not a port")
+    page.click("#mqtt-test")
+    assert refusal_of(page, "mqtt.port")
+
+
 def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: Path):
     violations: list[str] = []
     with chromium(station.url) as browser:
@@ -73,49 +126,21 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
                 if "Content Security Policy" in m.text else None)
         page.on("pageerror", lambda exc: violations.append(str(exc)))
         uri = pair_installer(page, station)
+        zone_is_drawn_and_masked(page, station, tmp_path)
 
-        # Privacy zone drawn by pointer, saved through the config writer, masked at once.
-        draw(page, QUARTER)
-        page.click("#zone-save")
-        page.wait_for_selector("#zones-result:has-text('Saved')")
-        page.wait_for_selector("#zone-picture[data-zones='1']")
-        png = tmp_path / "preview.png"
-        done = subprocess.run(
-            [sys.executable, "-m", "intercom", "privacy", "preview", "--out", str(png),
-             "--state-dir", str(station.state_dir)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        image = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2GRAY)
-        h, w = image.shape
-        inner = rasterise([[(0.03, 0.53), (0.47, 0.53), (0.47, 0.97), (0.03, 0.97)]], w, h)
-        assert image[inner].max() < 40, "the drawn zone is masked in the preview"
-        assert image[~rasterise([QUARTER], w, h)].mean() > 60
-
-        # A wrong value is refused next to its field; the file is left as it was.
+        # A wrong value is refused next to its field.
         page.fill("#button-0-pin", "27")
         page.click("#buttons-save")
-        error = page.locator('[data-error-for="hardware.buttons[0].pin"]')
-        error.wait_for()
-        page.wait_for_function(
-            "() => document.querySelector('[data-error-for=\"hardware.buttons[0].pin\"]')"
-            ".textContent.length > 0")
-        assert error.text_content() == "pin 27 is already used by hardware.relay.pin"
+        assert refusal_of(page, "hardware.buttons[0].pin") == (
+            "pin 27 is already used by hardware.relay.pin")
 
-        # The relay test: the installer's signed unlock energises the mock relay; the door
-        # contact's opening confirms it.
-        page.fill("#relay-totp", pyotp.parse_uri(uri).now())
-        page.click("#relay-go")
-        station.wait("the relay energised", lambda s: s["lock"] == "unlocked")
-        station.request({"request": "sim", "action": "open-door"})
-        page.wait_for_selector("#relay-result[data-result='granted']")
-        assert page.text_content("#relay-result") == "Relay granted; door: opened."
-        granted = station.events("UnlockGranted")
-        assert granted[-1]["via"] == "console"
+        relay_is_pulsed(page, station, uri)
+        broker_is_tested(page, tmp_path)
 
         # The residents' pairing sheets, as a PDF the phone can open and print.
         page.click("#sheets-go")
         page.wait_for_selector("#sheets-result[data-flats='1']")
-        href = page.get_attribute("#sheets-link", "href") or ""
-        assert href.startswith("blob:")
+        assert (page.get_attribute("#sheets-link", "href") or "").startswith("blob:")
         assert page.get_attribute("#sheets-link", "download") == "pairing-sheets.pdf"
         assert page.is_visible("#sheets-link")
 

@@ -19,6 +19,9 @@ Actions (JSON in, JSON out):
 - ``POST selftest``: run the self-test and answer it;
 - ``POST sheets``: a PDF with one page per flat, each with a fresh pairing code valid
   for two weeks (its QR code, the fingerprint, short instructions); logged;
+- ``POST mqtt-test`` ``{"mqtt": {key: value}}``: one connection to the broker with
+  the file's ``[mqtt]`` and these keys over it (TLS, ``password_file``; never a typed
+  password): connected, or what went wrong;
 - ``POST handoff`` ``{"checklist": {...}}``: logged, and the installer's access ends.
 """
 
@@ -63,6 +66,7 @@ class ConsolePorts:
     end_installer: Callable[[str], Awaitable[bool]]
     role_of: Callable[[str], str | None]
     sheets: Callable[[], Awaitable[list[Sheet]]]
+    mqtt_test: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
     pulse_s: float
     door_contact: bool
 
@@ -93,6 +97,7 @@ class Console:
             ("POST", "selftest"): self._selftest,
             ("POST", "handoff"): self._handoff,
             ("POST", "sheets"): self._sheets,
+            ("POST", "mqtt-test"): self._mqtt_test,
         }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -196,6 +201,16 @@ class Console:
             detail=f"{len(sheets)} flat(s), codes valid until "
                    f"{max((s.expires_at for s in sheets), default=0):.0f}"))
         return {"pdf": base64.b64encode(pdf).decode(), "flats": [s.flat for s in sheets]}
+
+    async def _mqtt_test(self, _principal: str, data: dict[str, Any]) -> dict[str, Any]:
+        """One connection to the broker with the [mqtt] settings given (else the file's)."""
+        given = data.get("mqtt", {})
+        if not isinstance(given, dict):
+            raise Refused(400, "mqtt must be an object of [mqtt] keys")
+        answer = await self._ports.mqtt_test(given)
+        if "refused" in answer:
+            raise Refused(422, "not a usable [mqtt] config", refused=answer["refused"])
+        return answer
 
     async def _handoff(self, principal: str, data: dict[str, Any]) -> dict[str, Any]:
         if self._ports.role_of(principal) != "installer":

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from intercom.calls import Calls
-from intercom.config import Settings
-from intercom.configwriter import ConfigWriter
+from intercom.config import MqttConfig, Settings
+from intercom.configwriter import ConfigWriter, refuse_fixed
 from intercom.console.api import Console, ConsolePorts
 from intercom.console.sheets import Sheet
 from intercom.errors import IntercomError
@@ -51,7 +51,8 @@ class ConsoleWiring:
             check_request=self.verifier.check_request, submit=self.verifier.submit,
             change_config=self.change, state=self.state, preview=self.preview,
             selftest=self.run_selftest, end_installer=self.end_installer,
-            role_of=self.role_of, sheets=self.sheets, pulse_s=hw.relay.pulse_s,
+            role_of=self.role_of, sheets=self.sheets, mqtt_test=self.mqtt_test,
+            pulse_s=hw.relay.pulse_s,
             door_contact=hw.door_contact is not None,
         ), self.bus)
 
@@ -81,6 +82,10 @@ class ConsoleWiring:
             "clock_synchronized": self.health().get("clock_synchronized"),
             "selftest": last.to_dict() if last is not None else None,
             "writable": self.writer.path is not None,
+            "url": self.calls.url, "public_url": settings.web.public_url,
+            "mqtt": None if settings.mqtt is None else settings.mqtt.model_dump(
+                mode="json", include={"host", "port", "username", "password_file", "tls",
+                                      "ca_file"}),
         }
 
     async def preview(self) -> dict[str, Any]:
@@ -115,6 +120,25 @@ class ConsoleWiring:
         return [Sheet(self.station, flat, f"{calls.url}#pair={code}&fp={calls.fingerprint}",
                       calls.fingerprint, expires_at)
                 for flat, code, expires_at in await calls.pairing.sheet_codes(flats)]
+
+    async def mqtt_test(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Connect once with the file's [mqtt] and ``given`` over it; refused keys named."""
+        from pydantic import ValidationError  # noqa: PLC0415
+
+        from intercom.mqtt.probe import probe  # noqa: PLC0415
+
+        refused = [refuse_fixed(f"mqtt.{key}") for key in given]
+        if problems := [p.to_dict() for p in refused if p is not None]:
+            return {"refused": problems}
+        current = self.file_settings().mqtt
+        base = current.model_dump() if current is not None else {}
+        try:
+            config = MqttConfig.model_validate({**base, **given})
+        except ValidationError as exc:
+            return {"refused": [
+                {"key": "mqtt." + ".".join(str(part) for part in err["loc"]) if err["loc"]
+                 else "mqtt", "reason": str(err["msg"])} for err in exc.errors()]}
+        return await probe(config)
 
     async def pair_installer(self, _request: dict[str, Any]) -> dict[str, Any]:
         """Control request ``pair-installer``: a code and link pairing an installer's phone."""

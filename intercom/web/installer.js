@@ -148,6 +148,7 @@ async function startConsole() {
     renderButtons(state.buttons ?? []);
     if (state.selftest) renderSelftest(state.selftest);
     $("check-clock").checked = state.clock_synchronized === true;
+    showNetwork(state);
     document.body.dataset.console = "ready";
     await refreshPicture();
   } catch (err) {
@@ -342,6 +343,70 @@ async function makeSheets() {
   }
 }
 
+// --- network: the MQTT broker and the public URL --------------------------------------
+
+function showNetwork(state) {
+  const mqtt = state.mqtt ?? {};
+  $("mqtt-host").value = mqtt.host ?? "";
+  $("mqtt-port").value = mqtt.port ?? "";
+  $("mqtt-username").value = mqtt.username ?? "";
+  $("mqtt-password-file").value = mqtt.password_file ?? "";
+  $("mqtt-tls").checked = Boolean(mqtt.tls);
+  $("public-url").value = state.public_url ?? "";
+  $("url-now").textContent = state.url ? `Now: ${state.url}` : "";
+}
+
+function mqttGiven() {
+  const given = { host: $("mqtt-host").value.trim(), tls: $("mqtt-tls").checked };
+  const port = $("mqtt-port").value.trim();
+  if (port) given.port = /^\d+$/.test(port) ? Number(port) : port;
+  for (const [id, key] of [["mqtt-username", "username"], ["mqtt-password-file", "password_file"]]) {
+    const value = $(id).value.trim();
+    if (value) given[key] = value;
+  }
+  return given;
+}
+
+async function testMqtt() {
+  $("mqtt-result").textContent = "Connecting…";
+  try {
+    const answer = await ask("POST", "mqtt-test", { mqtt: mqttGiven() });
+    showRefusals([], $("mqtt-result"));
+    $("mqtt-result").textContent = `${answer.broker}${answer.tls ? " (TLS)" : ""}: ${answer.detail}`;
+    $("mqtt-result").dataset.ok = String(answer.ok);
+  } catch (err) {
+    showRefusals(err.answer?.refused, $("mqtt-result"));
+    if (!err.answer?.refused) $("mqtt-result").textContent = String(err.message ?? err);
+  }
+}
+
+async function saveSettings(changes, result) {
+  try {
+    const answer = await ask("POST", "config", { changes });
+    showRefusals([], result);
+    result.textContent = answer.at_restart?.length
+      ? "Saved; takes effect when the station restarts." : "Saved.";
+  } catch (err) {
+    showRefusals(err.answer?.refused, result);
+    if (!err.answer?.refused) result.textContent = String(err.message ?? err);
+  }
+}
+
+function saveMqtt(event) {
+  event.preventDefault();
+  const given = mqttGiven();
+  const changes = {};
+  for (const key of ["host", "port", "username", "password_file", "tls"]) {
+    changes[`mqtt.${key}`] = given[key] ?? null; // null: the key is removed
+  }
+  return saveSettings(changes, $("mqtt-result"));
+}
+
+function saveUrl() {
+  const url = $("public-url").value.trim();
+  return saveSettings({ "web.public_url": url || null }, $("url-result"));
+}
+
 // --- hand-off --------------------------------------------------------------------------
 
 async function handOff() {
@@ -378,6 +443,9 @@ function wire() {
   $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; drawZones(); };
   $("zone-save").onclick = saveZones;
   $("sheets-go").onclick = makeSheets;
+  $("mqtt-test").onclick = testMqtt;
+  $("mqtt-form").onsubmit = saveMqtt;
+  $("url-save").onclick = saveUrl;
   $("handoff-go").onclick = handOff;
 }
 
