@@ -319,7 +319,8 @@ class Station:
         wiring = ConsoleWiring(
             station=self.id, settings=self.settings, bus=self.bus, calls=calls,
             verifier=verifier, registry=registry, selftest=self.selftest,
-            writer=self.config_writer, camera=self.camera,
+            writer=self.config_writer, camera=self.camera, microphone=self.microphone,
+            speaker=self.speaker,
             lock_state=lambda: lock.state.value,
             door_state=lambda: contact.state.value if contact is not None else None,
             health=lambda: monitor.metrics if monitor is not None else {},

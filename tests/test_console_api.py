@@ -19,6 +19,7 @@ from joserfc.jwk import OKPKey
 
 from intercom.config import load_settings, simulated_settings
 from intercom.control import request as ask_station
+from intercom.media.audio import LevelSink
 from intercom.privacy.zones import rasterise
 from intercom.security.command import sign, sign_request
 from intercom.station import Station
@@ -300,3 +301,19 @@ async def test_mqtt_connection_test_with_credentials_from_a_file(console_station
     status, body = await installer.ask("POST", "api/console/mqtt-test", {"mqtt": given})
     assert (status, body["ok"]) == (200, False)
     assert body["detail"].startswith("cannot connect")
+
+
+async def test_audio_check_reads_the_microphone_and_plays_a_tone(console_station):
+    station = console_station
+    installer = Installer(station)
+    await installer.pair()
+    status, level = await installer.ask("GET", "api/console/audio-level")
+    assert status == 200, level
+    assert 0.15 < level["peak"] < 0.2  # the simulated microphone's -12 dBFS sine
+    assert level["dbfs"] == pytest.approx(-15.0, abs=0.5)
+    speaker = station.speaker
+    assert isinstance(speaker, LevelSink)
+    before = speaker.audible_frames
+    status, body = await installer.ask("POST", "api/console/tone", {})
+    assert (status, body) == (200, {"played_s": 1.0, "hz": 1000.0})
+    assert speaker.audible_frames - before == 50

@@ -135,6 +135,14 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
             "pin 27 is already used by hardware.relay.pin")
 
         relay_is_pulsed(page, station, uri)
+
+        # The audio check: the door microphone's level moves the meter; a tone plays.
+        page.click("#mic-go")
+        page.wait_for_selector("#mic-result[data-peak]")
+        assert float(page.get_attribute("#mic-result", "data-peak") or 0) > 0.1
+        page.click("#mic-go")
+        page.click("#tone-go")
+        page.wait_for_selector("#tone-result[data-played='true']")
         broker_is_tested(page, tmp_path)
 
         # The residents' pairing sheets, as a PDF the phone can open and print.

@@ -22,6 +22,8 @@ Actions (JSON in, JSON out):
 - ``POST mqtt-test`` ``{"mqtt": {key: value}}``: one connection to the broker with
   the file's ``[mqtt]`` and these keys over it (TLS, ``password_file``; never a typed
   password): connected, or what went wrong;
+- ``GET audio-level``: the microphone's level over 200 ms (polled by the page's meter);
+- ``POST tone``: one second of a 1 kHz test tone on the speaker;
 - ``POST handoff`` ``{"checklist": {...}}``: logged, and the installer's access ends.
 """
 
@@ -67,6 +69,8 @@ class ConsolePorts:
     role_of: Callable[[str], str | None]
     sheets: Callable[[], Awaitable[list[Sheet]]]
     mqtt_test: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+    audio_level: Callable[[], Awaitable[dict[str, Any]]]
+    tone: Callable[[], Awaitable[dict[str, Any]]]
     pulse_s: float
     door_contact: bool
 
@@ -98,6 +102,8 @@ class Console:
             ("POST", "handoff"): self._handoff,
             ("POST", "sheets"): self._sheets,
             ("POST", "mqtt-test"): self._mqtt_test,
+            ("GET", "audio-level"): self._audio_level,
+            ("POST", "tone"): self._tone,
         }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -211,6 +217,18 @@ class Console:
         if "refused" in answer:
             raise Refused(422, "not a usable [mqtt] config", refused=answer["refused"])
         return answer
+
+    async def _audio_level(self, _principal: str, _data: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._ports.audio_level()
+        except (IntercomError, TimeoutError) as exc:
+            raise Refused(409, str(exc) or "no audio from the microphone") from exc
+
+    async def _tone(self, _principal: str, _data: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._ports.tone()
+        except IntercomError as exc:
+            raise Refused(409, str(exc)) from exc
 
     async def _handoff(self, principal: str, data: dict[str, Any]) -> dict[str, Any]:
         if self._ports.role_of(principal) != "installer":

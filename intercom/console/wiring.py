@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,18 @@ from intercom.config import MqttConfig, Settings
 from intercom.configwriter import ConfigWriter, refuse_fixed
 from intercom.console.api import Console, ConsolePorts
 from intercom.console.sheets import Sheet
-from intercom.errors import IntercomError
+from intercom.errors import CommandRefusedError, IntercomError
 from intercom.events import EventBus
-from intercom.media import CameraSource
+from intercom.media import AudioSink, AudioSource, CameraSource
 from intercom.security import Registry, Verifier
 from intercom.security.principals import Role
 from intercom.selftest import SelfTest
 
 PREVIEW_TIMEOUT_S = 5.0
 PREVIEW_QUALITY = 85
+LEVEL_FRAMES = 10  # 200 ms of microphone
+TONE_FRAMES = 50  # 1 s of test tone
+TONE_HZ = 1000.0
 
 
 @dataclass
@@ -40,6 +44,8 @@ class ConsoleWiring:
     selftest: SelfTest
     writer: ConfigWriter
     camera: CameraSource | None
+    microphone: AudioSource | None
+    speaker: AudioSink | None
     lock_state: Callable[[], str]
     door_state: Callable[[], str | None]
     health: Callable[[], dict[str, Any]]
@@ -52,6 +58,7 @@ class ConsoleWiring:
             change_config=self.change, state=self.state, preview=self.preview,
             selftest=self.run_selftest, end_installer=self.end_installer,
             role_of=self.role_of, sheets=self.sheets, mqtt_test=self.mqtt_test,
+            audio_level=self.audio_level, tone=self.tone,
             pulse_s=hw.relay.pulse_s,
             door_contact=hw.door_contact is not None,
         ), self.bus)
@@ -139,6 +146,36 @@ class ConsoleWiring:
                 {"key": "mqtt." + ".".join(str(part) for part in err["loc"]) if err["loc"]
                  else "mqtt", "reason": str(err["msg"])} for err in exc.errors()]}
         return await probe(config)
+
+    def _audio_free(self) -> None:
+        if self.calls.state != "idle":
+            raise CommandRefusedError("the microphone and speaker are in a call now")
+
+    async def audio_level(self) -> dict[str, Any]:
+        """The microphone's RMS level over ``LEVEL_FRAMES`` frames: peak and mean, dBFS."""
+        from intercom.media.audio import rms_level  # noqa: PLC0415
+
+        self._audio_free()
+        if self.microphone is None:
+            raise IntercomError("no microphone")
+        levels = [rms_level(await asyncio.wait_for(self.microphone.next(), 1.0))
+                  for _ in range(LEVEL_FRAMES)]
+        peak = max(levels)
+        return {"peak": round(peak, 4), "mean": round(sum(levels) / len(levels), 4),
+                "dbfs": round(20 * math.log10(peak), 1) if peak > 0 else None}
+
+    async def tone(self) -> dict[str, Any]:
+        """One second of a 1 kHz tone on the speaker, paced in real time."""
+        from intercom.media.audio import ToneSource  # noqa: PLC0415
+
+        self._audio_free()
+        if self.speaker is None:
+            raise IntercomError("no speaker")
+        source = ToneSource(TONE_HZ)
+        await source.open()
+        for _ in range(TONE_FRAMES):
+            await self.speaker.play(await source.next())
+        return {"played_s": TONE_FRAMES / 50, "hz": TONE_HZ}
 
     async def pair_installer(self, _request: dict[str, Any]) -> dict[str, Any]:
         """Control request ``pair-installer``: a code and link pairing an installer's phone."""

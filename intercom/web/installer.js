@@ -343,6 +343,38 @@ async function makeSheets() {
   }
 }
 
+// --- audio check: the microphone's level, a test tone --------------------------------
+
+async function listen() {
+  const button = $("mic-go");
+  const on = button.getAttribute("aria-pressed") !== "true";
+  button.setAttribute("aria-pressed", String(on));
+  button.textContent = on ? "Stop listening" : "Listen";
+  while (button.getAttribute("aria-pressed") === "true") {
+    try {
+      const level = await ask("GET", "audio-level");
+      $("mic-level").value = level.peak;
+      $("mic-result").textContent = level.dbfs === null ? "silence" : `${level.dbfs} dBFS`;
+      $("mic-result").dataset.peak = String(level.peak);
+    } catch (err) {
+      $("mic-result").textContent = String(err.message ?? err);
+    }
+    await new Promise((resolve) => { setTimeout(resolve, 300); });
+  }
+}
+
+async function playTone() {
+  $("tone-result").textContent = "Playing…";
+  try {
+    const answer = await ask("POST", "tone", {});
+    $("tone-result").textContent = `Played ${answer.played_s} s at ${answer.hz} Hz: `
+      + "did you hear it at the door?";
+    $("tone-result").dataset.played = "true";
+  } catch (err) {
+    $("tone-result").textContent = String(err.message ?? err);
+  }
+}
+
 // --- network: the MQTT broker and the public URL --------------------------------------
 
 function showNetwork(state) {
@@ -443,6 +475,8 @@ function wire() {
   $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; drawZones(); };
   $("zone-save").onclick = saveZones;
   $("sheets-go").onclick = makeSheets;
+  $("mic-go").onclick = listen;
+  $("tone-go").onclick = playTone;
   $("mqtt-test").onclick = testMqtt;
   $("mqtt-form").onsubmit = saveMqtt;
   $("url-save").onclick = saveUrl;
