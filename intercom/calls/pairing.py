@@ -96,9 +96,10 @@ class Pairing:
         try:
             entries = json.loads(path.read_text())
             for entry in entries:
-                if entry["flat"] in self.flats:
+                hours = float(entry.get("installer_hours", 0))
+                if entry["flat"] in self.flats or hours > 0:  # an installer's has no flat
                     self._codes[str(entry["digest"])] = Pending(
-                        str(entry["flat"]), float(entry["expires_at"])
+                        str(entry["flat"]), float(entry["expires_at"]), hours
                     )
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("pairing: ignored an unreadable %s: %s", SPOOL, exc)

@@ -5,6 +5,7 @@ The installer writes ``intercom.toml`` to the FAT boot partition: a station conf
 
     [wifi]        ssid, psk, country        -> wpa_supplicant (root-only), PSK hashed
     [installer]   public_key, valid_hours   -> a time-boxed installer principal
+                  phone = true              -> or a code pairing the installer's phone
     [pairing]     flat                      -> the first pairing code (default: first button's)
 
 Secrets leave the FAT partition: the Wi-Fi passphrase becomes a wpa_supplicant PSK,
@@ -179,9 +180,12 @@ class FirstBoot:
         if not source.credential and not source.path.exists():
             create_master_key(self.state_dir)
             self.report.add("event log master key made")
-        if "installer" in extra:
-            hours = settings.privacy.installer_valid_hours
-            self._installer_principal(extra["installer"], settings.station.id, hours)
+        section = extra.get("installer")
+        hours = settings.privacy.installer_valid_hours
+        if isinstance(section, dict) and section.get("phone") is True:
+            self._installer_phone_code(settings, section, tls.fingerprint, hours)
+        elif "installer" in extra:
+            self._installer_principal(section, settings.station.id, hours)
         if took_file:  # a new installer file: a new first pairing code with it
             link_fp = tls.fingerprint.replace(":", "").lower()  # the form pairing links carry
             self._first_pairing_code(settings, extra.get("pairing"), link_fp)
@@ -260,14 +264,34 @@ class FirstBoot:
         if flat not in {b.flat for b in settings.hardware.buttons}:
             raise ConfigError([f"pairing.flat: {flat!r} is not served by this station"])
         code, expires = spool_code(self.state_dir, flat, self.now())
+        until = time.strftime("%H:%M UTC", time.gmtime(expires))
+        self.report.add(f"first pairing code for flat {flat}: {code} (single use, until {until})")
+        self.report.add(f"pairing link: {self._url(settings)}#pair={code}&fp={fingerprint}")
+
+    def _installer_phone_code(
+        self, settings: Settings, section: dict[str, Any], fingerprint: str, default_hours: float
+    ) -> None:
+        """Spool a code that pairs the installer's phone (the console, installer.html)."""
+        if extra := set(section) - {"phone", "valid_hours"}:
+            raise ConfigError([f"installer.{min(extra)}: not with phone = true"])
+        hours = section.get("valid_hours", default_hours)
+        if not isinstance(hours, int | float) or not 1 <= hours <= MAX_INSTALLER_HOURS:
+            raise ConfigError([f"installer.valid_hours: 1 to {MAX_INSTALLER_HOURS}"])
+        code, expires = spool_code(self.state_dir, "", self.now(), float(hours))
+        until = time.strftime("%H:%M UTC", time.gmtime(expires))
+        link_fp = fingerprint.replace(":", "").lower()
+        self.report.add(f"installer pairing code: {code} (single use, until {until}; the "
+                        f"installer stays valid {hours:g} h once paired)")
+        self.report.add(f"installer link: {self._url(settings)}installer.html#pair={code}"
+                        f"&fp={link_fp}")
+
+    def _url(self, settings: Settings) -> str:
+        """The address residents and the installer open (public_url, else this machine)."""
         web = settings.web
         host = web.host
         if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
             host = f"{socket.gethostname()}.local"
-        url = web.public_url or f"https://{host}:{web.port}/"
-        until = time.strftime("%H:%M UTC", time.gmtime(expires))
-        self.report.add(f"first pairing code for flat {flat}: {code} (single use, until {until})")
-        self.report.add(f"pairing link: {url.rstrip('/')}/#pair={code}&fp={fingerprint}")
+        return (web.public_url or f"https://{host}:{web.port}/").rstrip("/") + "/"
 
     def _installer_principal(self, section: Any, station_id: str, default_hours: float) -> None:
         """Register a time-boxed installer with a fresh TOTP secret; print its enrolment."""

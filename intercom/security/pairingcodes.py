@@ -29,17 +29,23 @@ def new_code() -> str:
     return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
 
 
-def spool_code(state_dir: Path, flat: str, now: float) -> tuple[str, float]:
+def spool_code(
+    state_dir: Path, flat: str, now: float, installer_hours: float = 0.0
+) -> tuple[str, float]:
     """A code made while the station is not running (first boot); it takes it at start.
 
-    Only the code's hash, its flat and its expiry are written (``pairing-spool.json``,
+    Only the code's hash, its flat (empty for an installer's code, which carries the
+    hours the installer stays valid) and its expiry are written (``pairing-spool.json``,
     0600); the code itself is shown once, to whoever made it.
     """
     code = new_code()
     expires_at = now + CODE_TTL_S
     path = state_dir / SPOOL
     entries = json.loads(path.read_text()) if path.exists() else []
-    entries.append({"digest": digest(code), "flat": flat, "expires_at": expires_at})
+    entry: dict[str, object] = {"digest": digest(code), "flat": flat, "expires_at": expires_at}
+    if installer_hours > 0:
+        entry["installer_hours"] = installer_hours
+    entries.append(entry)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     tmp.touch(mode=0o600)
