@@ -84,6 +84,41 @@ def zone_is_drawn_and_masked(page: Page, station: SimStation, tmp_path: Path) ->
     assert image[~rasterise([QUARTER], w, h)].mean() > 60
 
 
+def saved_zones(station: SimStation) -> list[list[list[float]]]:
+    """The zones in the station's config file, as the config writer reads it."""
+    answer = station.request({"request": "config-get"})
+    assert answer.get("ok"), answer
+    zones: list[list[list[float]]] = answer["config"]["privacy"]["zones"]
+    return zones
+
+
+def corner_is_moved_then_removed(page: Page, station: SimStation) -> None:
+    """Drag a saved zone's corner elsewhere; then tap it and remove it."""
+    box = page.locator("#zone-canvas").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 0.5 * box["width"], box["y"] + 0.5 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.4 * box["height"], steps=5)
+    page.mouse.up()
+    assert page.get_attribute("#zone-canvas", "data-selected") == "0:1"
+    page.click("#zone-save")
+    page.wait_for_function("() => document.querySelector('#zones-result').textContent"
+                           ".startsWith('Saved')")
+    moved = saved_zones(station)[0]
+    assert moved[1] == pytest.approx([0.6, 0.4], abs=0.01)
+    page.mouse.click(box["x"] + 0.6 * box["width"], box["y"] + 0.4 * box["height"])
+    page.click("#zone-undo")
+    page.click("#zone-save")
+    page.wait_for_function("() => document.querySelector('#zone-picture').dataset.zones === '1'"
+                           " && document.querySelector('#zones-result').textContent"
+                           ".startsWith('Saved')")
+    for _ in range(50):
+        if len(saved_zones(station)[0]) == 3:
+            break
+        time.sleep(0.05)
+    assert saved_zones(station)[0] == [moved[0], moved[2], moved[3]]
+
+
 def refusal_of(page: Page, key: str) -> str:
     """The text shown next to the field of ``key``, once there is one."""
     selector = f'[data-error-for="{key}"]'
@@ -127,6 +162,11 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
         page.on("pageerror", lambda exc: violations.append(str(exc)))
         uri = pair_installer(page, station)
         zone_is_drawn_and_masked(page, station, tmp_path)
+        corner_is_moved_then_removed(page, station)
+        page.check("#redact")  # face redaction for every output, from the next start
+        page.wait_for_selector("#zones-result:has-text('takes effect when the station restarts')")
+        config = station.request({"request": "config-get"})["config"]
+        assert config["privacy"]["redact_all_outputs"] is True
 
         # A wrong value is refused next to its field.
         page.fill("#button-0-pin", "27")

@@ -86,6 +86,7 @@ class ConsoleWiring:
                         for b in hw.buttons],
             "relay_pin": hw.relay.pin, "door_contact": hw.door_contact is not None,
             "zones": settings.privacy.zones,
+            "redact_all_outputs": settings.privacy.redact_all_outputs,
             "clock_synchronized": self.health().get("clock_synchronized"),
             "selftest": last.to_dict() if last is not None else None,
             "writable": self.writer.path is not None,

@@ -9,7 +9,9 @@ const $ = (id) => document.getElementById(id);
 const encoder = new TextEncoder();
 const DB = "intercom-installer"; // apart from the resident app's device record
 
-const con = { device: null, zones: [], drawing: [], buttons: [] };
+const con = {
+  device: null, zones: [], drawing: [], buttons: [], selected: null, dragging: false,
+};
 
 function show(name) {
   for (const section of document.querySelectorAll(".screen")) {
@@ -145,6 +147,7 @@ async function startConsole() {
     const state = await ask("GET", "state");
     $("station").textContent = state.station;
     con.zones = state.zones ?? [];
+    $("redact").checked = Boolean(state.redact_all_outputs);
     renderButtons(state.buttons ?? []);
     if (state.selftest) renderSelftest(state.selftest);
     $("check-clock").checked = state.clock_synchronized === true;
@@ -301,16 +304,101 @@ function drawZones() {
   for (const [x, y] of con.drawing) {
     g.fillRect(x * canvas.width - 4, y * canvas.height - 4, 8, 8);
   }
+  if (con.selected) {
+    const [x, y] = con.zones[con.selected.zone][con.selected.point];
+    g.fillStyle = "#b3261e";
+    g.fillRect(x * canvas.width - 6, y * canvas.height - 6, 12, 12);
+  }
   $("zone-canvas").dataset.points = String(con.drawing.length);
   $("zone-canvas").dataset.zones = String(con.zones.length);
 }
 
-function addPoint(event) {
+const GRAB_PX = 16; // a tap this close to a corner of a zone takes that corner
+
+function pointAt(event) {
   const box = $("zone-canvas").getBoundingClientRect();
   const clamp = (v) => Math.min(1, Math.max(0, Math.round(v * 1000) / 1000));
-  con.drawing.push([clamp((event.clientX - box.left) / box.width),
-    clamp((event.clientY - box.top) / box.height)]);
+  return {
+    at: [clamp((event.clientX - box.left) / box.width),
+      clamp((event.clientY - box.top) / box.height)],
+    box,
+  };
+}
+
+function cornerNear(event, box) {
+  let best = null;
+  con.zones.forEach((zone, z) => zone.forEach(([x, y], p) => {
+    const dx = x * box.width - (event.clientX - box.left);
+    const dy = y * box.height - (event.clientY - box.top);
+    const d = Math.hypot(dx, dy);
+    if (d <= GRAB_PX && (!best || d < best.d)) best = { zone: z, point: p, d };
+  }));
+  return best;
+}
+
+function select(corner) {
+  con.selected = corner ? { zone: corner.zone, point: corner.point } : null;
+  $("zone-canvas").dataset.selected = corner ? `${corner.zone}:${corner.point}` : "";
+}
+
+function pointerDown(event) {
+  const { at, box } = pointAt(event);
+  const corner = con.drawing.length ? null : cornerNear(event, box);
+  if (corner) { // move a corner of a zone: drag it
+    select(corner);
+    con.dragging = true;
+    $("zone-canvas").setPointerCapture(event.pointerId);
+  } else {
+    select(null);
+    con.drawing.push(at);
+  }
   drawZones();
+}
+
+function pointerMove(event) {
+  if (!con.dragging || !con.selected) return;
+  con.zones[con.selected.zone][con.selected.point] = pointAt(event).at;
+  drawZones();
+}
+
+function pointerUp() {
+  con.dragging = false;
+}
+
+/** Remove the selected corner (a zone left with fewer than 3 goes), else the last new one. */
+function removePoint() {
+  if (con.selected) {
+    const zone = con.zones[con.selected.zone];
+    zone.splice(con.selected.point, 1);
+    if (zone.length < 3) con.zones.splice(con.selected.zone, 1);
+    select(null);
+  } else {
+    con.drawing.pop();
+  }
+  drawZones();
+}
+
+/** Refresh the picture every second while "Live" is on (the zones stay as drawn). */
+async function live() {
+  const button = $("zone-live");
+  const on = button.getAttribute("aria-pressed") !== "true";
+  button.setAttribute("aria-pressed", String(on));
+  while (button.getAttribute("aria-pressed") === "true") {
+    const zones = con.zones;
+    try {
+      await refreshPicture();
+    } catch (err) {
+      $("zones-result").textContent = String(err.message ?? err);
+      button.setAttribute("aria-pressed", "false");
+    }
+    con.zones = zones;
+    drawZones();
+    await new Promise((resolve) => { setTimeout(resolve, 1000); });
+  }
+}
+
+function saveRedaction() {
+  return saveSettings({ "privacy.redact_all_outputs": $("redact").checked }, $("zones-result"));
 }
 
 async function saveZones() {
@@ -465,14 +553,19 @@ function wire() {
   $("relay-go").onclick = relayTest;
   $("buttons-form").onsubmit = saveButtons;
   $("selftest-go").onclick = runSelftest;
-  $("zone-canvas").addEventListener("pointerdown", addPoint);
+  $("zone-canvas").addEventListener("pointerdown", pointerDown);
+  $("zone-canvas").addEventListener("pointermove", pointerMove);
+  $("zone-canvas").addEventListener("pointerup", pointerUp);
+  $("zone-canvas").addEventListener("pointercancel", pointerUp);
   $("zone-close").onclick = () => {
     if (con.drawing.length >= 3) con.zones.push(con.drawing);
     con.drawing = [];
     drawZones();
   };
-  $("zone-undo").onclick = () => { con.drawing.pop(); drawZones(); };
-  $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; drawZones(); };
+  $("zone-undo").onclick = removePoint;
+  $("zone-clear").onclick = () => { con.zones = []; con.drawing = []; select(null); drawZones(); };
+  $("zone-live").onclick = live;
+  $("redact").onchange = saveRedaction;
   $("zone-save").onclick = saveZones;
   $("sheets-go").onclick = makeSheets;
   $("mic-go").onclick = listen;
