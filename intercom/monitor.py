@@ -100,6 +100,12 @@ class Probes:
 class MeteredCamera:
     """The station's camera, counting the frames its readers get (read-only figures).
 
+    It is also what keeps the camera to one reader at a time. Besides the calls' relay,
+    the monitor's probe and the self-test read frames; a camera source is not made for
+    concurrent ``next()`` calls (the encode-once camera, read twice at once, failed and
+    left every call without video). So a ``next()`` while another is in flight waits for
+    that same frame: every reader gets every frame, none is taken from another.
+
     Every other attribute (``encoded``, ``watch``, ``still``, ...) is the camera's own.
     """
 
@@ -112,6 +118,7 @@ class MeteredCamera:
         self._clock = clock
         self._waiting: dict[int, float] = {}
         self._next_id = 0
+        self._reading: asyncio.Future[Any] | None = None  # the frame being read now
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -121,14 +128,21 @@ class MeteredCamera:
         await self.inner.open()
 
     async def next(self) -> Any:
-        """The camera's next frame, counted."""
+        """The camera's next frame, counted; the one being read if a read is in flight."""
         ticket = self._next_id
         self._next_id += 1
         self._waiting[ticket] = self._clock()
         try:
-            frame = await self.inner.next()
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.ensure_future(self._read())
+                self._reading.add_done_callback(_ignore_result)  # every awaiter may be gone
+            # shielded: a reader giving up (a timeout) does not cut the others' frame
+            return await asyncio.shield(self._reading)
         finally:
             del self._waiting[ticket]
+
+    async def _read(self) -> Any:
+        frame = await self.inner.next()
         self.frames += 1
         self.last_frame_at = self._clock()
         return frame

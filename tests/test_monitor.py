@@ -394,3 +394,44 @@ def test_thresholds_refuse_nonsense(key: str):
     from pydantic import ValidationError  # noqa: PLC0415
     with pytest.raises(ValidationError):
         MonitorConfig(**{key: 0})
+
+
+class OneReaderCamera:
+    """A camera source that fails, as the encode-once camera did, when read twice at once."""
+
+    encoded = False
+    name = "one-reader"
+
+    def __init__(self) -> None:
+        self.reading = False
+        self.reads = 0
+
+    async def next(self) -> int:
+        if self.reading:
+            raise RuntimeError("read twice at once")
+        self.reading = True
+        try:
+            await asyncio.sleep(0.01)
+            self.reads += 1
+            return self.reads
+        finally:
+            self.reading = False
+
+
+async def test_concurrent_readers_share_each_frame_and_the_camera_has_one_reader():
+    source = OneReaderCamera()
+    camera = MeteredCamera(source)  # type: ignore[arg-type]
+
+    async def reader(count: int) -> list[int]:
+        return [await camera.next() for _ in range(count)]
+
+    relay, selftest = await asyncio.gather(reader(20), reader(10))
+    assert relay == list(range(1, 21)), "the relay got every frame, in order"
+    assert selftest == list(range(1, 11)), "the self-test got the same frames, none taken"
+    assert source.reads == camera.frames == 20
+    # a reader that gives up does not cut the frame the others wait for
+    waiting = asyncio.ensure_future(camera.next())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(camera.next(), 0.001)
+    assert await waiting == 21
+    assert camera.waiting_s() == 0
