@@ -95,6 +95,8 @@ def unlock(state: Path, token: str) -> str:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[SimStation]:
     station = SimStation(tmp_path / "state")
+    # Quiet from here on: the start-up self-test (a background task) has logged its result.
+    station.wait("the start-up self-test", lambda status: status.get("selftest"))
     yield station
     station.stop()
 
