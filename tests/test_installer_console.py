@@ -161,6 +161,9 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
                 if "Content Security Policy" in m.text else None)
         page.on("pageerror", lambda exc: violations.append(str(exc)))
         uri = pair_installer(page, station)
+        station.press()  # at the door: the console shows the press and ticks the button
+        page.wait_for_selector("[data-pressed-for='bell'][data-pressed='true']", timeout=10000)
+        assert page.is_checked("#check-buttons")
         zone_is_drawn_and_masked(page, station, tmp_path)
         corner_is_moved_then_removed(page, station)
         page.check("#redact")  # face redaction for every output, from the next start

@@ -9,7 +9,7 @@ import asyncio
 import base64
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from intercom.calls import Calls
@@ -18,7 +18,7 @@ from intercom.configwriter import ConfigWriter, refuse_fixed
 from intercom.console.api import Console, ConsolePorts
 from intercom.console.sheets import Sheet
 from intercom.errors import CommandRefusedError, IntercomError
-from intercom.events import EventBus
+from intercom.events import DoorbellPressed, Event, EventBus
 from intercom.media import AudioSink, AudioSource, CameraSource
 from intercom.security import Registry, Verifier
 from intercom.security.principals import Role
@@ -49,6 +49,14 @@ class ConsoleWiring:
     lock_state: Callable[[], str]
     door_state: Callable[[], str | None]
     health: Callable[[], dict[str, Any]]
+    pressed: dict[str, float] = field(default_factory=dict)  # button name -> last press
+
+    def __post_init__(self) -> None:
+        def note(event: Event) -> None:  # on the bus: quick
+            if isinstance(event, DoorbellPressed):
+                self.pressed[event.button] = event.at
+
+        self.bus.on(note)
 
     def console(self) -> Console:
         """The console, handed its ports."""
@@ -87,6 +95,7 @@ class ConsoleWiring:
             "relay_pin": hw.relay.pin, "door_contact": hw.door_contact is not None,
             "zones": settings.privacy.zones,
             "redact_all_outputs": settings.privacy.redact_all_outputs,
+            "pressed": dict(self.pressed),
             "clock_synchronized": self.health().get("clock_synchronized"),
             "selftest": last.to_dict() if last is not None else None,
             "writable": self.writer.path is not None,

@@ -153,9 +153,38 @@ async function startConsole() {
     $("check-clock").checked = state.clock_synchronized === true;
     showNetwork(state);
     document.body.dataset.console = "ready";
+    showPresses(state);
+    watchPresses();
     await refreshPicture();
   } catch (err) {
     $("console-error").textContent = String(err.message ?? err);
+  }
+}
+
+/** Each button's last press, as the station saw it; all pressed ticks "each button tested". */
+function showPresses(state) {
+  const pressed = state.pressed ?? {};
+  for (const slot of document.querySelectorAll("[data-pressed-for]")) {
+    const at = pressed[slot.dataset.pressedFor];
+    if (at) {
+      slot.textContent = `${slot.dataset.pressedFor}: pressed at `
+        + new Date(at * 1000).toLocaleTimeString();
+      slot.dataset.pressed = "true";
+    }
+  }
+  const names = (state.buttons ?? []).map((b) => b.name);
+  if (names.length && names.every((name) => pressed[name])) $("check-buttons").checked = true;
+}
+
+async function watchPresses() {
+  while (document.body.dataset.screen === "console") {
+    await new Promise((resolve) => { setTimeout(resolve, 2000); });
+    if (document.body.dataset.screen !== "console") break;
+    try {
+      showPresses(await ask("GET", "state"));
+    } catch {
+      // shown by the next action; a refused phone leaves the console anyway
+    }
   }
 }
 
@@ -180,6 +209,11 @@ function renderButtons(buttons) {
       wrap.append(label, input);
       row.append(wrap);
     }
+    const pressed = document.createElement("p");
+    pressed.className = "note pressed";
+    pressed.dataset.pressedFor = button.name;
+    pressed.textContent = `${button.name}: not pressed yet (press it at the door)`;
+    row.append(pressed);
     for (const field of ["name", "pin", "flat"]) {
       const error = document.createElement("p");
       error.className = "error";
