@@ -187,10 +187,7 @@ def parse_bearer(token: str | bytes) -> UnverifiedBearer:
     """
     raw, header, claims = _segments(token)
     alg, kid = _check_header(header)
-    if missing := BEARER_CLAIM_KEYS - set(claims):
-        raise CommandFormatError(f"claim missing: {min(missing)}")
-    if extra := set(claims) - BEARER_CLAIM_KEYS:
-        raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+    _exact_claims(claims, BEARER_CLAIM_KEYS)
     scope = _string(claims, "cmd", "claim")
     if scope not in BEARER_SCOPES:
         raise CommandFormatError("cmd is not a bearer scope")
@@ -230,10 +227,7 @@ def parse_request(token: str | bytes) -> UnverifiedRequest:
     """
     raw, header, claims = _segments(token)
     alg, kid = _check_header(header)
-    if missing := REQUEST_CLAIM_KEYS - set(claims):
-        raise CommandFormatError(f"claim missing: {min(missing)}")
-    if extra := set(claims) - REQUEST_CLAIM_KEYS:
-        raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+    _exact_claims(claims, REQUEST_CLAIM_KEYS)
     if _string(claims, "cmd", "claim") != "console":
         raise CommandFormatError("cmd is not 'console'")
     return UnverifiedRequest(
@@ -277,11 +271,16 @@ def _check_header(header: dict[str, Any]) -> tuple[str, str]:
     return alg, kid
 
 
-def _check_claim_names(claims: dict[str, Any]) -> None:
-    if missing := CLAIM_KEYS - set(claims):
+def _exact_claims(claims: dict[str, Any], keys: frozenset[str]) -> None:
+    """Refuse a claim missing from ``keys`` or one not among them."""
+    if missing := keys - set(claims):
         raise CommandFormatError(f"claim missing: {min(missing)}")
-    if extra := set(claims) - CLAIM_KEYS:
+    if extra := set(claims) - keys:
         raise CommandFormatError(f"claim not allowed: {min(extra)[:32]!r}")
+
+
+def _check_claim_names(claims: dict[str, Any]) -> None:
+    _exact_claims(claims, CLAIM_KEYS)
     if claims["cmd"] != "unlock":
         raise CommandFormatError("cmd is not 'unlock'")
 

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from intercom.errors import IntercomError
 from intercom.events import (
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_Token = TypeVar("_Token", cmdfmt.UnverifiedBearer, cmdfmt.UnverifiedRequest)
 VIAS = frozenset({"mqtt", "cli", "call", "console"})
 HOUSEKEEPING_S = 1.0
 PURGE_EVERY_S = 60.0
@@ -284,21 +285,11 @@ class Verifier:
         use (a scraper shows one bearer at every scrape), nothing spent, no event. It
         never opens anything; the caller logs a refusal.
         """
-        if not self._running:
-            return Decision(False, "verifier not running", None, None)
-        try:
-            bearer = cmdfmt.parse_bearer(token)
-        except cmdfmt.CommandFormatError as exc:
-            return Decision(False, str(exc), None, None)
-        principal = self._registry.get(bearer.kid)
-        if principal is None:
-            return Decision(False, "unknown principal", bearer.jti, None)
-        reason = self._bearer_checks(bearer, principal, scope, self._clock())
-        if reason is None and not self._budget.take(principal.id, self._monotonic()):
-            reason = "signature budget exhausted"
-        if reason is None and not cmdfmt.verify_signature(bearer, principal.key):
-            reason = "bad signature"
-        return Decision(reason is None, reason or "granted", bearer.jti, principal.id)
+        _, decision = self._signed(
+            token, cmdfmt.parse_bearer,
+            lambda bearer, principal: self._bearer_checks(bearer, principal, scope,
+                                                          self._clock()))
+        return decision
 
     def check_request(self, token: str, method: str, path: str, body_hash: str) -> Decision:
         """Whether ``token`` signs this console request by an installer or admin, once.
@@ -309,28 +300,45 @@ class Verifier:
         console's relay test is an unlock command of its own). No event: the caller
         logs a refusal.
         """
-        if not self._running:
-            return Decision(False, "verifier not running", None, None)
-        try:
-            request = cmdfmt.parse_request(token)
-        except cmdfmt.CommandFormatError as exc:
-            return Decision(False, str(exc), None, None)
-        principal = self._registry.get(request.kid)
-        if principal is None:
-            return Decision(False, "unknown principal", request.jti, None)
         now = self._clock()
-        reason = self._request_checks(request, principal, (method, path, body_hash), now)
+        request, decision = self._signed(
+            token, cmdfmt.parse_request,
+            lambda req, principal: self._request_checks(req, principal,
+                                                        (method, path, body_hash), now))
+        if not decision.granted or request is None:
+            return decision
+        self._requests = {j: t for j, t in self._requests.items() if t > now}
+        if request.jti in self._requests:
+            return Decision(False, "request id already used", request.jti, decision.principal)
+        self._requests[request.jti] = request.exp + self.limits.max_skew_s
+        return decision
+
+    def _signed(
+        self,
+        token: str,
+        parse: Callable[[str], _Token],
+        checks: Callable[[_Token, Principal], str | None],
+    ) -> tuple[_Token | None, Decision]:
+        """A read-only token checked: the parsed token (when it parses) and the decision.
+
+        Parse, find the signer, run ``checks`` (no crypto), then spend from the
+        signature budget and check the signature.
+        """
+        if not self._running:
+            return None, Decision(False, "verifier not running", None, None)
+        try:
+            parsed = parse(token)
+        except cmdfmt.CommandFormatError as exc:
+            return None, Decision(False, str(exc), None, None)
+        principal = self._registry.get(parsed.kid)
+        if principal is None:
+            return parsed, Decision(False, "unknown principal", parsed.jti, None)
+        reason = checks(parsed, principal)
         if reason is None and not self._budget.take(principal.id, self._monotonic()):
             reason = "signature budget exhausted"
-        if reason is None and not cmdfmt.verify_signature(request, principal.key):
+        if reason is None and not cmdfmt.verify_signature(parsed, principal.key):
             reason = "bad signature"
-        if reason is None:
-            self._requests = {j: t for j, t in self._requests.items() if t > now}
-            if request.jti in self._requests:
-                reason = "request id already used"
-            else:
-                self._requests[request.jti] = request.exp + self.limits.max_skew_s
-        return Decision(reason is None, reason or "granted", request.jti, principal.id)
+        return parsed, Decision(reason is None, reason or "granted", parsed.jti, principal.id)
 
     def _request_checks(
         self, request: cmdfmt.UnverifiedRequest, principal: Principal,
