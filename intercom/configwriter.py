@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -202,6 +203,16 @@ class ConfigWriter:
     def on_change(self, prefix: str, applier: Applier) -> None:
         """Call ``applier`` with the new settings when a key under ``prefix`` changes."""
         self._appliers.append((prefix, applier))
+
+    def writable(self) -> bool:
+        """Whether the file can be replaced now (its folder writable, not a read-only mount)."""
+        if self.path is None:
+            return False
+        folder = self.path.parent
+        try:
+            return os.access(folder, os.W_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
+        except OSError:
+            return False
 
     def read(self) -> Settings:
         """The settings as the file says now (validated)."""

@@ -200,3 +200,13 @@ async def test_zones_set_through_the_writer_mask_every_output_at_once(config_fil
         preview = await request(state, {"request": "privacy-preview"})
         assert preview["zones"] == [[list(p) for p in zone] for zone in ZONES]
     assert load_settings(config_file).privacy.zones == ZONES
+
+
+async def test_writable_says_whether_the_folder_can_take_the_new_file(config_file, tmp_path):
+    writer, _ = await writer_of(config_file)
+    assert writer.writable()
+    assert not ConfigWriter(None, EventBus()).writable()
+    gone = ConfigWriter(tmp_path / "no-such-folder" / "intercom.toml", EventBus())
+    assert not gone.writable()
+    with pytest.raises(IntercomError, match="cannot read"):
+        await gone.change({"hardware.relay.pulse_s": 4}, actor="local:test")

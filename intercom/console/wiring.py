@@ -98,7 +98,7 @@ class ConsoleWiring:
             "pressed": dict(self.pressed),
             "clock_synchronized": self.health().get("clock_synchronized"),
             "selftest": last.to_dict() if last is not None else None,
-            "writable": self.writer.path is not None,
+            "writable": self.writer.writable(),
             "url": self.calls.url, "public_url": settings.web.public_url,
             "mqtt": None if settings.mqtt is None else settings.mqtt.model_dump(
                 mode="json", include={"host", "port", "username", "password_file", "tls",

@@ -153,6 +153,10 @@ async function startConsole() {
     $("check-clock").checked = state.clock_synchronized === true;
     showNetwork(state);
     document.body.dataset.console = "ready";
+    if (!state.writable) {
+      $("console-error").textContent = "The station cannot write its config file: changes "
+        + "will be refused (see docs/installer.md).";
+    }
     showPresses(state);
     watchPresses();
     await refreshPicture();
