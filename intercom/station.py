@@ -38,6 +38,7 @@ from intercom.hardware.sensors import DoorContact, DoorState, TamperSwitch
 from intercom.identity import StationIdentity, create_identity, key_dir
 from intercom.media import AudioSink, AudioSource, CameraSource, open_audio, open_camera
 from intercom.media.encodeonce import EncodeOnceCamera
+from intercom.media.shared import OneReader
 from intercom.metrics import MetricsEndpoint
 from intercom.monitor import Links, MeteredCamera, Monitor, Probes
 from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
@@ -196,7 +197,9 @@ class Station:
         self.camera = camera
         await camera.open()
         self._closers.append(camera.close)
-        self.microphone, self.speaker = open_audio(self.settings.media.audio)
+        microphone, self.speaker = open_audio(self.settings.media.audio)
+        # One read at a time: the calls, the self-test and the console's meter share frames.
+        self.microphone = OneReader(microphone)
         await self.microphone.open()
         self._closers.append(self.microphone.close)
         await self.speaker.open()

@@ -228,3 +228,22 @@ async def test_the_result_reaches_mqtt_with_a_diagnostic_entity_a_part(broker, s
         entity = seen[f"homeassistant/binary_sensor/{node}/selftest_{part}/config"]
         assert entity["device_class"] == "problem"
         assert f"value_json.parts.{part}" in entity["value_template"]
+
+
+async def test_the_microphone_is_read_once_for_all_its_readers(station):
+    """The calls keep the microphone read; the self-test's read shares that frame."""
+    from intercom.media.audio import ToneSource  # noqa: PLC0415
+    from intercom.media.shared import OneReader  # noqa: PLC0415
+
+    microphone = station.microphone
+    assert isinstance(microphone, OneReader)
+    assert isinstance(microphone.inner, ToneSource)
+    source = OneReader(ToneSource())
+    await source.open()
+    first, second = await asyncio.gather(source.next(), source.next())
+    assert first is second
+    assert source.inner.frames == 1
+    task = asyncio.ensure_future(source.next())
+    with contextlib.suppress(TimeoutError):  # a reader giving up cuts no one's frame
+        await asyncio.wait_for(source.next(), 0.0001)
+    assert (await task).pts == 960
