@@ -105,6 +105,7 @@ class Station:
         self.camera: CameraSource | None = None
         self.monitor: Monitor | None = None
         self.selftest: SelfTest | None = None
+        self.metered: MeteredCamera | None = None
         self.masked: PrivacyCamera | None = None  # the camera's privacy layer, when it has one
         self.microphone: AudioSource | None = None
         self.speaker: AudioSink | None = None
@@ -153,6 +154,7 @@ class Station:
             self.simulator = Simulator(self.settings, self.pin_factory)
             self.simulator.prepare()
         media, metered = await self._open_media()
+        self.metered = metered  # what every reader of the camera reads through
 
         for bell in self.doorbells:
             bell.start(loop)
@@ -322,7 +324,7 @@ class Station:
         wiring = ConsoleWiring(
             station=self.id, settings=self.settings, bus=self.bus, calls=calls,
             verifier=verifier, registry=registry, selftest=self.selftest,
-            writer=self.config_writer, camera=self.camera, microphone=self.microphone,
+            writer=self.config_writer, camera=self.metered, microphone=self.microphone,
             speaker=self.speaker,
             lock_state=lambda: lock.state.value,
             door_state=lambda: contact.state.value if contact is not None else None,
