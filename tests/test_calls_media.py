@@ -74,6 +74,18 @@ def local_peer(hub: MediaHub, unlock: Any = None) -> tuple[DevicePeer, LocalDevi
     return peer, device
 
 
+async def station_end(camera: Any) -> tuple[MediaHub, DevicePeer, LocalDevice]:
+    """The station's end of one device's connection: the camera opened, a tone for the
+    door microphone, the hub started, a ``DevicePeer`` on it and the in-process device
+    that answers its offers."""
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    hub.start()
+    return (hub, *local_peer(hub))
+
+
 async def connect(peer: DevicePeer, device: LocalDevice) -> tuple[RTCPeerConnection, list[Any]]:
     """The device answers the station's first offer; returns its connection and frames."""
     await device.answer(await peer.offer())
@@ -98,12 +110,7 @@ async def transport_packets(pc: RTCPeerConnection) -> tuple[int, int]:
 
 async def test_an_idle_connection_carries_nothing_until_a_ring_turns_media_on():
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
-    peer, device = local_peer(hub)
+    hub, peer, device = await station_end(camera)
     client, frames = await connect(peer, device)
     try:
         assert "a=inactive" in device.offers[0].split("m=application")[0]
@@ -132,12 +139,7 @@ async def test_an_idle_connection_carries_nothing_until_a_ring_turns_media_on():
 
 async def test_h264_packets_pass_through_with_an_idr_at_each_ring():
     camera = H264Camera()
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
-    peer, device = local_peer(hub)
+    hub, peer, device = await station_end(camera)
     client, frames = await connect(peer, device)
     try:
         assert "H264" in peer.pc.localDescription.sdp

@@ -134,19 +134,10 @@ async def test_one_wake_up_reads_every_waiting_packet_over_a_real_broker(broker)
 
 
 async def station_end(camera: Any) -> tuple[Any, Any, Any]:
-    """The station's end of one device's connection: the camera opened, a tone for the
-    door microphone, the hub started, a ``DevicePeer`` on it and the in-process device
-    that answers its offers."""
-    from intercom.calls.tracks import MediaHub  # noqa: PLC0415
-    from intercom.media.audio import LevelSink, ToneSource  # noqa: PLC0415
-    from tests.test_calls_media import local_peer  # noqa: PLC0415
+    """The station's end of one device's connection (``tests/test_calls_media.py``)."""
+    from tests.test_calls_media import station_end as made  # noqa: PLC0415
 
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
-    return (hub, *local_peer(hub))
+    return await made(camera)
 
 
 def test_installed_aiortc_is_in_the_range_pyproject_pins():
