@@ -136,7 +136,9 @@ def act(page: Any, plan: dict[str, Any], totp: Any, ring_wait_s: float, wait_sta
         page.click("#btn-open")
         page.fill("#unlock-code", totp.now())
         page.click("#unlock-send")
-        page.wait_for_selector("#unlock-result[data-result]", timeout=10000)
+        # "pending" while the page waits for the station's answer
+        page.wait_for_selector("#unlock-result[data-result]:not([data-result='pending'])",
+                               timeout=10000)
         result = page.get_attribute("#unlock-result", "data-result")
         time.sleep(plan.get("talk_s", 2.0))
         page.click("#btn-hangup")
