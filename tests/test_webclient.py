@@ -130,23 +130,17 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     wait_idle_station(station)
     before = stats(page)
     assert before["dtlsState"] == "connected"
-    # idle, the connection has its media sections inactive: no track, nothing received
-    assert before["streams"] == {}, before
+    # idle: the video's gate is closed and the audio section inactive: nothing received
+    assert set(before["streams"]) == {"video"}, before
     assert before["framesDecoded"] == 0
     heard_before = speaker(station)["audible_frames"]
 
     station.press()
     wait_call_state(page, "ringing")
-    # the ring renegotiates the media on: the preview plays before anyone answers,
-    # frames decoded and presented
+    # the preview plays before anyone answers: frames decoded and presented
     page.wait_for_function(
         "() => window.intercom.stats().then(s => s.framesDecoded > 3)", timeout=5000
     )
-    # the preview is not held back for lip sync with the door audio: its own stream
-    streams = stats(page)["streams"]
-    assert streams["video"], streams
-    assert streams["audio"], streams
-    assert streams["video"] != streams["audio"]
     ring = page.evaluate("window.intercom.rings.at(-1)")
     assert page.evaluate(f"window.intercom.frames.some(t => t >= {ring['at']} - 1000)")
     assert page.is_visible("#btn-answer")
@@ -168,6 +162,12 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     )
     during = stats(page)
     assert during["dtlsState"] == "connected"
+    # the answer renegotiated the audio on; the preview is not held back for lip sync
+    # with the door audio: its own stream
+    streams = during["streams"]
+    assert streams["video"], streams
+    assert streams["audio"], streams
+    assert streams["video"] != streams["audio"]
     assert during["srtpCipher"].startswith(("SRTP_AEAD_AES", "AES_CM_128"))
 
     # a wrong code is refused and the relay stays off
@@ -194,7 +194,7 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     # the call over, the station replaces the connection by a fresh idle one
     page.wait_for_function(
         "() => window.intercom.stats().then(s => s.connection === 'connected'"
-        " && Object.keys(s.streams).length === 0)",
+        " && s.framesDecoded === 0 && !('audio' in s.streams))",
         timeout=10000,
     )
     assert "ended" in page.text_content("#history")

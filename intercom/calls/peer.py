@@ -1,13 +1,14 @@
 """One resident device's WebRTC connection, set up when it comes online and kept open.
 
 The station is the offerer. While nobody rings the device the connection carries a data
-channel ``control`` and two media sections, video and audio, both ``inactive``: ICE
-consent checks are all that cross it, no RTP and no RTCP either way. A ring renegotiates
-it once (video sendonly, gated until this device is rung; audio sendrecv, the door
-microphone gated until this device answers, its audio reaching the door speaker only
-while it is in the call), over the connection's ICE and DTLS, already up. After the call
-the signalling session replaces the connection with a fresh idle one
-(``docs/calls.md``, "Connections").
+channel ``control``, a video section ``sendonly`` whose gate stays closed until this
+device is rung (a ring only opens it: no negotiation before the first frame) and an
+audio section ``inactive``. Idle, nothing crosses it but ICE consent checks: the closed
+gate sends no RTP, the station's report hook no RTCP, and a device that has received no
+video reports nothing. Answering renegotiates the audio ``sendrecv`` once (the door
+microphone gated until then; the device's audio reaches the door speaker only while it
+is in the call). After a ring the signalling session replaces the connection with a
+fresh idle one (``docs/calls.md``, "Media").
 
 Every message on the data channel gets one ``unlock-result`` answer, ``denied`` when it
 is refused (binary, oversized, beyond the channel's rate) or when answering it fails.
@@ -177,8 +178,8 @@ class DevicePeer:
         self._on_lost = on_lost
         self._send_offer = send_offer
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Both media sections start inactive: an idle device costs no RTP or RTCP.
-        self._video_tx = self.pc.addTransceiver(self.video, direction="inactive")
+        # The video is ready for a ring (its gate closed); the audio waits for an answer.
+        self._video_tx = self.pc.addTransceiver(self.video, direction="sendonly")
         self.video_sender = self._video_tx.sender
         if media.encoded:  # hardware H.264 packets go out as they are
             codecs = RTCRtpSender.getCapabilities("video").codecs
@@ -187,8 +188,9 @@ class DevicePeer:
         self._audio_tx = self.pc.addTransceiver(self.audio, direction="inactive")
         for sender, track in ((self.video_sender, self.video), (self._audio_tx.sender, self.audio)):
             _quiet_idle_reports(sender, track)
-        self.media_on = False  # renegotiated for a ring: video and audio sections active
+        self.media_on = False  # renegotiated for an answer: the audio section active
         self.media_at: float | None = None  # when that renegotiation's answer was applied
+        self.rung = False  # its video gate has been opened (a device that got video reports)
         self._awaiting_answer = False
         self._answered = asyncio.Event()  # the first answer is applied
         self._marked = False
@@ -252,11 +254,10 @@ class DevicePeer:
             self._mark_playout_delay(ext_id, ssrc)
 
     def _media(self) -> None:
-        """Renegotiate the media sections active, once (a ring; the rest is gates)."""
+        """Renegotiate the audio section active, once (an answer; the rest is gates)."""
         if self.media_on:
             return
         self.media_on = True
-        self._video_tx.direction = "sendonly"
         self._audio_tx.direction = "sendrecv"
         self._spawn(self._renegotiate(), "call-renegotiate")
 
@@ -291,7 +292,7 @@ class DevicePeer:
 
     def start_video(self) -> None:
         """Send the camera to this device, newest frame first, from a keyframe."""
-        self._media()
+        self.rung = True
         self.video.open()
         # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
         # to make aiortc's own encoder send an IDR; wrapped, it reaches the camera too.
@@ -402,7 +403,7 @@ def _quiet_idle_reports(sender: RTCRtpSender, track: GatedTrack) -> None:
     send = getattr(sender, "_send_rtcp", None)
     if not callable(send):
         return
-    reported = [-1]  # track.frames at the last report that went out
+    reported = [0]  # track.frames at the last report that went out (none yet: 0)
 
     async def send_rtcp(packets: list[Any]) -> None:
         idle = not track.is_open and track.frames == reported[0]

@@ -171,9 +171,10 @@ class Session:
     def renew(self) -> None:
         """After a call: replace the connection by a fresh idle one.
 
-        Once renegotiated for a ring, a connection keeps sending reports and keeping
-        receive statistics for ever (aiortc stops no sender or receiver when a section
-        goes inactive); a fresh one costs the station only consent checks again. The old
+        Once rung, a connection would report for ever: a device that has received video
+        sends receiver reports, and once answered the audio's sender and receiver run (aiortc
+        stops neither when a section goes inactive again); a fresh one costs the station
+        only consent checks again. The old
         one is closed once the device answers the new offer (closing it first could make
         the device see a failed connection and sign in again).
         """
@@ -211,7 +212,7 @@ class Session:
         peer = self.peer
         if peer is not None:
             peer.stop_video()
-            if peer.media_on and not peer.audio.is_open:
+            if peer.rung and not peer.audio.is_open:
                 self.renew()
 
     def start_audio(self) -> None:
