@@ -45,6 +45,7 @@ from soak_parts import (  # noqa: E402
     MqttWatcher,
     Residents,
     SoakStation,
+    StationDied,
     add_devices,
     log_verify,
     sample_at,
@@ -121,36 +122,15 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         station, watcher, residents = await start_parts(args, work, stack, chromium=True)
         began = time.monotonic()
         cpu0 = station.proc_figures()["cpu_s"]
-        last_purge = began
-        number = 0
-        next_press = began
-        while time.monotonic() - began < args.minutes * 60:
-            # the plan goes out first: a worker busy with the last call reads it in time
-            plan, who = plan_of(number, residents)
-            residents.plan({"plan": plan, "who": who, "talk_s": args.talk_s})
-            await asyncio.sleep(max(PLAN_LEAD_S, next_press - time.monotonic()))
-            next_press = time.monotonic() + args.period_s
-            figures = station.proc_figures()
-            result["samples"].append({"minute": (time.monotonic() - began) / 60, **figures})
-            problems = await one_call(plan, who, station, residents, watcher, args)
-            result["calls"] += 1
-            if problems:
-                result["failed"].append({"press": number, "plan": plan, "problems": problems})
-                print(f"  press {number} ({plan}) FAILED: {'; '.join(problems)}", flush=True)
-            if time.monotonic() - last_purge >= args.purge_every_s:
-                last_purge = time.monotonic()
-                purged = await station.ask({"request": "log-purge", "hours": args.purge_hours})
-                result.setdefault("purges", []).append(purged.get("records"))
-            number += 1
-            if number % 9 == 0:
-                s = result["samples"][-1]
-                print(
-                    f"  {s['minute']:.1f} min: {number} calls, RSS {s['rss_mib']:.1f} MiB, "
-                    f"{s['fds']} fds, {len(result['failed'])} failed",
-                    flush=True,
-                )
+        try:
+            await presses(args, result, station, residents, watcher)
+        except StationDied as exc:
+            result["failed"].append({"press": result["calls"], "plan": "-", "problems": [str(exc)]})
+            print(f"  FAILED: {exc}", flush=True)
         seconds = time.monotonic() - began
-        cpu = station.proc_figures()["cpu_s"] - cpu0
+        cpu = result["samples"][-1]["cpu_s"] - cpu0 if result["samples"] else 0.0
+        with contextlib.suppress(OSError):
+            cpu = station.proc_figures()["cpu_s"] - cpu0
         result["station_cpu_s"] = cpu
         result["cpu_per_call_s"] = cpu / max(1, result["calls"])
         result["cpu_percent"] = cpu / seconds * 100
@@ -162,46 +142,96 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+async def presses(
+    args: argparse.Namespace, result: dict[str, Any], station: SoakStation,
+    residents: Residents, watcher: MqttWatcher,
+) -> None:
+    """Press every --period-s for --minutes, purging the log as it goes; into ``result``."""
+    began = last_purge = next_press = time.monotonic()
+    number = 0
+    while time.monotonic() - began < args.minutes * 60:
+        # the plan goes out first: a worker busy with the last call reads it in time
+        plan, who = plan_of(number, residents)
+        residents.plan({"plan": plan, "who": who, "talk_s": args.talk_s})
+        await asyncio.sleep(max(PLAN_LEAD_S, next_press - time.monotonic()))
+        next_press = time.monotonic() + args.period_s
+        try:
+            figures = station.proc_figures()
+        except OSError:  # /proc/PID gone
+            await station.check_alive()
+            raise
+        result["samples"].append({"minute": (time.monotonic() - began) / 60, **figures})
+        problems = await one_call(plan, who, station, residents, watcher, args)
+        result["calls"] += 1
+        if problems:
+            result["failed"].append({"press": number, "plan": plan, "problems": problems})
+            print(f"  press {number} ({plan}) FAILED: {'; '.join(problems)}", flush=True)
+        if time.monotonic() - last_purge >= args.purge_every_s:
+            last_purge = time.monotonic()
+            purged = await station.ask({"request": "log-purge", "hours": args.purge_hours})
+            result.setdefault("purges", []).append(purged.get("records"))
+        number += 1
+        if number % 9 == 0:
+            s = result["samples"][-1]
+            print(
+                f"  {s['minute']:.1f} min: {number} calls, RSS {s['rss_mib']:.1f} MiB, "
+                f"{s['fds']} fds, {len(result['failed'])} failed",
+                flush=True,
+            )
+
+
 async def kills(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """``kill -9`` the station in a call, --kills times; what each restart looked like."""
     result: dict[str, Any] = {"kills": 0, "failed": [], "ring_after_ready_s": []}
     async with contextlib.AsyncExitStack() as stack:
         station, watcher, residents = await start_parts(args, work, stack, chromium=False)
-        for number in range(args.kills):
-            who = residents.aiortc_principals[number % len(residents.aiortc_principals)]
-            residents.plan({"plan": "answer", "who": who, "talk_s": 0.0})
-            await asyncio.sleep(PLAN_LEAD_S)
-            after = watcher.last_seq
-            await station.press(1)
-            problems: list[str] = []
-            ringing = await watcher.wait_event("CallRinging", after, 5)
-            if ringing is None:
-                problems.append("no CallRinging before the kill")
-            else:
-                problems += await residents.unlock_over_mqtt(
-                    ringing["details"]["call"], who, watcher, 0.0
-                )
-            residents.plan({"plan": "ignore"})  # for the ring after the restart
-            ready = await station.kill_and_restart()
-            result["kills"] += 1
-            status = (await station.ask({"request": "status"}))["status"]
-            if status["lock"] != "locked":
-                problems.append(f"lock {status['lock']} after the restart")
-            rung_in = await residents.ring_after(station, ready)
-            if rung_in is None:
-                problems.append("not every device rung within 5 s of READY")
-            else:
-                result["ring_after_ready_s"].append(rung_in)
-            await station.hangup()
-            if problems:
-                result["failed"].append({"kill": number, "problems": problems})
-                print(f"  kill {number} FAILED: {'; '.join(problems)}", flush=True)
-            elif number % 5 == 4:
-                print(f"  {number + 1} kills, ring {rung_in:.2f} s after READY", flush=True)
+        try:
+            await kill_rounds(args, result, station, residents, watcher)
+        except StationDied as exc:
+            result["failed"].append({"kill": result["kills"], "problems": [str(exc)]})
+            print(f"  FAILED: {exc}", flush=True)
         result["lost_events"] = await watcher.lost(station)
         await station.stop()
         result["verify"] = await log_verify(station.state_dir)
     return result
+
+
+async def kill_rounds(
+    args: argparse.Namespace, result: dict[str, Any], station: SoakStation,
+    residents: Residents, watcher: MqttWatcher,
+) -> None:
+    """Ring, answer, unlock, kill -9 and restart, --kills times; into ``result``."""
+    for number in range(args.kills):
+        who = residents.aiortc_principals[number % len(residents.aiortc_principals)]
+        residents.plan({"plan": "answer", "who": who, "talk_s": 0.0})
+        await asyncio.sleep(PLAN_LEAD_S)
+        after = watcher.last_seq
+        await station.press(1)
+        problems: list[str] = []
+        ringing = await watcher.wait_event("CallRinging", after, 5)
+        if ringing is None:
+            problems.append("no CallRinging before the kill")
+        else:
+            problems += await residents.unlock_over_mqtt(
+                ringing["details"]["call"], who, watcher, 0.0
+            )
+        residents.plan({"plan": "ignore"})  # for the ring after the restart
+        ready = await station.kill_and_restart()
+        result["kills"] += 1
+        status = (await station.ask({"request": "status"}))["status"]
+        if status["lock"] != "locked":
+            problems.append(f"lock {status['lock']} after the restart")
+        rung_in = await residents.ring_after(station, ready)
+        if rung_in is None:
+            problems.append("not every device rung within 5 s of READY")
+        else:
+            result["ring_after_ready_s"].append(rung_in)
+        await station.hangup()
+        if problems:
+            result["failed"].append({"kill": number, "problems": problems})
+            print(f"  kill {number} FAILED: {'; '.join(problems)}", flush=True)
+        elif number % 5 == 4:
+            print(f"  {number + 1} kills, ring {rung_in:.2f} s after READY", flush=True)
 
 
 async def start_parts(

@@ -42,6 +42,10 @@ interval_s = 10
 """
 
 
+class StationDied(Exception):  # noqa: N818 - what happened, not an error of the soak's
+    """The station process exited during the run."""
+
+
 class SoakStation(bench.Station):
     """bench_devices' station (one flat) with MQTT, a short ring timeout and fast epochs.
 
@@ -68,7 +72,29 @@ class SoakStation(bench.Station):
         """Press (after the button's coalesce time since the last press)."""
         await asyncio.sleep(max(0.0, self._last_press + bench.COALESCE_S - time.monotonic()))
         self._last_press = time.monotonic()
-        return await super().press(flat)
+        try:
+            return await super().press(flat)
+        except (OSError, ValueError):
+            await self.check_alive()
+            raise
+
+    async def ask(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A control request; StationDied when the station is gone."""
+        try:
+            return await super().ask(payload)
+        except (OSError, ValueError):
+            await self.check_alive()
+            raise
+
+    async def check_alive(self) -> None:
+        """Raise StationDied when the station process has exited."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 1)
+        if self.proc.returncode is not None:
+            raise StationDied(f"the station exited with status {self.proc.returncode} "
+                              "(see station.log)")
 
     async def ready(self, timeout: float = 60) -> float:
         """Wait for the next READY=1 on the notify socket; when it came (unix seconds)."""
@@ -197,9 +223,16 @@ class MqttWatcher:
             return "no answer"
         return self.results[jti]
 
-    async def lost(self, station: bench.Station) -> list[int]:
-        """Seqs the station logged that never came, once the subscriber had 15 s to catch up."""
-        last = (await station.ask({"request": "status"}))["status"]["eventlog"]["last_seq"]
+    async def lost(self, station: SoakStation) -> list[int]:
+        """Seqs the station logged that never came, once the subscriber had 15 s to catch up.
+
+        With the station gone, the seqs are read from its log (``intercom log show``).
+        """
+        try:
+            last = (await station.ask({"request": "status"}))["status"]["eventlog"]["last_seq"]
+        except (OSError, ValueError, StationDied):
+            logged = await logged_seqs(station.state_dir)
+            return [seq for seq in logged if seq not in self.events]
         await until(lambda: self.last_seq >= last, 15)
         return [seq for seq in range(1, last + 1) if seq not in self.events]
 
@@ -396,6 +429,16 @@ class Residents:
             reader.cancel()
         lines = "".join(json.dumps(e) + "\n" for e in self.collector.events)
         await asyncio.to_thread((self.work / "residents.jsonl").write_text, lines)
+
+
+async def logged_seqs(state_dir: Path) -> list[int]:
+    """The seqs of the event log's records (``intercom log show --json``)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "intercom", "log", "show", "--json", "--state-dir", str(state_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    return [int(json.loads(line)["seq"]) for line in out.splitlines() if line.strip()]
 
 
 async def log_verify(state_dir: Path) -> str:
