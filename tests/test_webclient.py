@@ -162,7 +162,7 @@ def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path)
     )
     during = stats(page)
     assert during["dtlsState"] == "connected"
-    # the answer renegotiated the audio on; the preview is not held back for lip sync
+    # the ring renegotiated the audio on; the preview is not held back for lip sync
     # with the door audio: its own stream
     streams = during["streams"]
     assert streams["video"], streams

@@ -5,10 +5,11 @@ channel ``control``, a video section ``sendonly`` whose gate stays closed until 
 device is rung (a ring only opens it: no negotiation before the first frame) and an
 audio section ``inactive``. Idle, nothing crosses it but ICE consent checks: the closed
 gate sends no RTP, the station's report hook no RTCP, and a device that has received no
-video reports nothing. Answering renegotiates the audio ``sendrecv`` once (the door
-microphone gated until then; the device's audio reaches the door speaker only while it
-is in the call). After a ring the signalling session replaces the connection with a
-fresh idle one (``docs/calls.md``, "Media").
+video reports nothing. Once the ring's first frame is out, the audio is renegotiated
+``sendrecv`` (the door microphone gated until this device answers; its audio reaches the
+door speaker only while it is in the call), so an answer only opens gates. After a ring
+the signalling session replaces the connection with a fresh idle one (``docs/calls.md``,
+"Media").
 
 Every message on the data channel gets one ``unlock-result`` answer, ``denied`` when it
 is refused (binary, oversized, beyond the channel's rate) or when answering it fails.
@@ -48,6 +49,10 @@ MAX_CHANNEL_MESSAGE = 8192
 CHANNEL_RATE = (2.0, 10.0)  # messages per second, burst: a person opens a door now and then
 MAX_ANSWERS_BUFFERED = 1 << 20  # bytes queued for a device that does not read its answers
 AUDIBLE = LevelSink.SILENCE
+# A ring renegotiates the audio on this long after opening the video gate: after the first
+# frame has gone out (the renegotiation must not delay it), long before a person answers
+# (answered, the door audio then flows at once, with no round trip first).
+AUDIO_AFTER_RING_S = 0.15
 PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
@@ -254,7 +259,7 @@ class DevicePeer:
             self._mark_playout_delay(ext_id, ssrc)
 
     def _media(self) -> None:
-        """Renegotiate the audio section active, once (an answer; the rest is gates)."""
+        """Renegotiate the audio section active, once (a ring; the rest is gates)."""
         if self.media_on:
             return
         self.media_on = True
@@ -294,6 +299,8 @@ class DevicePeer:
         """Send the camera to this device, newest frame first, from a keyframe."""
         self.rung = True
         self.video.open()
+        if not self.media_on:
+            self._spawn(self._audio_after_ring(), "call-audio-after-ring")
         # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
         # to make aiortc's own encoder send an IDR; wrapped, it reaches the camera too.
         force = getattr(self.video_sender, "_send_keyframe", None)
@@ -301,6 +308,11 @@ class DevicePeer:
             force()
         else:
             self.media.request_keyframe()
+
+    async def _audio_after_ring(self) -> None:
+        await asyncio.sleep(AUDIO_AFTER_RING_S)
+        if self.video.is_open:  # still rung
+            self._media()
 
     def stop_video(self) -> None:
         """Stop sending video."""
