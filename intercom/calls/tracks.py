@@ -4,7 +4,7 @@ One camera and one microphone feed every peer through an aiortc ``MediaRelay`` (
 frame only, no queue). Each device's peer connection gets a ``GatedTrack`` attached from
 the start: its ``recv`` blocks while the gate is closed, so nothing is sent and nothing
 is encoded, and returns the newest frame at once when the gate opens (a ring only opens
-the video's; the audio section is negotiated on at the answer). Encoded camera packets
+the video's; the audio section is negotiated on while the device rings). Encoded camera packets
 (the Pi's hardware H.264) pass through unchanged.
 """
 
