@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,41 @@ async def test_simulated_button_press_rings(call_station: Station, devices: list
     timing = status["calls"]["last_call"]
     assert timing["call"] == ring["call"]
     assert timing["ring_sent_at"] >= timing["pressed_at"]
+
+
+def open_sockets() -> int:
+    """Sockets open in this process (the station's and the test devices')."""
+    fd_dir = Path("/proc/self/fd")
+    count = 0
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            count += str(fd.readlink()).startswith("socket:")
+    return count
+
+
+async def test_rings_declined_and_answered_leave_no_connection_behind(
+    call_station: Station, devices: list[Device]
+):
+    """Every ring replaces the rung devices' connections: none may be left open.
+
+    A decline stops the device's video twice (its own decline, then the call missed);
+    each stop asked for a fresh connection, and the first one made was never used nor
+    closed: 6 sockets a declined ring, found by ``scripts/soak``.
+    """
+    station = call_station
+    (phone,) = await online(station, devices, 1)
+    await asyncio.sleep(0.5)
+    before = open_sockets()
+    for round_ in range(3):
+        number = phone.number
+        press(station)
+        ring = await phone.expect("ring")
+        await phone.expect("offer", peer=number)  # the audio, renegotiated while ringing
+        kind = "decline" if round_ != 1 else "accept"
+        await phone.send({"type": kind, "call": ring["call"]})
+        if kind == "accept":
+            await phone.expect("call", state="answered")
+            await phone.send({"type": "hangup", "call": ring["call"]})
+        await phone.expect("call", state="missed" if kind == "decline" else "ended")
+        await phone.wait_renewed(number)
+    await eventually(lambda: open_sockets() == before, what=f"sockets back to {before}")

@@ -152,7 +152,11 @@ class Session:
         number = self.number + 1
         peer = self._peer_factory(self, lambda sdp: self._offer(number, sdp))
         self.peer, self.number = peer, number
-        self._offer(number, await peer.offer())
+        sdp = await peer.offer()
+        if self.peer is not peer:  # replaced while making its offer: never used
+            await peer.close()
+            return
+        self._offer(number, sdp)
 
     def _offer(self, number: int, sdp: str) -> None:
         if number == self.number:
@@ -179,8 +183,8 @@ class Session:
         the device see a failed connection and sign in again).
         """
         old = self.peer
-        if old is None or self._peer_factory is None:
-            return
+        if old is None or self._peer_factory is None or old is self._retired:
+            return  # nothing to replace, or its replacement is on the way already
         self.first_frame_at = old.video.first_frame_at or self.first_frame_at
         self.first_audio_at = old.first_audio_at or self.first_audio_at
         if self._retired is not None:
