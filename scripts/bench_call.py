@@ -338,8 +338,12 @@ def run_latency(
 
 
 def busy_core() -> subprocess.Popen[bytes]:
-    """A process that keeps one core busy (nice 0, like any other job on the machine)."""
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """A process that keeps one core busy (nice 0, like any other job on the machine).
+
+    It ends with the benchmark, however that ends (a killed benchmark left it running).
+    """
+    loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    return subprocess.Popen([sys.executable, "-c", loop])
 
 
 def report_latency(source: str, lat: dict[str, list[float]], busy: bool, flags: list[str]) -> None:
