@@ -53,7 +53,6 @@ CLOSE_REPLACED = 4409
 CLOSE_LOST = 4410
 CLOSE_BUSY = 4429
 SIGNATURE_BYTES = 64
-RENEW_AFTER_S = 2.0  # a rung connection is replaced 2-4 s after it is out of the call
 CALL_TYPES = frozenset({"accept", "decline", "hangup"})
 
 
@@ -218,19 +217,7 @@ class Session:
         if peer is not None:
             peer.stop_video()
             if peer.rung and not peer.audio.is_open:
-                self._spawn(self._renew_later(peer), "call-peer-renew-later")
-
-    async def _renew_later(self, peer: DevicePeer) -> None:
-        """Replace a rung connection a few seconds after it is out of the call.
-
-        Not at once: a ring of a flat ends with every device's connection replaced, and
-        a building's worth of ICE and DTLS handshakes at once would land on the next
-        press (measured: ringing at 100 devices 48 / 92 ms p95). Spread over a few
-        seconds instead; a ring in the meantime finds the old connection, gates only.
-        """
-        await asyncio.sleep(RENEW_AFTER_S * (1 + secrets.randbelow(1000) / 1000))
-        if self.peer is peer and not (peer.video.is_open or peer.audio.is_open):
-            self.renew()
+                self.renew()
 
     def start_audio(self) -> None:
         """Two-way audio."""
