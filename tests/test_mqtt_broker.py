@@ -19,7 +19,8 @@ import pytest
 from intercom.config import MqttConfig, Settings
 from intercom.events import CallAnswered, CallEnded, CallMissed, CallRinging
 from intercom.mqtt.bridge import MqttBridge
-from intercom.mqtt.link import LinkState
+from intercom.mqtt.link import LinkState, MqttLink
+from intercom.mqtt.topics import Topics
 from intercom.station import Station
 from tests.mosquitto import Broker, TlsFiles, make_tls_files
 from tests.test_security_kit import Clock, add_principal, new_principal
@@ -352,6 +353,41 @@ async def test_broker_away_never_delays_the_lock_and_the_link_comes_back(broker,
         seen = await retained(broker.port, f"{PREFIX}/#")
         assert seen[f"{PREFIX}/availability"] == "online"
         assert seen[f"{PREFIX}/state/lock"]["state"] == "locked"
+
+
+async def test_a_lost_broker_ends_a_session_that_is_not_reading(broker):
+    """The loss is noticed when paho drops the socket, not when a publish times out.
+
+    aiomqtt tells only its message iterator; a session busy elsewhere (publishing the
+    discovery burst, waiting for a PUBACK) used to keep the link "connected" for the
+    publish's 10 s timeout, or until keepalive if it waited on nothing of aiomqtt's.
+    """
+    started = asyncio.Event()
+    ended: list[BaseException] = []
+
+    async def session(client: aiomqtt.Client, protocol: aiomqtt.ProtocolVersion) -> None:
+        await client.publish(f"{PREFIX}/probe", b"1", qos=1)
+        started.set()
+        try:
+            await asyncio.Event().wait()  # busy with something that is not the broker
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+
+    config = MqttConfig(host="127.0.0.1", port=broker.port, topic_prefix=PREFIX,
+                        keepalive_s=60, reconnect_min_s=5.0, reconnect_max_s=5.0)
+    link = MqttLink(config, Topics(PREFIX, "door-1"), "lost-test", session)
+    link.prepare()
+    link.start()
+    try:
+        await until(started.is_set, 5, "session started")
+        broker.kill()
+        # Keepalive is 60 s: noticing within a few seconds can only be the closed socket.
+        await until(lambda: link.state is LinkState.DISCONNECTED, 5, "loss noticed")
+        assert link.last_error == "the connection to the broker was lost"
+        assert [type(e) for e in ended] == [asyncio.CancelledError]
+    finally:
+        await link.stop()
 
 
 async def test_call_state_follows_the_call_events(broker, sim_settings):

@@ -15,10 +15,16 @@ aiomqtt, whose reader, TLS handling and error path run unchanged. No other priva
 name of aiomqtt is used. tests/test_contracts.py pins the hook's name and signature,
 aiomqtt's version against the range in pyproject.toml (``<3``) and, over a real
 Mosquitto, that one wake-up reads a whole burst: a change in aiomqtt fails there.
+
+The same hook chains paho's public ``on_socket_close`` so that ``lost`` is set the moment
+paho drops the socket. aiomqtt tells only its message iterator of a lost connection; a
+QoS 1 publish waiting for its PUBACK waits out its whole timeout (10 s) even though paho
+saw the broker go. The link (``link.py``) waits on ``lost`` beside the session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import select
 from typing import Any
 
@@ -56,9 +62,35 @@ def read_in_bursts(client: mqtt.Client) -> None:
     client.loop_read = loop_read  # type: ignore[method-assign]  # this instance only
 
 
+def tell_on_close(
+    client: mqtt.Client, lost: asyncio.Event, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Chain ``client.on_socket_close`` to set ``lost`` on ``loop``, from any thread."""
+    chained = client.on_socket_close
+    if getattr(chained, "sets", None) is lost:
+        return  # done at an earlier connection of the same client
+
+    def on_socket_close(paho: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if chained is not None:
+            chained(paho, userdata, sock)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(lost.set)
+
+    on_socket_close.sets = lost  # type: ignore[attr-defined]
+    client.on_socket_close = on_socket_close
+
+
 class Client(aiomqtt.Client):
-    """An ``aiomqtt.Client`` that drains its socket on each wake-up."""
+    """An ``aiomqtt.Client`` that drains its socket on each wake-up and says when it is lost."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set when paho closes the socket, for whatever reason; one connection's worth
+        # (the link makes a new Client for each connection).
+        self.lost = asyncio.Event()
+        self._lost_loop = asyncio.get_running_loop()
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         read_in_bursts(client)  # before aiomqtt registers the reader that calls it
+        tell_on_close(client, self.lost, self._lost_loop)
         super()._on_socket_open(client, userdata, sock)

@@ -251,14 +251,20 @@ class MqttLink:
             await client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
             session = asyncio.create_task(self._session(client, protocol), name="mqtt-session")
             stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop-wait")
+            # paho dropping the socket ends the session at once, even one that waits on a
+            # publish's PUBACK (aiomqtt would let that wait run out its timeout).
+            lost = asyncio.create_task(client.lost.wait(), name="mqtt-lost-wait")
             try:
-                await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({session, stop, lost}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
+                lost.cancel()
                 if not session.done():
                     session.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await session  # re-raises the session's error (a lost connection)
+            if client.lost.is_set() and not self._stopping.is_set():
+                raise aiomqtt.MqttError("the connection to the broker was lost")
             if self._stopping.is_set():
                 with contextlib.suppress(aiomqtt.MqttError):
                     await client.publish(
