@@ -356,6 +356,45 @@ class CallsConfig(Model):
     )
 
 
+PUSH_SERVICES = [
+    "fcm.googleapis.com",  # Chrome, Edge on Android, Chromium browsers
+    "updates.push.services.mozilla.com",  # Firefox
+    "web.push.apple.com",  # Safari, iOS 16.4+ home-screen apps
+    "*.notify.windows.com",  # Edge on Windows
+]
+
+
+class PushConfig(Model):
+    """Web Push: ringing residents' phones while the app is closed."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Push a ring to paired devices that have no live connection (each "
+        "device opts in when its resident allows notifications).",
+    )
+    contact: str = Field(
+        default="",
+        pattern=r"^((mailto:|https://)[^\s]+)?$",
+        description="Who push services may contact about this station's pushes (VAPID "
+        "sub: mailto: or https:); default the station's public URL.",
+    )
+    allowed_hosts: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=lambda: list(PUSH_SERVICES),
+        max_length=32,
+        description="Push service hosts the station sends to (shell-style patterns); a "
+        "subscription naming any other host is refused.",
+    )
+    ttl_s: int = Field(
+        default=30, ge=0, le=600,
+        description="How long a push service keeps an undelivered ring (TTL).",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="Extra CA certificate (PEM) trusted for push services, besides the "
+        "system's (a private push service).",
+    )
+
+
 class PrivacyConfig(Model):
     """Privacy zones, face redaction, snapshots and the installer's time box."""
 
@@ -445,6 +484,7 @@ class Settings(Model):
     mqtt: MqttConfig | None = None
     web: WebConfig = WebConfig()
     calls: CallsConfig = CallsConfig()
+    push: PushConfig = PushConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     monitor: MonitorConfig = MonitorConfig()
     simulated: bool = Field(

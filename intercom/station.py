@@ -45,6 +45,8 @@ from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
 from intercom.notify import Notifier
 from intercom.privacy.camera import PrivacyCamera, privacy_camera
 from intercom.privacy.component import Privacy
+from intercom.push.component import Push
+from intercom.push.vapid import create_vapid_key
 from intercom.security import Registry, Site, Verifier
 from intercom.security.secretbox import create_key
 from intercom.selftest import Parts, SelfTest
@@ -217,6 +219,7 @@ class Station:
         await asyncio.to_thread(self.instance.acquire, CLI_WAIT_S)
         self._closers.append(self.instance.release)
         self.identity = create_identity(self.state_dir)  # keys: made here or by first boot
+        create_vapid_key(self.state_dir)
         return self.identity, create_key(self.state_dir)
 
     def _build_components(
@@ -236,6 +239,7 @@ class Station:
             register(name, handler)
         self.calls = Calls(settings, media, bus, registry, self.verifier.submit, register)
         components.append(self.calls)
+        components.append(Push(settings, registry, self.calls))  # after calls: plugs into it
         privacy = Privacy(settings, bus, media.camera, self.eventlog, register)
         components.append(privacy)
         if self.masked is not None:  # zones from the config writer apply at once

@@ -2,6 +2,13 @@
 
 One call at a time per station (one door, one camera, one speaker): presses during a
 ring or a call start nothing. Every transition is logged and raised as an event.
+
+Devices of the flat that are not online are rung through the ``Notifier`` (Web Push,
+``intercom.push``): the call then rings on for them until the ring time is up even with
+no device online, a device that comes online during the ring is rung at once (opened
+from the notification, it shows the ringing call), and one may decline without coming
+online (``decline_remote``). When the call is taken or missed the notifier is told, to
+clear the notification on the devices it rang.
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ class CallState(enum.Enum):
     IN_CALL = "in_call"  # one device answered: two-way audio with it, the others stopped
     MISSED = "missed"  # over: nobody answered in time, or every rung device declined
     ENDED = "ended"  # over: an answered call was hung up, timed out or lost its device
+
+
+class Notifier(Protocol):
+    """Rings the devices that are not online (``intercom.push.notifier``)."""
+
+    def ring(self, call: Call, online: set[str]) -> set[str]:
+        """Ring the flat's principals not in ``online``; the principals it rang."""
+
+    def settled(self, call: Call, outcome: str, principals: set[str]) -> None:
+        """The call was ``taken``, ``missed`` or ``ended``: clear it on ``principals``."""
 
 
 class Device(Protocol):
@@ -76,6 +93,12 @@ class Call:
     answered_at: float | None = None
     ring_sent_at: float | None = None
     timer: asyncio.TimerHandle | None = None
+    pushed: set[str] = field(default_factory=set)  # rung by the notifier, not yet answered
+    notified: set[str] = field(default_factory=set)  # every principal the notifier rang
+
+    def ring_message(self) -> dict[str, Any]:
+        """What a rung device is sent."""
+        return {"type": "ring", "call": self.id, "flat": self.flat, "at": self.pressed_at}
 
 
 class RingGroup:
@@ -87,11 +110,13 @@ class RingGroup:
         config: CallsConfig,
         is_active: Callable[[str], bool],
         clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self._bus = bus
         self.config = config
         self._is_active = is_active
         self._clock = clock
+        self.notifier = notifier
         self.devices: list[Device] = []
         self.call: Call | None = None
         self.last_call: Call | None = None
@@ -105,8 +130,22 @@ class RingGroup:
     # --- devices -------------------------------------------------------------------------
 
     def add(self, device: Device) -> None:
-        """A device came online."""
+        """A device came online; during a ring of its flat it is rung at once."""
         self.devices.append(device)
+        call = self.call
+        if (
+            call is not None
+            and call.state is CallState.RINGING
+            and call.flat in device.flats
+            and device not in call.rung
+            and self._is_active(device.principal)
+        ):
+            call.rung.append(device)
+            call.ringing.append(device)
+            call.pushed.discard(device.principal)
+            device.send(call.ring_message())
+            device.start_video()
+            log.info("call %s: a device came online and is rung", call.id)
 
     def remove(self, device: Device) -> None:
         """A device went away: it leaves the ring, or ends the call it was in."""
@@ -119,7 +158,7 @@ class RingGroup:
             self._end(call, "device gone")
         elif device in call.ringing:
             call.ringing.remove(device)
-            if not call.ringing:
+            if not call.ringing and not call.pushed:
                 self._missed(call, "every rung device went away")
 
     # --- the door ----------------------------------------------------------------------------
@@ -145,14 +184,18 @@ class RingGroup:
         self.calls += 1
         call.rung = list(targets)
         call.ringing = list(targets)
-        message = {"type": "ring", "call": call.id, "flat": flat, "at": pressed_at}
+        message = call.ring_message()
         for device in targets:
             device.send(message)
             device.start_video()
         call.ring_sent_at = self._clock()
-        log.info("call %s: idle -> ringing (flat %s, %d devices)", call.id, flat, len(targets))
+        if self.notifier is not None:
+            call.pushed = self.notifier.ring(call, {d.principal for d in self.devices})
+            call.notified = set(call.pushed)
+        log.info("call %s: idle -> ringing (flat %s, %d devices, %d pushed)",
+                 call.id, flat, len(targets), len(call.pushed))
         self._bus.publish(CallRinging(call=call.id, flat=flat, devices=len(targets)))
-        if not targets:
+        if not targets and not call.pushed:
             self._missed(call, "no device online")
             return call
         loop = asyncio.get_running_loop()
@@ -193,6 +236,7 @@ class RingGroup:
                 other.stop_video()
                 other.send({"type": "call", "call": call.id, "state": "taken"})
         call.ringing = []
+        self._settled(call, "taken", exclude=device.principal)
         device.start_audio()
         device.send({"type": "call", "call": call.id, "state": "answered"})
         self._bus.publish(CallAnswered(call=call.id, principal=device.principal))
@@ -207,8 +251,25 @@ class RingGroup:
         call.ringing.remove(device)
         device.stop_video()
         self._bus.publish(CallDeclined(call=call.id, principal=device.principal))
-        if not call.ringing:
+        if not call.ringing and not call.pushed:
             self._missed(call, "declined by every device")
+
+    def decline_remote(self, principal: str, call_id: str) -> bool:
+        """A rung principal declines from its notification, not online; False if not rung."""
+        call = self._current(call_id)
+        if call is None or call.state is not CallState.RINGING:
+            return False
+        devices = [d for d in call.ringing if d.principal == principal]
+        if principal not in call.pushed and not devices:
+            return False
+        call.pushed.discard(principal)
+        for device in devices:
+            call.ringing.remove(device)
+            device.stop_video()
+        self._bus.publish(CallDeclined(call=call.id, principal=principal))
+        if not call.ringing and not call.pushed:
+            self._missed(call, "declined by every device")
+        return True
 
     def hangup(self, device: Device, call_id: str) -> None:
         """The answering device hangs up (a ringing one declines)."""
@@ -240,6 +301,7 @@ class RingGroup:
             if device in self.devices:
                 device.send({"type": "call", "call": call.id, "state": "missed"})
         call.ringing = []
+        self._settled(call, "missed")
         self.call = None
         self._bus.publish(CallMissed(call=call.id, flat=call.flat))
 
@@ -258,6 +320,12 @@ class RingGroup:
         self.call = None
         duration = round(self._clock() - (call.answered_at or call.pressed_at), 3)
         self._bus.publish(CallEnded(call=call.id, reason=reason, duration_s=duration))
+
+    def _settled(self, call: Call, outcome: str, exclude: str = "") -> None:
+        call.pushed.clear()
+        notified = call.notified - {exclude}
+        if self.notifier is not None and notified:
+            self.notifier.settled(call, outcome, notified)
 
     @staticmethod
     def _cancel_timer(call: Call) -> None:

@@ -112,6 +112,7 @@ class WebServer:
         self.ws_handler: WsHandler | None = None
         self.metrics_handler: MetricsHandler | None = None  # set when [monitor] metrics is on
         self.console_handler: MetricsHandler | None = None  # the installer console's API
+        self.push_handler: MetricsHandler | None = None  # Web Push (intercom.push)
         self._runner: web.AppRunner | None = None
         self._per_address = BucketTable(*PAIR_RATE_PER_ADDRESS, size=MAX_TRACKED_ADDRESSES)
         self._pair_refusals = RefusalLog(log)
@@ -124,6 +125,7 @@ class WebServer:
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", r"/api/console/{action:[a-z][a-z-]{0,31}}", self._console)
+        app.router.add_route("*", r"/api/push/{action:[a-z][a-z-]{0,31}}", self._push)
         app.router.add_get("/", self._index)
         app.router.add_get(
             r"/{path:[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*}", self._static
@@ -233,6 +235,11 @@ class WebServer:
         if self.console_handler is None:
             return error(404, "not found")
         return await self.console_handler(request)
+
+    async def _push(self, request: web.Request) -> web.StreamResponse:
+        if self.push_handler is None:
+            return error(404, "not found")
+        return await self.push_handler(request)
 
     async def _index(self, _request: web.Request) -> web.StreamResponse:
         return self._file(self.web_dir / "index.html")

@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -98,6 +98,8 @@ def verify_device_signature(principal: Principal, data: bytes, signature: bytes)
 
 
 PeerFactory = Callable[["Session", Callable[[str], None]], DevicePeer]
+# A further message type a signed-in device may send, handled by another part.
+Handler = Callable[["Session", dict[str, Any]], Awaitable[None]]
 
 
 class Session:
@@ -267,6 +269,7 @@ class Signalling:
         self._peer_factory = peer_factory
         self._ice_servers = ice_servers
         self.sessions: dict[str, Session] = {}
+        self.handlers: dict[str, Handler] = {}  # further message types, by type
         self._unauthenticated: dict[str, int] = {}  # source address -> sockets signing in
         self._refusals = RefusalLog(log)
 
@@ -419,6 +422,8 @@ class Signalling:
                 "hangup": self.ring_group.hangup,
             }[str(kind)]
             action(session, call)
+        elif isinstance(kind, str) and kind in self.handlers:  # e.g. push-subscribe (push/)
+            await self.handlers[kind](session, data)
         else:
             raise Refused(CLOSE_MALFORMED, f"unknown message type {str(kind)[:20]!r}")
 

@@ -55,6 +55,7 @@ class Registry:
         self._secrets: dict[str, str] = {}
         self._guards: dict[str, Guard] = {}
         self._spent: dict[str, float] = {}
+        self._push: dict[str, dict[str, Any]] = {}
         self._watchers: list[Watcher] = []
 
     @classmethod
@@ -73,13 +74,15 @@ class Registry:
             self._store = await self._run(self._open_store)
             store = self._store
 
-            def load() -> tuple[list[Principal], dict[str, str], dict[str, Guard], Any]:
+            def load() -> tuple[list[Principal], dict[str, str], dict[str, Guard], Any, Any]:
                 principals = store.principals()
                 secrets = {p.id: store.totp_secret(p.id) for p in principals}
                 store.purge(self._clock())
-                return principals, secrets, store.guards(), store.seen(self._clock())
+                seen = store.seen(self._clock())
+                return principals, secrets, store.guards(), seen, store.push_subscriptions()
 
-            principals, self._secrets, self._guards, self._spent = await self._run(load)
+            (principals, self._secrets, self._guards, self._spent,
+             self._push) = await self._run(load)
         except BaseException:
             await self.close()
             raise
@@ -152,6 +155,30 @@ class Registry:
         principal = self._principals.get(pid)
         return principal is not None and principal.inactive_reason(self._clock()) is None
 
+    def push_subscription(self, pid: str) -> dict[str, Any] | None:
+        """The principal's Web Push subscription (endpoint, p256dh, auth), or None."""
+        return self._push.get(pid)
+
+    def push_subscribers(self) -> list[str]:
+        """The principals with a Web Push subscription."""
+        return sorted(self._push)
+
+    # --- Web Push subscriptions -------------------------------------------------------------
+
+    async def set_push(self, pid: str, subscription: dict[str, Any]) -> None:
+        """Keep the device's push subscription (sealed at rest); replaces an older one."""
+        self._require(pid)
+        if self._push.get(pid) == subscription:
+            return
+        await self._run(self.store.set_push, pid, subscription, self._clock())
+        self._push[pid] = subscription
+
+    async def drop_push(self, pid: str) -> bool:
+        """Forget the device's push subscription (gone at the push service, or withdrawn)."""
+        if self._push.pop(pid, None) is None:
+            return False
+        return bool(await self._run(self.store.drop_push, pid))
+
     # --- the verifier's writes ---------------------------------------------------------------
 
     def spend(self, pid: str, guard: Guard, jti: str, keep_until: float) -> None:
@@ -188,6 +215,7 @@ class Registry:
         changed = await self._run(self.store.revoke, pid, now)
         if changed:
             self._principals[pid] = dataclasses.replace(principal, revoked_at=now)
+            self._push.pop(pid, None)  # the store dropped it in the same transaction
             self._bus.publish(PrincipalRevoked(principal=pid))
             action = "revoke" if role is Role.INSTALLER else "principal-revoke"
             self._audit(actor, action, pid)
@@ -223,6 +251,7 @@ class Registry:
         self._principals.pop(pid, None)
         self._secrets.pop(pid, None)
         self._guards.pop(pid, None)
+        self._push.pop(pid, None)
         self._changed(pid)
         return erased
 

@@ -1,4 +1,6 @@
-"""``STATE_DIR/principals.db``: principals, sealed TOTP secrets, seen command ids, guards.
+"""``STATE_DIR/principals.db``: principals, their secrets, guards, push subscriptions.
+
+Also the command ids seen. TOTP secrets and Web Push subscriptions are sealed.
 
 One SQLite file (WAL, ``synchronous=FULL``: a commit is durable when it returns), with
 one owner: the running station's registry (``intercom.security.registry``), or a
@@ -48,6 +50,11 @@ CREATE TABLE IF NOT EXISTS seen_jti (
     keep_until REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_jti_keep ON seen_jti (keep_until);
+CREATE TABLE IF NOT EXISTS push_subscriptions (
+    principal TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -138,9 +145,14 @@ class PrincipalStore:
         """Mark a principal revoked; False when it was revoked already."""
         if self.get(pid) is None:
             raise StoreError(f"no principal {pid!r}")
-        cur = self._db.execute(
-            "UPDATE principals SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, pid)
-        )
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "UPDATE principals SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, pid),
+            )
+            # A revoked device is never pushed to again: its subscription goes with it.
+            self._db.execute("DELETE FROM push_subscriptions WHERE principal = ?", (pid,))
         return cur.rowcount == 1
 
     def set_valid_until(self, pid: str, until: float) -> None:
@@ -163,7 +175,34 @@ class PrincipalStore:
             cur = self._db.execute("DELETE FROM principals WHERE id = ?", (pid,))
             self._db.execute("DELETE FROM guards WHERE principal = ?", (pid,))
             self._db.execute("DELETE FROM seen_jti WHERE principal = ?", (pid,))
+            self._db.execute("DELETE FROM push_subscriptions WHERE principal = ?", (pid,))
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return cur.rowcount == 1
+
+    # --- Web Push subscriptions ---------------------------------------------------------
+
+    def push_subscriptions(self) -> dict[str, dict[str, Any]]:
+        """Each principal's push subscription (endpoint and keys), unsealed."""
+        rows = self._db.execute("SELECT principal, sealed FROM push_subscriptions").fetchall()
+        return {
+            str(pid): json.loads(self.box.open(bytes(sealed), f"push:{pid}"))
+            for pid, sealed in rows
+        }
+
+    def set_push(self, pid: str, subscription: dict[str, Any], now: float) -> None:
+        """Keep (or replace) the principal's push subscription, sealed."""
+        if self.get(pid) is None:
+            raise StoreError(f"no principal {pid!r}")
+        sealed = self.box.seal(json.dumps(subscription, sort_keys=True).encode(), f"push:{pid}")
+        self._db.execute(
+            "INSERT INTO push_subscriptions VALUES (?, ?, ?) ON CONFLICT (principal) DO UPDATE"
+            " SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            (pid, sealed, now),
+        )
+
+    def drop_push(self, pid: str) -> bool:
+        """Forget the principal's push subscription; False when it had none."""
+        cur = self._db.execute("DELETE FROM push_subscriptions WHERE principal = ?", (pid,))
         return cur.rowcount == 1
 
     # --- guards and seen command ids ----------------------------------------------------
