@@ -5,6 +5,7 @@ import * as totp from "./totp.js";
 import { StationPeer, microphone } from "./call.js";
 import { loadDevice, makeKeyPair, saveDevice, unlockToken } from "./keys.js";
 import { Signal } from "./signal.js";
+import * as push from "./push.js";
 
 const $ = (id) => document.getElementById(id);
 const UNLOCK_TIMEOUT_MS = 10000;
@@ -208,6 +209,26 @@ function showEnrolment(answer) {
 
 // ---------- the call ----------
 
+/** Whether this device rings with the app closed (docs/push.md), and the button to ask. */
+function showPush(state, error) {
+  const texts = {
+    on: "This device rings even when the app is closed.",
+    off: "This device rings only while the app is open.",
+    denied: "Notifications are blocked for this site: allow them in the browser's site "
+      + "settings to be rung while the app is closed.",
+    unsupported: "This browser cannot ring while the app is closed (on an iPhone, add the "
+      + "app to the home screen first).",
+  };
+  $("push-state").textContent = error ? `The station refused push: ${error}` : texts[state] ?? "";
+  $("push-enable").hidden = ["on", "denied", "unsupported"].includes(state);
+}
+
+function refreshPush(ask = false) {
+  push.enable(app.signal, ask)
+    .then((state) => showPush(state))
+    .catch((err) => showPush("off", String(err.message ?? err)));
+}
+
 function startHome() {
   show("home");
   const d = app.device;
@@ -257,6 +278,7 @@ async function onMessage(msg) {
       app.peer?.close();
       app.peer = null;
       app.iceServers = msg.ice_servers;
+      refreshPush(); // renew the push subscription at each sign-in
       break;
     case "offer": {
       // A new connection number: the station replaced the connection (after a call, the
@@ -292,6 +314,11 @@ async function onMessage(msg) {
       ring.shown = clock();
       requestAnimationFrame(() => { ring.painted = clock(); }); // the frame that paints it
       app.rings.push(ring);
+      if (app.opened?.call === msg.call) { // opened from the notification
+        const take = app.opened.answer;
+        app.opened = null;
+        if (take) answer(); // its Answer action: answer the ring the station just sent
+      }
       navigator.vibrate?.([300, 200, 300]);
       const rang = msg.at ?? Date.now() / 1000;
       deferHistory(() => history.note(msg.call, "ringing", { rang }));
@@ -299,6 +326,9 @@ async function onMessage(msg) {
     }
     case "call":
       onCallState(msg);
+      break;
+    case "push":
+      showPush(msg.subscribed ? "on" : "off", msg.error);
       break;
     default:
       break;
@@ -471,6 +501,15 @@ async function main() {
       console.info(`no service worker (the certificate must be trusted): ${err}`);
     });
   }
+  $("push-enable").addEventListener("click", () => refreshPush(true));
+  app.opened = push.openedOn(); // opened from a notification: {call, answer}
+  push.onOpened((opened) => { // tapped while the app was open in the background
+    app.opened = opened;
+    if (opened.call === app.call && app.state === "ringing" && opened.answer) {
+      app.opened = null;
+      answer();
+    }
+  });
   const link = pairingFromLink();
   app.device = await loadDevice().catch(() => null);
   if (link) {

@@ -1,9 +1,10 @@
-// Service worker: keeps the app shell for fast starts; never touches /api or /ws.
+// Service worker: keeps the app shell for fast starts, and rings the phone by Web Push
+// while the app is closed. Never touches /api or /ws in its cache.
 
-const CACHE = "intercom-shell-v3";
+const CACHE = "intercom-shell-v4";
 const SHELL = [
   "./", "index.html", "app.js", "call.js", "keys.js", "signal.js", "history.js", "totp.js",
-  "style.css", "manifest.webmanifest", "icon.svg",
+  "push.js", "style.css", "manifest.webmanifest", "icon.svg",
 ];
 
 self.addEventListener("install", (event) => {
@@ -33,4 +34,115 @@ self.addEventListener("fetch", (event) => {
       return response;
     }).catch(() => caches.match(event.request, { ignoreSearch: true })),
   );
+});
+
+// --- Web Push: the station's messages (docs/webclient.md, "Ringing with the app closed") ---
+//   {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": ..., "until": ...}
+//   {"v": 1, "type": "clear", "call": "c-...", "state": "taken" | "missed"}
+
+const TAG = "intercom-ring"; // one ringing notification: a newer ring replaces it
+
+async function ringing() {
+  return self.registration.getNotifications({ tag: TAG });
+}
+
+async function onPush(msg) {
+  if (msg.type === "ring") {
+    if (typeof msg.until === "number" && Date.now() / 1000 > msg.until) {
+      return; // the ring is over (a phone that was offline): nothing to show
+    }
+    await self.registration.showNotification("Someone is at the door", {
+      body: `${msg.door} door: tap to see who it is`,
+      tag: TAG,
+      renotify: true,
+      requireInteraction: true,
+      timestamp: (msg.at ?? Date.now() / 1000) * 1000,
+      icon: "icon.svg",
+      data: { call: msg.call, door: msg.door, until: msg.until },
+      actions: [{ action: "answer", title: "Answer" }, { action: "decline", title: "Decline" }],
+    });
+  } else if (msg.type === "clear") {
+    for (const notification of await ringing()) {
+      if (notification.data?.call === msg.call) notification.close();
+    }
+  }
+}
+
+self.addEventListener("push", (event) => {
+  let msg = null;
+  try {
+    msg = event.data?.json() ?? null;
+  } catch {
+    msg = null;
+  }
+  if (msg && msg.v === 1) event.waitUntil(onPush(msg));
+});
+
+// The device record keys.js keeps in IndexedDB (the key is non-extractable: it signs
+// here without ever leaving the browser).
+function loadDevice() {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open("intercom", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("device");
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const db = open.result;
+      const get = db.transaction("device", "readonly").objectStore("device").get("device");
+      get.onsuccess = () => { db.close(); resolve(get.result ?? null); };
+      get.onerror = () => { db.close(); reject(get.error); };
+    };
+  });
+}
+
+function b64url(bytes) {
+  let text = "";
+  for (const byte of new Uint8Array(bytes)) text += String.fromCharCode(byte);
+  return btoa(text).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+/** Decline from the notification: signed with the device key, no app opened. */
+async function decline(call) {
+  const device = await loadDevice();
+  if (!device) return;
+  const params = device.alg === "EdDSA" ? { name: "Ed25519" } : { name: "ECDSA", hash: "SHA-256" };
+  const message = new TextEncoder().encode(`intercom-decline:${device.station}:${call}`);
+  const signature = await crypto.subtle.sign(params, device.privateKey, message);
+  await fetch(new URL("api/push/decline", self.registration.scope), {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ principal: device.principal, call, signature: b64url(signature) }),
+    cache: "no-store",
+  });
+}
+
+/** Where the app opens on a ringing call; with ``answer`` it answers it too. */
+function callUrl(call, answer) {
+  const url = new URL(self.registration.scope);
+  url.searchParams.set("call", call);
+  if (answer) url.searchParams.set("answer", "1");
+  return url;
+}
+
+/** Open the app on the ringing call (or bring an open one forward and tell it). */
+async function open(call, answer) {
+  const url = callUrl(call, answer);
+  const windows = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
+  for (const client of windows) {
+    if (new URL(client.url).pathname === url.pathname && "focus" in client) {
+      client.postMessage({ type: "open-call", call, answer });
+      return client.focus();
+    }
+  }
+  return self.clients.openWindow(url.href);
+}
+
+self.addEventListener("notificationclick", (event) => {
+  const { call } = event.notification.data ?? {};
+  event.notification.close();
+  if (!call) return;
+  if (event.action === "decline") {
+    event.waitUntil(decline(call));
+  } else {
+    event.waitUntil(open(call, event.action === "answer"));
+  }
 });
