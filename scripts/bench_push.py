@@ -36,36 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from intercom.control import request  # noqa: E402
 from tests.mosquitto import make_tls_files  # noqa: E402
-from tests.pushservice import Browser, PushService  # noqa: E402
+from tests.pushservice import Browser, PushService, station_config  # noqa: E402
 from tests.test_calls_client import DeviceKey, b64url  # noqa: E402
 
 COALESCE_S = 3.2
 
-CONFIG = """
-[station]
-id = "bench"
-
-[[hardware.buttons]]
-name = "bell"
-pin = 17
-flat = "1"
-
-[hardware.relay]
-pin = 27
-door = "front"
-
-[web]
-host = "127.0.0.1"
-port = 0
-
-[calls]
-ring_timeout_s = 30
-
-[push]
-allowed_hosts = ["127.0.0.1"]
-ca_file = "{ca}"
-contact = "mailto:bench@example.org"
-"""
 
 
 async def subscribe(url: str, station: str, endpoint: str, code: str) -> Browser:
@@ -135,7 +110,7 @@ async def run(presses: int, devices: int) -> dict[str, Any]:
         service = PushService(tls.server_cert, tls.server_key)
         await service.start()
         config = folder / "intercom.toml"
-        config.write_text(CONFIG.format(ca=tls.ca))
+        config.write_text(station_config(tls.ca, "bench", ring_timeout_s=30))
         state = folder / "state"
         log = (folder / "station.log").open("w")
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before the clock runs

@@ -30,6 +30,37 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hmac import HMAC
 
+STATION_CONFIG = """
+[station]
+id = "{station}"
+
+[[hardware.buttons]]
+name = "bell"
+pin = 17
+flat = "1"
+
+[hardware.relay]
+pin = 27
+door = "front"
+
+[web]
+host = "127.0.0.1"
+port = 0
+
+[calls]
+ring_timeout_s = {ring_timeout_s}
+
+[push]
+allowed_hosts = ["127.0.0.1"]
+ca_file = "{ca}"
+contact = "mailto:building@example.org"
+"""
+
+
+def station_config(ca: Path, station: str = "door-push", ring_timeout_s: float = 20) -> str:
+    """A simulated station's config (flat 1, door front) pushing to the stand-in."""
+    return STATION_CONFIG.format(station=station, ca=ca, ring_timeout_s=ring_timeout_s)
+
 
 def b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

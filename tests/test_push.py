@@ -25,9 +25,12 @@ from intercom.push.webpush import SubscriptionError, encrypt, parse_subscription
 from intercom.security.principals import ID_PATTERN
 from intercom.station import Station
 
+from . import test_calls_client as kit
 from .mosquitto import make_tls_files
 from .pushservice import Browser, PushService, b64d, b64e, decrypt
 from .test_calls_client import Device, b64url, call_settings, eventually, pair, pinned
+
+devices = kit.devices
 
 # --- the browser's side, checked against the RFC's own worked example ----------------------
 
@@ -111,14 +114,6 @@ async def station(tmp_path: Path, push_service: PushService) -> AsyncIterator[St
     await station.start()
     yield station
     await station.stop("test finished")
-
-
-@pytest.fixture
-async def devices() -> AsyncIterator[list[Device]]:
-    made: list[Device] = []
-    yield made
-    for device in made:
-        await device.close()
 
 
 async def subscribed(
