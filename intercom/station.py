@@ -237,7 +237,8 @@ class Station:
         components.append(self.verifier)
         for name, handler in Admin(registry, bus, self.eventlog).handlers().items():
             register(name, handler)
-        self.calls = Calls(settings, media, bus, registry, self.verifier.submit, register)
+        self.calls = Calls(settings, media, bus, registry, self.verifier.submit, register,
+                           self.verifier.check_code)
         components.append(self.calls)
         components.append(Push(settings, registry, self.calls))  # after calls: plugs into it
         privacy = Privacy(settings, bus, media.camera, self.eventlog, register)

@@ -15,9 +15,13 @@ import pytest
 
 from intercom.calls import signalling
 from intercom.errors import IntercomError
+from intercom.events import DoorbellPressed
+from intercom.security.store import Guard
 from intercom.station import Station
 
 from . import test_calls_client as kit
+from . import test_calls_unlock as unlock_kit
+from .conftest import Recorder
 from .test_calls_client import Device, DeviceKey, pair, pinned
 
 call_station = kit.call_station
@@ -341,3 +345,53 @@ async def test_a_taken_port_is_a_clear_error_and_the_first_station_carries_on(
         await second.start()
     status, _, _ = await fetch(station, "GET", "api/info")
     assert status == 200
+
+
+async def test_totp_check_answers_limits_and_counts_but_opens_and_spends_nothing(
+    call_station: Station, devices: list[Device]
+):
+    """The enrolment's confirm step (docs/security.md, "The enrolment's code check")."""
+    station = call_station
+    registry = station.registry
+    assert registry is not None
+    recorder = Recorder(station.bus)
+    phone = await pair(station)
+    devices.append(phone)
+    await phone.connect()
+    await phone.wait_connected()
+    totp = pyotp.parse_uri(phone.totp_uri)
+
+    async def check(code: str) -> dict[str, object]:
+        await phone.send({"type": "totp-check", "code": code})
+        return await phone.expect("totp-check")
+
+    # a wrong code: refused, and counted toward backoff and lockout like a command's
+    answer = await check(unlock_kit.wrong_code(phone))
+    assert (answer["ok"], answer["result"]) == (False, "wrong")
+    assert registry.guard(phone.principal).failures == 1
+    assert (await check("12345"))["result"] == "wrong"  # a typing slip: not counted
+    assert registry.guard(phone.principal).failures == 1
+    # the code the authenticator shows: right, the failures end, nothing opens
+    right = totp.now()
+    answer = await check(right)
+    assert (answer["ok"], answer["result"]) == (True, "right")
+    assert registry.guard(phone.principal).failures == 0
+    assert not unlock_kit.relay_was_energised(station)
+    assert not [t for t in recorder.types() if t.startswith("Unlock")]
+    # 5 checks a minute: the fourth and fifth are answered, the sixth is not even checked
+    assert [(await check(right))["result"] for _ in range(3)] == ["right", "right", "wait"]
+    # the right code was not spent: it still opens the door once, in a call
+    station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
+    ring = await phone.expect("ring")
+    await phone.send({"type": "accept", "call": ring["call"]})
+    await phone.expect("call", state="answered")
+    assert (await phone.unlock(right))["result"] == "granted"
+    assert (await phone.unlock(right))["result"] == "denied"  # and only once
+    await phone.send({"type": "hangup", "call": ring["call"]})
+    # a locked-out principal is not checked at all, even with a right code
+    registry.spend(phone.principal, Guard(failures=20, last_step=-1), "test-lockout", 0.0)
+    assert (await check(totp.now()))["result"] == "locked"
+    # a code that is not a string closes the socket as malformed
+    await phone.send({"type": "totp-check", "code": 123456})
+    await kit.eventually(lambda: phone.close_code is not None, 5, "socket not closed")
+    assert phone.close_code == signalling.CLOSE_MALFORMED

@@ -13,7 +13,7 @@ from intercom.calls.pairing import Pairing
 from intercom.calls.peer import DevicePeer, ice_servers, quiet_close_races
 from intercom.calls.ringgroup import RingGroup
 from intercom.calls.server import WebServer
-from intercom.calls.signalling import Session, Signalling
+from intercom.calls.signalling import CheckCode, Session, Signalling
 from intercom.calls.tls import StationCert, load_station_cert
 from intercom.calls.tracks import MediaHub
 from intercom.config import Settings
@@ -54,6 +54,7 @@ class Calls:
         registry: Registry,
         submit: Submit,
         register: Register,
+        check_code: CheckCode | None = None,
     ) -> None:
         self.station_id = settings.station.id
         self.state_dir = settings.station.state_dir  # for the TLS certificate files
@@ -65,6 +66,7 @@ class Calls:
         self._registry = registry
         self._submit = submit
         self._register = register
+        self._check_code = check_code
         self.pairing = Pairing(self.state_dir, self.station_id, self.flats, bus, registry)
         self.ring_group = RingGroup(bus, settings.calls, registry.is_active)
         self.cert: StationCert | None = None
@@ -118,6 +120,7 @@ class Calls:
             self.ring_group,
             self._make_peer,
             servers,
+            self._check_code,
         )
         info = {"station": self.station_id, "door": self.door,
                 "fingerprint": self.cert.fingerprint}

@@ -8,6 +8,10 @@ Sockets not yet signed in are a scarce resource: at most ``MAX_UNAUTHENTICATED``
 them, at most ``MAX_UNAUTHENTICATED_PER_ADDRESS`` from one source address (an IPv6
 /64), each for at most ``AUTH_TIMEOUT_S`` from the upgrade, a deadline that no frame
 (a PING included) extends.
+
+Besides the call, a signed-in device may ask whether a TOTP code is its current one
+(``totp-check``, the enrolment's confirm step): the station's verifier answers, which
+rate-limits and counts the guesses (``intercom.security.codecheck``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ CLOSE_LOST = 4410
 CLOSE_BUSY = 4429
 SIGNATURE_BYTES = 64
 CALL_TYPES = frozenset({"accept", "decline", "hangup"})
+MAX_CODE = 16  # characters of a totp-check's code (a real one has 6)
 
 
 class Refused(Exception):  # noqa: N818 - a control-flow signal, not a fault of ours
@@ -100,6 +105,7 @@ def verify_device_signature(principal: Principal, data: bytes, signature: bytes)
 PeerFactory = Callable[["Session", Callable[[str], None]], DevicePeer]
 # A further message type a signed-in device may send, handled by another part.
 Handler = Callable[["Session", dict[str, Any]], Awaitable[None]]
+CheckCode = Callable[[str, str], Awaitable[str]]  # (principal, code) -> a CodeCheck value
 
 
 class Session:
@@ -260,6 +266,7 @@ class Signalling:
         ring_group: RingGroup,
         peer_factory: PeerFactory,
         ice_servers: list[dict[str, Any]],
+        check_code: CheckCode | None = None,
     ) -> None:
         self.station = station
         self.door = door
@@ -268,6 +275,7 @@ class Signalling:
         self.ring_group = ring_group
         self._peer_factory = peer_factory
         self._ice_servers = ice_servers
+        self._check_code = check_code
         self.sessions: dict[str, Session] = {}
         self.handlers: dict[str, Handler] = {}  # further message types, by type
         self._unauthenticated: dict[str, int] = {}  # source address -> sockets signing in
@@ -422,10 +430,22 @@ class Signalling:
                 "hangup": self.ring_group.hangup,
             }[str(kind)]
             action(session, call)
+        elif kind == "totp-check":
+            await self._totp_check(session, data)
         elif isinstance(kind, str) and kind in self.handlers:  # e.g. push-subscribe (push/)
             await self.handlers[kind](session, data)
         else:
             raise Refused(CLOSE_MALFORMED, f"unknown message type {str(kind)[:20]!r}")
+
+    async def _totp_check(self, session: Session, data: dict[str, Any]) -> None:
+        """Answer whether ``code`` is the device's current TOTP code (the verifier says)."""
+        code = data.get("code")
+        if not isinstance(code, str) or len(code) > MAX_CODE:
+            raise Refused(CLOSE_MALFORMED, "totp-check needs a code string")
+        result = "unavailable"
+        if self._check_code is not None:
+            result = str(await self._check_code(session.principal, code))
+        session.send({"type": "totp-check", "ok": result == "right", "result": result})
 
     def lost(self, session: Session, peer: DevicePeer) -> None:
         """The device's media connection failed: treat it as gone (not a replaced one)."""

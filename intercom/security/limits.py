@@ -35,6 +35,7 @@ class Limits:
     backoff_after: int = 3  # consecutive TOTP failures before waiting
     backoff_max_s: float = 300.0
     lockout_after: int = 20  # consecutive TOTP failures before a lockout
+    code_checks_per_min: float = 5.0  # enrolment code checks (codecheck.py) per principal
     denied_events_per_s: float = 20.0  # UnlockDenied events; beyond, they are counted
     totp_window: int = 1  # steps either side of now
     max_skew_s: float = 30.0

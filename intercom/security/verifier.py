@@ -27,6 +27,7 @@ from intercom.events import (
 )
 from intercom.security import command as cmdfmt
 from intercom.security import limits as lim
+from intercom.security.codecheck import CodeCheck, CodeChecker
 from intercom.security.principals import Principal, Role
 from intercom.security.registry import Registry
 from intercom.security.store import Guard
@@ -131,6 +132,7 @@ class Verifier:
         self.granted = 0
         self.denied = 0
         self._requests: dict[str, float] = {}  # console request ids used, until they expire
+        self._codes = CodeChecker(registry, self.limits, self._failed, clock, monotonic)
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -204,6 +206,16 @@ class Verifier:
             self.denied += 1
             self._announce_denial(decision, via)
         return decision
+
+    async def check_code(self, principal: str, code: str) -> CodeCheck:
+        """The enrolment's check of a typed TOTP code (``intercom.security.codecheck``).
+
+        It opens nothing, spends no code, publishes no unlock event; a wrong code counts
+        toward the principal's backoff and lockout like a wrong code in a command.
+        """
+        if not self._running:
+            return CodeCheck.UNAVAILABLE
+        return await self._codes.check(principal, code)
 
     async def control_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's ``unlock`` request: ``{"token": ...}``."""
@@ -387,12 +399,15 @@ class Verifier:
             new_guard = lim.after_success(guard, step)
         keep_until = cmd.exp + limits.max_skew_s
         self._registry.spend(principal.id, new_guard, cmd.jti, keep_until)
-        if new_guard.failures == limits.lockout_after > guard.failures:
-            log.warning("verifier: principal locked out after %d failures", limits.lockout_after)
-            self._bus.publish(
-                PrincipalLockedOut(principal=principal.id, failures=new_guard.failures)
-            )
+        self._failed(principal.id, guard, new_guard)
         return reason, _Use(principal.id, new_guard, cmd.jti, keep_until)
+
+    def _failed(self, principal: str, guard: Guard, new_guard: Guard) -> None:
+        """Announce a lockout when this change of a principal's guard made one."""
+        if new_guard.failures == self.limits.lockout_after > guard.failures:
+            log.warning("verifier: principal locked out after %d failures",
+                        self.limits.lockout_after)
+            self._bus.publish(PrincipalLockedOut(principal=principal, failures=new_guard.failures))
 
     # --- internals -------------------------------------------------------------------------
 
