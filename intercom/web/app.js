@@ -10,6 +10,9 @@ import * as push from "./push.js";
 const $ = (id) => document.getElementById(id);
 const UNLOCK_TIMEOUT_MS = 10000;
 const HISTORY_DELAY_MS = 250;
+const ALIVE_EVERY_MS = 2000; // an answered call is stamped in the history this often
+// What the header says before the device has a connection of its own to show.
+const PHASES = { pairing: "pairing…", enrolling: "enrolling" };
 
 const app = {
   device: null,
@@ -19,6 +22,8 @@ const app = {
   call: null, // the call id while ringing or in a call
   state: "idle", // idle | ringing | in_call
   muted: false,
+  link: "not paired", // the signalling link: connecting | online | offline | refused
+  phase: null, // pairing | enrolling: what the header says instead of the link meanwhile
   pendingUnlock: null, // { jti, resolve }
   historyLater: [], // call history updates waiting until the ring is on screen
   // Diagnostics, epoch ms on this machine's wall clock (performance.timeOrigin + now):
@@ -40,16 +45,28 @@ function show(screen) {
 }
 
 function setLink(state) {
-  $("link-state").textContent = state;
-  $("link-state").dataset.state = state;
-  document.body.dataset.link = state;
+  app.link = state;
+  showLink();
+}
+
+/** The header: pairing or enrolling while the device does that, else the link. */
+function setPhase(phase) {
+  app.phase = phase;
+  showLink();
+}
+
+function showLink() {
+  const shown = app.phase ?? app.link;
+  $("link-state").textContent = PHASES[shown] ?? shown;
+  $("link-state").dataset.state = shown;
+  document.body.dataset.link = shown;
 }
 
 function setCallState(state, text) {
   if (app.state === "ringing" && state !== "ringing") navigator.vibrate?.(0);
   app.state = state;
   document.body.dataset.call = state;
-  $("stage").className = `stage ${state === "idle" ? "idle" : "live"}`;
+  $("stage").className = `stage ${state === "idle" ? "idle" : "live"}`; // the cover
   $("call-state").textContent = text;
   $("ring-actions").hidden = state !== "ringing";
   $("call-actions").hidden = state !== "in_call";
@@ -95,9 +112,7 @@ function renderHistory() {
   for (const entry of entries) {
     const item = document.createElement("li");
     const when = new Date(entry.rang * 1000).toLocaleString();
-    let text = `${when}: ${entry.state}`;
-    if (entry.answered && entry.ended) text += ` (${Math.round(entry.ended - entry.answered)} s)`;
-    item.textContent = text;
+    item.textContent = `${when}: ${history.describe(entry)}`;
     item.title = `call ${entry.call}`;
     list.append(item);
   }
@@ -137,6 +152,8 @@ async function pair(link) {
   const button = $("pair-go");
   button.disabled = true;
   $("pair-error").textContent = "";
+  $("pair-home").hidden = true;
+  setPhase("pairing");
   try {
     const key = await makeKeyPair();
     const body = { code: link.code, jwk: key.jwk };
@@ -159,7 +176,9 @@ async function pair(link) {
     window.history.replaceState(null, "", location.pathname); // the code is spent
     showEnrolment(answer);
   } catch (err) {
+    setPhase(null);
     $("pair-error").textContent = String(err.message ?? err);
+    $("pair-home").hidden = !app.device; // paired before: the link is simply spent
     button.disabled = false;
   }
 }
@@ -168,8 +187,8 @@ async function pair(link) {
 function pairingRefused(status, error) {
   const why = error ?? `pairing refused (${status})`;
   if (status === 403) {
-    return `${why}. A pairing link works once and for 10 minutes: ask whoever set up `
-      + "the door for a new one.";
+    return `${why}. A pairing link works once, and for 10 minutes (a printed pairing sheet's `
+      + "for two weeks). Ask your installer or building manager for a new pairing link.";
   }
   if (status === 429) return `${why}. Too many tries from this network: wait a minute.`;
   return why;
@@ -177,7 +196,8 @@ function pairingRefused(status, error) {
 
 function showEnrolment(answer) {
   show("enrol");
-  setLink("paired");
+  setPhase("enrolling");
+  connect(); // signed in now: the station checks the typed code over this connection
   let markup = answer.totp_qr_svg ?? "";
   if (markup.startsWith("<svg") && !markup.includes("xmlns=")) {
     markup = markup.replace("<svg", '<svg xmlns="http://www.w3.org/2000/svg"'); // as an image
@@ -187,7 +207,6 @@ function showEnrolment(answer) {
   for (const byte of svg) text += String.fromCharCode(byte);
   $("enrol-qr").src = `data:image/svg+xml;base64,${btoa(text)}`;
   $("enrol-uri").textContent = answer.totp_uri ?? "";
-  const uri = answer.totp_uri ?? "";
   const finish = () => {
     $("enrol-qr").removeAttribute("src");
     $("enrol-uri").textContent = ""; // shown once: not kept anywhere on this device
@@ -197,14 +216,35 @@ function showEnrolment(answer) {
   $("enrol-check").onsubmit = async (event) => {
     event.preventDefault();
     const code = $("enrol-code").value.trim();
-    if (await totp.matches(uri, code).catch(() => false)) {
+    const error = $("enrol-error");
+    if (!/^[0-9]{6}$/.test(code)) {
+      error.textContent = "Type the 6 digits your authenticator app shows.";
+      return;
+    }
+    const button = $("enrol-done");
+    button.disabled = true;
+    button.textContent = "Checking with the station…";
+    error.textContent = "";
+    delete error.dataset.result;
+    const result = await totp.check(app.signal, code);
+    button.disabled = false;
+    button.textContent = "Check and finish";
+    if (result === "right") {
       finish();
     } else {
-      $("enrol-error").textContent = "That is not the code for this door: scan the QR code "
-        + "again (or type the link), and check that the phone's clock is right.";
+      error.textContent = totp.advice(result);
+      error.dataset.result = result;
     }
   };
-  $("enrol-skip").onclick = finish;
+  $("enrol-skip").onclick = () => {
+    const warning = $("enrol-skip-warning");
+    if (warning.hidden) { // warned first: a failed scan would show only at the door
+      warning.hidden = false;
+      $("enrol-skip").textContent = "Skip anyway";
+      return;
+    }
+    finish();
+  };
 }
 
 // ---------- the call ----------
@@ -231,22 +271,45 @@ function refreshPush(ask = false) {
 
 function startHome() {
   show("home");
+  setPhase(null);
   const d = app.device;
   $("info-station").textContent = d.station;
   $("info-door").textContent = d.door;
   $("info-flat").textContent = d.flat;
   $("info-principal").textContent = d.principal;
   $("info-fp").textContent = formatFingerprint(d.fingerprint ?? "");
-  setCallState("idle", "No call");
+  if (app.state === "idle") setCallState("idle", "No call"); // a ring while enrolling stays
   renderHistory();
   watchFrames();
   microphone(); // ask now, so the first answer to the station needs no prompt
-  app.signal = new Signal(d, { message: onMessage, state: onLink });
+  connect();
+}
+
+/** Sign in to the station and stay connected (once: enrolment starts it already). */
+function connect() {
+  if (app.signal) return;
+  app.signal = new Signal(app.device, { message: onMessage, state: onLink });
   app.signal.start();
   window.addEventListener("online", () => app.signal.nudge());
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) app.signal.check(); // back on screen: is the station still there?
   });
+  setInterval(stampAlive, ALIVE_EVERY_MS);
+  window.addEventListener("pagehide", stampAlive);
+}
+
+/** Note in the history that the call is still on: a reload or a crash ends it there. */
+function stampAlive() {
+  if (app.state === "in_call") history.alive(app.call, Date.now() / 1000);
+}
+
+/**
+ * When the station was last seen (epoch s): its last message or, in a call, the last
+ * video frame shown. A silent network is noticed only seconds later; the call ended then.
+ */
+function lastSeen() {
+  const heard = Math.max(app.signal?.lastHeard ?? 0, app.frames.at(-1) ?? 0) / 1000;
+  return heard > 0 ? Math.min(heard, Date.now() / 1000) : Date.now() / 1000;
 }
 
 function onLink(state, detail) {
@@ -257,10 +320,10 @@ function onLink(state, detail) {
     if (app.state !== "idle") {
       // A call cut by the network ends here too, in the history as well (not "answered"
       // for ever); a ring that was never answered counts as missed.
-      const state = app.state === "in_call" ? "ended" : "missed";
-      history.note(app.call, state, { ended: Date.now() / 1000 });
-      endLocally(state);
-      renderHistory();
+      const ended = app.state === "in_call" ? "ended" : "missed";
+      endCall(ended, { ended: lastSeen(), reason: "connection lost" });
+      $("call-state").textContent = ended === "ended" ? "Call cut: connection lost"
+        : "Missed: connection lost";
     }
   }
   if (state === "refused") {
@@ -308,8 +371,7 @@ async function onMessage(msg) {
       // their chance to be painted: the call history waits (see deferHistory).
       const ring = { call: msg.call, at: clock(), pressed: (msg.at ?? 0) * 1000 };
       app.call = msg.call;
-      $("unlock-result").textContent = ""; // the last call's result is old news
-      delete $("unlock-result").dataset.result;
+      clearUnlockResult(); // the last call's result is old news
       setCallState("ringing", "Someone is at the door");
       ring.shown = clock();
       requestAnimationFrame(() => { ring.painted = clock(); }); // the frame that paints it
@@ -330,6 +392,9 @@ async function onMessage(msg) {
     case "push":
       showPush(msg.subscribed ? "on" : "off", msg.error);
       break;
+    case "totp-check":
+      totp.answered(msg);
+      break;
     default:
       break;
   }
@@ -340,24 +405,36 @@ function onCallState(msg) {
   flushHistory(); // in order: the ring's note first
   const now = Date.now() / 1000;
   if (msg.state === "answered") {
-    history.note(msg.call, "answered", { answered: now });
+    history.note(msg.call, "answered", { answered: now, alive: now });
     setCallState("in_call", "In call");
     app.peer?.talk(true);
+    renderHistory();
   } else if (["taken", "missed", "ended"].includes(msg.state)) {
-    history.note(msg.call, msg.state, { ended: now });
-    endLocally(msg.state);
+    endCall(msg.state, { ended: now });
   }
+}
+
+/** The call is over (`state`: how): the history notes it, the page goes idle. */
+function endCall(state, fields) {
+  flushHistory(); // in order: the ring's note first
+  history.note(app.call, state, fields);
+  endLocally(state);
   renderHistory();
 }
 
 function endLocally(reason) {
   app.peer?.talk(false);
   app.call = null;
-  $("unlock-form").hidden = true;
-  $("unlock-result").textContent = ""; // the call's result goes with the call
-  delete $("unlock-result").dataset.result;
+  app.pendingUnlock?.resolve("call over");
+  clearUnlockResult(); // the call's result goes with the call
   const texts = { taken: "Answered on another device", missed: "Missed", ended: "Call ended" };
   setCallState("idle", texts[reason] ?? "No call");
+}
+
+function clearUnlockResult() {
+  $("unlock-form").hidden = true;
+  $("unlock-result").textContent = "";
+  delete $("unlock-result").dataset.result;
 }
 
 function answer() {
@@ -370,19 +447,13 @@ function answer() {
 function decline() {
   if (app.state !== "ringing") return;
   app.signal.send({ type: "decline", call: app.call });
-  flushHistory();
-  history.note(app.call, "declined", { ended: Date.now() / 1000 });
-  endLocally("declined");
-  renderHistory();
+  endCall("declined", { ended: Date.now() / 1000 });
 }
 
 function hangup() {
   if (app.state !== "in_call") return;
   app.signal.send({ type: "hangup", call: app.call });
-  flushHistory();
-  history.note(app.call, "ended", { ended: Date.now() / 1000 });
-  endLocally("ended");
-  renderHistory();
+  endCall("ended", { ended: Date.now() / 1000 });
 }
 
 function toggleMute() {
@@ -412,7 +483,9 @@ async function sendUnlock(event) {
   $("unlock-form").hidden = true;
   result.textContent = "Opening…";
   result.dataset.result = "pending";
+  const call = app.call;
   const { token, jti } = await unlockToken(app.device, code);
+  if (app.call !== call) return; // the call ended while the command was signed
   const outcome = new Promise((resolve) => {
     app.pendingUnlock = { jti, resolve };
     setTimeout(() => resolve("no answer"), UNLOCK_TIMEOUT_MS);
@@ -424,7 +497,8 @@ async function sendUnlock(event) {
     return;
   }
   const verdict = await outcome;
-  app.pendingUnlock = null;
+  if (app.pendingUnlock?.jti === jti) app.pendingUnlock = null;
+  if (app.call !== call || verdict === "call over") return; // the call ended meanwhile
   result.dataset.result = verdict;
   result.textContent = verdict === "granted" ? "Door opened"
     : verdict === "denied" ? "Refused: wrong or used code?" : "The door did not answer.";
@@ -496,6 +570,8 @@ async function main() {
   $("unlock-form").addEventListener("submit", sendUnlock);
   $("unlock-cancel").addEventListener("click", () => { $("unlock-form").hidden = true; });
   setLink("not paired");
+  // Calls that a closed page or a crash left open end where they were last seen alive.
+  history.closeOpen("interrupted");
   if ("serviceWorker" in navigator) {
     navigator.serviceWorker.register("sw.js").catch((err) => {
       console.info(`no service worker (the certificate must be trusted): ${err}`);
@@ -510,6 +586,8 @@ async function main() {
       answer();
     }
   });
+  // A pairing link opened in the app's own tab changes only the fragment: start again.
+  window.addEventListener("hashchange", () => { if (pairingFromLink()) location.reload(); });
   const link = pairingFromLink();
   app.device = await loadDevice().catch(() => null);
   if (link) {

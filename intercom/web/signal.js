@@ -20,6 +20,9 @@ export class Signal {
     this.deadline = null;
     this.stopped = false;
     this.refused = false;
+    this.authed = false; // the current socket signed the station's challenge
+    this.lastHeard = 0; // when the station last sent anything (epoch ms)
+    this.waiters = new Set(); // signedIn() promises waiting for the next login
   }
 
   start() {
@@ -33,9 +36,26 @@ export class Signal {
     this.ws?.close(1000);
   }
 
-  /** Send one JSON message; false when the socket is not open. */
+  /** Resolves true once a socket is signed in (at once if one is), false after `ms`. */
+  signedIn(ms) {
+    if (this.authed) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const done = (ok) => {
+        clearTimeout(timer);
+        this.waiters.delete(done);
+        resolve(ok);
+      };
+      const timer = setTimeout(() => done(false), ms);
+      this.waiters.add(done);
+    });
+  }
+
+  /**
+   * Send one JSON message; false when the socket is not open and signed in (anything
+   * but the login before that would make the station refuse the socket).
+   */
   send(message) {
-    if (this.ws?.readyState !== WebSocket.OPEN) return false;
+    if (!this.authed || this.ws?.readyState !== WebSocket.OPEN) return false;
     this.ws.send(JSON.stringify(message));
     return true;
   }
@@ -46,10 +66,11 @@ export class Signal {
     if (!this.refused) this.handlers.state("connecting");
     const ws = new WebSocket(url);
     this.ws = ws;
-    let authed = false;
+    this.authed = false;
     // A silent network (a phone changing Wi-Fi) never closes the socket: give up on it.
     this.watchdog(ws, LOGIN_TIMEOUT_MS);
     ws.onmessage = async (event) => {
+      this.lastHeard = Date.now();
       let msg;
       try {
         msg = JSON.parse(event.data);
@@ -57,17 +78,18 @@ export class Signal {
         console.warn("station sent a message that is not JSON");
         return;
       }
-      if (!authed && msg.type === "challenge") {
+      if (!this.authed && msg.type === "challenge") {
         const signature = await signChallenge(this.device, msg.station, msg.nonce);
         ws.send(JSON.stringify({ type: "auth", principal: this.device.principal, signature }));
         return;
       }
       if (msg.type === "ready") {
-        authed = true;
+        this.authed = true;
         this.refused = false;
         this.delay = FIRST_DELAY_MS;
         clearTimeout(this.deadline);
         this.handlers.state("online", msg);
+        for (const done of [...this.waiters]) done(true);
         clearInterval(this.pinger);
         this.pinger = setInterval(() => this.check(), PING_EVERY_MS);
       }
@@ -99,6 +121,7 @@ export class Signal {
     clearInterval(this.pinger);
     clearTimeout(this.deadline);
     this.ws = null;
+    this.authed = false;
     ws.onclose = null;
     ws.close();
     this.refused = code === 4401; // key unknown or revoked: try again, but rarely

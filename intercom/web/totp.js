@@ -1,49 +1,53 @@
-// Checking a code the resident types against the enrolment just shown (RFC 6238), in the
-// page and only during enrolment: the secret is never stored on this device.
+// The enrolment's confirm step: the station checks the code the resident types from the
+// authenticator app. The page cannot: it keeps no TOTP secret (the authenticator app is
+// the second factor), so only the station can tell whether the scan worked.
 
-function base32(text) {
-  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-  let bits = 0;
-  let value = 0;
-  const out = [];
-  for (const char of text.replace(/=+$/, "").toUpperCase()) {
-    const index = alphabet.indexOf(char);
-    if (index < 0) throw new Error("not base32");
-    value = (value << 5) | index;
-    bits += 5;
-    if (bits >= 8) {
-      out.push((value >>> (bits - 8)) & 0xff);
-      bits -= 8;
-    }
-  }
-  return new Uint8Array(out);
+const ANSWER_TIMEOUT_MS = 10000;
+const SIGN_IN_WAIT_MS = 15000; // enrolment signs in as it starts: a quick resident waits
+
+let waiting = null; // settles the check in flight
+
+/**
+ * Ask the station whether `code` is this device's current code, over the signed-in
+ * signalling socket. Resolves to the station's answer ("right", "wrong", "wait",
+ * "locked", "unavailable"), or "offline" (not sent) or "no answer".
+ */
+export async function check(signal, code) {
+  if (waiting) waiting("no answer"); // one at a time: a newer check replaces it
+  if (!signal || !(await signal.signedIn(SIGN_IN_WAIT_MS))) return "offline";
+  if (!signal.send({ type: "totp-check", code })) return "offline";
+  return new Promise((resolve) => {
+    const done = (result) => {
+      clearTimeout(timer);
+      if (waiting === done) waiting = null;
+      resolve(result);
+    };
+    const timer = setTimeout(() => done("no answer"), ANSWER_TIMEOUT_MS);
+    waiting = done;
+  });
 }
 
-async function codeAt(key, counter, digits) {
-  const message = new DataView(new ArrayBuffer(8));
-  message.setUint32(0, Math.floor(counter / 2 ** 32));
-  message.setUint32(4, counter >>> 0);
-  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", key, message.buffer));
-  const offset = mac[mac.length - 1] & 0x0f;
-  const number = ((mac[offset] & 0x7f) << 24) | (mac[offset + 1] << 16)
-    | (mac[offset + 2] << 8) | mac[offset + 3];
-  return String(number % 10 ** digits).padStart(digits, "0");
+/** The station's `totp-check` answer. */
+export function answered(message) {
+  const result = typeof message.result === "string" ? message.result
+    : message.ok === true ? "right" : "wrong";
+  waiting?.(result);
 }
 
-/** Whether ``code`` is the authenticator's code for ``uri`` now (one step either way). */
-export async function matches(uri, code, now = Date.now() / 1000) {
-  const params = new URL(uri).searchParams;
-  const digits = Number(params.get("digits") ?? 6);
-  const period = Number(params.get("period") ?? 30);
-  const hash = { SHA1: "SHA-1", SHA256: "SHA-256", SHA512: "SHA-512" }[
-    (params.get("algorithm") ?? "SHA1").toUpperCase()];
-  if (!hash || !/^[0-9]+$/.test(code) || code.length !== digits) return false;
-  const key = await crypto.subtle.importKey(
-    "raw", base32(params.get("secret") ?? ""), { name: "HMAC", hash }, false, ["sign"],
-  );
-  const step = Math.floor(now / period);
-  for (const counter of [step, step - 1, step + 1]) {
-    if (await codeAt(key, counter, digits) === code) return true;
+/** What the resident should do after an answer other than "right". */
+export function advice(result) {
+  switch (result) {
+    case "wrong":
+      return "That is not this door's current code. Scan the QR code again (or add the "
+        + "link by hand), make sure the phone sets its clock automatically, then type the "
+        + "code the app shows now.";
+    case "wait":
+      return "Too many tries for now: wait a minute, then type the code the app shows then.";
+    case "locked":
+      return "Too many wrong codes: this device may not open the door until your installer "
+        + "or building manager resets it.";
+    default:
+      return "The station could not check the code just now (not connected?). Wait a "
+        + "moment and try again.";
   }
-  return false;
 }
