@@ -343,6 +343,22 @@ class WebConfig(Model):
         default_factory=list,
         description="STUN/TURN servers given to both ends; none by default (home network).",
     )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="The owner's certificate chain (PEM, the leaf first), e.g. from ACME, "
+        "instead of one issued by the station's own CA; reloaded when the file changes.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        description="The key of tls_cert_file (unencrypted PEM), readable by the station.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(f"{missing}: tls_cert_file and tls_key_file go together")
+        return self
 
 
 class CallsConfig(Model):

@@ -279,7 +279,7 @@ class Station:
             web=lambda: "listening" if calls is not None and calls.url else "down",
             checkpoint_at=checkpoint_at,
         )
-        certificates = [key_dir(self.state_dir) / TLS_CERT]
+        certificates = [settings.web.tls_cert_file or key_dir(self.state_dir) / TLS_CERT]
         if settings.mqtt is not None and settings.mqtt.client_cert is not None:
             certificates.append(settings.mqtt.client_cert)
         self.monitor = Monitor(settings.monitor, self.bus, self.state_dir, camera, links,

@@ -1,14 +1,15 @@
 """Real parts for the web client tests: a simulated station process and Debian's Chromium.
 
 Chromium comes from the Debian package (``/usr/bin/chromium``) and is driven through the
-``playwright`` Python package; ``playwright install`` is never needed. The station's
-self-signed certificate is pinned by its key (``--ignore-certificate-errors-spki-list``),
-the way a careful resident accepts exactly this station's certificate and no other.
+``playwright`` Python package; ``playwright install`` is never needed. Chromium trusts the
+station as a resident's device does once its root is installed: the station's CA goes
+into the NSS database of a fresh ``$HOME`` (``certutil``, Debian's libnss3-tools), and no
+``--ignore-certificate-errors*`` flag is given, so the certificate is verified for real
+(name constraints included) and the service worker may run.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -19,7 +20,9 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -27,8 +30,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyotp
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
 from intercom.control import SOCKET_NAME
@@ -80,22 +81,39 @@ def tone_wav(path: Path, frequency: float = 440.0, seconds: float = 1.0) -> Path
     return path
 
 
-def spki_pin(url: str) -> str:
-    """Base64 SHA-256 of the public key (SPKI) of the certificate served at ``url``."""
-    parts = urlsplit(url)
-    pem = ssl.get_server_certificate((parts.hostname or "", parts.port or 443))
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+def station_ca(url: str) -> bytes:
+    """The station's root (DER) as ``/ca.crt`` serves it, fetched without verification.
+
+    Trust on first use, as a resident who then compares its fingerprint with the
+    pairing link's (``ca_fingerprint``) does; the tests compare it too.
+    """
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(url + "ca.crt", context=context, timeout=10) as response:  # noqa: S310
+        der: bytes = response.read()
+    return der
 
 
-def cert_fingerprint(url: str) -> str:
-    """SHA-256 of the DER certificate served at ``url``, lowercase hex."""
-    parts = urlsplit(url)
-    pem = ssl.get_server_certificate((parts.hostname or "", parts.port or 443))
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+def ca_fingerprint(url: str) -> str:
+    """SHA-256 of the station's root (DER) served at ``url``, lowercase hex."""
+    return hashlib.sha256(station_ca(url)).hexdigest()
+
+
+@contextmanager
+def trusting_home(ca_der: bytes) -> Iterator[Path]:
+    """A fresh ``$HOME`` whose NSS database (what Chromium reads) trusts ``ca_der``."""
+    with tempfile.TemporaryDirectory(prefix="intercom-home-") as folder:
+        home = Path(folder)
+        nssdb = home / ".pki" / "nssdb"
+        nssdb.mkdir(parents=True)
+        ca = home / "station-ca.der"
+        ca.write_bytes(ca_der)
+        certutil = ["certutil", "-d", f"sql:{nssdb}"]
+        subprocess.run([*certutil, "-N", "--empty-password"], check=True, capture_output=True)
+        subprocess.run([*certutil, "-A", "-n", "intercom station", "-t", "C,,", "-i", str(ca)],
+                       check=True, capture_output=True)
+        yield home
 
 
 def control_request(
@@ -227,20 +245,24 @@ class SimStation:
 
 
 @contextmanager
-def chromium(url: str, extra_args: tuple[str, ...] = ()) -> Iterator[Browser]:
-    """Debian's Chromium, pinned to the station certificate's key."""
-    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(url)}", *extra_args]
-    with sync_playwright() as p:
-        browser = launch(p, args)
+def chromium(
+    url: str, extra_args: tuple[str, ...] = (), ca_der: bytes | None = None
+) -> Iterator[Browser]:
+    """Debian's Chromium trusting the station's root (``ca_der``, else the one ``url`` serves)."""
+    root = station_ca(url) if ca_der is None else ca_der
+    with trusting_home(root) as home, sync_playwright() as p:
+        browser = launch(p, [*CHROMIUM_ARGS, *extra_args], home)
         try:
             yield browser
         finally:
             browser.close()
 
 
-def launch(p: Playwright, args: list[str]) -> Browser:
-    """Launch the system Chromium with ``args``."""
-    return p.chromium.launch(executable_path=CHROMIUM, args=args)
+def launch(p: Playwright, args: list[str], home: Path) -> Browser:
+    """Launch the system Chromium with ``args``, its NSS database that of ``home``."""
+    return p.chromium.launch(
+        executable_path=CHROMIUM, args=args, env={**os.environ, "HOME": str(home)}
+    )
 
 
 def new_device(browser: Browser, url: str) -> tuple[BrowserContext, Page]:

@@ -1,14 +1,17 @@
 """An aiortc resident device for the call tests: pairs over HTTPS, signs in, answers offers.
 
-It pins the station certificate by its SHA-256 fingerprint (as a native app does) and
-speaks the signalling protocol of docs/calls.md. No tests here: helpers only.
+It trusts only the station's CA, whose SHA-256 fingerprint the pairing link carries (as a
+native app pins it), and speaks the signalling protocol of docs/calls.md. No tests here:
+helpers only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -79,9 +82,14 @@ class DeviceKey:
         )
 
 
-def pinned(station: Station) -> aiohttp.Fingerprint:
+def pinned(station: Station) -> ssl.SSLContext:
+    """TLS trusting only the station's root, whose SHA-256 the pairing link carries."""
     assert station.calls is not None
-    return aiohttp.Fingerprint(bytes.fromhex(station.calls.fingerprint))
+    assert station.calls.cert is not None
+    root = station.calls.cert.ca_der
+    assert root is not None
+    assert hashlib.sha256(root).hexdigest() == station.calls.fingerprint
+    return ssl.create_default_context(cadata=root)  # the name is checked too: 127.0.0.1
 
 
 async def pair(station: Station, flat: str = "1", kind: str = "Ed25519") -> Device:

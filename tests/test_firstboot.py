@@ -160,14 +160,18 @@ def test_first_boot_provisions_and_scrubs_the_boot_partition(dirs):
     assert f"psk={wpa_psk('Building', WIFI_PASSPHRASE)}" in wifi
     assert f"ssid={b'Building'.hex()}" in wifi
 
-    # Keys exist, private, and the printed fingerprint is the certificate's.
+    # Keys exist, private, and the printed fingerprint is the station CA's, which
+    # issued the certificate the station presents.
     keys = dirs["state"] / "keys"
-    for name in ("station.key", "tls.key", "eventlog.key", "principals.key"):
+    for name in ("station.key", "tls.key", "ca.key", "eventlog.key", "principals.key"):
         assert (keys / name).stat().st_mode & 0o777 == 0o600
-    cert = x509.load_pem_x509_certificate((keys / "tls.crt").read_bytes())
-    assert cert.subject.rfc4514_string().startswith("O=intercom door station,CN=door-1")
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    leaf, ca = x509.load_pem_x509_certificates((keys / "tls.crt").read_bytes())
+    assert ca.subject.rfc4514_string() == "O=intercom door station,CN=door-1 door station CA"
+    leaf.verify_directly_issued_by(ca)
+    assert (keys / "ca.crt").read_bytes() == ca.public_bytes(serialization.Encoding.PEM)
+    digest = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
     assert ":".join(digest[i : i + 2] for i in range(0, 64, 2)) in result.stdout
+    assert "trust.html" in result.stdout
 
     # A time-boxed installer principal, its TOTP enrolment printed once.
     [installer] = asyncio.run(registered(dirs["state"]))
@@ -193,8 +197,13 @@ def test_running_again_never_replaces_a_key(dirs):
     third = firstboot(dirs)
     assert third.returncode == 0, third.stderr
     assert 'id = "door-2"' in (dirs["etc"] / "intercom.toml").read_text()
-    assert {p.name: p.read_bytes() for p in keys.iterdir()} == before
+    after = {p.name: p.read_bytes() for p in keys.iterdir()}
+    # the certificate the station presents follows its names (re-issued for the same key
+    # by the same CA, which cannot vouch for the new id: said so); every key stays
+    assert after.pop("tls.crt") != before.pop("tls.crt")
+    assert after == before
     assert "exists already" in third.stdout
+    assert "TLS: the CA may not vouch for door-2, door-2.local" in third.stdout
 
 
 def test_a_bad_installer_file_is_refused_and_still_scrubbed(dirs):
@@ -240,7 +249,7 @@ def test_first_boot_spools_the_first_pairing_code(dirs):
     (dirs["boot"] / "intercom.toml").write_text(installer_file())
     result = firstboot(dirs)
     assert result.returncode == 0, result.stderr
-    cert = x509.load_pem_x509_certificate((dirs["state"] / "keys" / "tls.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((dirs["state"] / "keys" / "ca.crt").read_bytes())
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     # The first pairing code, for the first button's flat, spooled for the station:

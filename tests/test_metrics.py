@@ -23,6 +23,7 @@ from intercom.security.verifier import Verifier
 from intercom.station import Station
 
 from .conftest import INTERCOM
+from .test_calls_client import pinned
 from .test_security_kit import SITE, Signer, add_principal, open_registry
 
 DAY = 86_400
@@ -44,7 +45,7 @@ async def metrics_station(sim_settings: Settings) -> AsyncIterator[Station]:
 async def get_metrics(station: Station, token: str | None) -> tuple[int, dict[str, str], str]:
     assert station.calls is not None
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    pin = aiohttp.Fingerprint(bytes.fromhex(station.calls.fingerprint))
+    pin = pinned(station)
     async with (
         aiohttp.ClientSession() as http,
         http.get(station.calls.url + "metrics", headers=headers, ssl=pin) as response,

@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, Page
 from .browser import (
     PHONE,
     SimStation,
-    cert_fingerprint,
+    ca_fingerprint,
     chromium,
     new_device,
     pair_device,
@@ -110,7 +110,7 @@ def wrong_code(totp: pyotp.TOTP) -> str:
 
 def test_pairing_shows_the_fingerprint_and_the_enrolment_once(station, resident):
     page, enrolment = resident["page"], resident["enrolment"]
-    expected = cert_fingerprint(station.url)
+    expected = ca_fingerprint(station.url)
     assert enrolment["fingerprint"].replace(":", "").lower() == expected
     assert enrolment["totp_uri"].startswith("otpauth://totp/")
     assert resident["totp"].secret  # the URI is a real enrolment
@@ -291,8 +291,8 @@ def test_the_shell_is_served_as_is_with_its_security_headers(station, resident):
         assert "default-src 'self'" in got["csp"]
     assert served["app.js"]["type"].startswith("text/javascript")
     assert served["manifest.webmanifest"]["type"] == "application/manifest+json"
-    # the page is an installable PWA: its service worker runs (the pinned certificate
-    # counts as trusted, which a browser demands before it runs a service worker)
+    # the page is an installable PWA: its service worker runs (the station's CA is
+    # installed, which a browser demands before it runs a service worker)
     worker = page.evaluate("() => navigator.serviceWorker.ready.then(r => r.active.scriptURL)")
     assert worker == station.url + "sw.js"
 

@@ -14,7 +14,7 @@ from intercom.calls.peer import DevicePeer, ice_servers, quiet_close_races
 from intercom.calls.ringgroup import RingGroup
 from intercom.calls.server import WebServer
 from intercom.calls.signalling import CheckCode, Session, Signalling
-from intercom.calls.tls import StationCert, load_station_cert
+from intercom.calls.tls import StationCert
 from intercom.calls.tracks import MediaHub
 from intercom.config import Settings
 from intercom.errors import CommandRefusedError
@@ -77,11 +77,19 @@ class Calls:
         self._unwatch: Callable[[], None] | None = None
         self._unquiet: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cert_task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         """The URL residents open (empty until started)."""
         return self.server.url if self.server else ""
+
+    @property
+    def trust_url(self) -> str:
+        """The page residents install the station's CA from (none with the owner's certificate)."""
+        if not self.url or self.cert is None or self.cert.owner:
+            return ""
+        return f"{self.url}trust.html"
 
     @property
     def state(self) -> str:
@@ -90,7 +98,7 @@ class Calls:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the station certificate, lowercase hex."""
+        """What pairing links carry: SHA-256 of the station's CA (or the owner's certificate)."""
         return self.cert.fingerprint if self.cert else ""
 
     async def start(self) -> None:
@@ -104,7 +112,8 @@ class Calls:
     async def _start(self) -> None:
         devices = self._devices
         self._unquiet = quiet_close_races(asyncio.get_running_loop())
-        self.cert = load_station_cert(self.state_dir, self.station_id)
+        self.cert = StationCert(self.state_dir, self.station_id, self.web_config)
+        await asyncio.to_thread(self.cert.load)
         self.pairing.open()
         self.media = MediaHub(devices.camera, devices.microphone, devices.speaker)
         self.media.start()
@@ -122,8 +131,7 @@ class Calls:
             servers,
             self._check_code,
         )
-        info = {"station": self.station_id, "door": self.door,
-                "fingerprint": self.cert.fingerprint}
+        info = {"station": self.station_id, "door": self.door}
         self.server = WebServer(
             self.cert,
             self.pairing,
@@ -139,13 +147,15 @@ class Calls:
         self._register("pair", self.pair_request)
         self._register("hangup", self.hangup_request)
         self._task = asyncio.create_task(self._housekeeping(), name="calls-housekeeping")
+        self._cert_task = asyncio.create_task(self.cert.keep(), name="calls-certificate")
 
     async def stop(self) -> None:
         """End the call, close every device, stop listening and the media."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._cert_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -251,6 +261,7 @@ class Calls:
             "url": link,
             "station_url": self.url,
             "fingerprint": self.fingerprint,
+            "trust_url": self.trust_url,
             "expires_at": expires_at,
         }
 

@@ -1,4 +1,4 @@
-"""The station's HTTPS server: the resident web client, /api/info, /api/pair, /ws, /metrics.
+"""The station's HTTPS server: the web client, /api/info, /api/pair, /ws, /metrics, /ca.crt.
 
 Everything a resident's browser sends is hostile until verified: bodies are capped,
 pairing attempts are rate limited per source address (charged when the request
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,7 +25,10 @@ from aiohttp import web
 from intercom import __version__
 from intercom.calls.pairing import Pairing, PairingError
 from intercom.calls.tls import StationCert
+from intercom.calls.trust import TrustFiles
+from intercom.deploy.tlscert import machine_name
 from intercom.errors import IntercomError
+from intercom.netaddr import ANY_HOSTS
 from intercom.security.limits import BucketTable, RefusalLog, source_key
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,9 @@ class WebServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", r"/api/console/{action:[a-z][a-z-]{0,31}}", self._console)
         app.router.add_route("*", r"/api/push/{action:[a-z][a-z-]{0,31}}", self._push)
+        trust = TrustFiles(self.info["station"], lambda: (self.cert.ca_der, self.cert.fingerprint))
+        app.router.add_get("/ca.crt", trust.certificate)
+        app.router.add_get("/ca.mobileconfig", trust.profile)
         app.router.add_get("/", self._index)
         app.router.add_get(
             r"/{path:[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*}", self._static
@@ -137,7 +142,7 @@ class WebServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self.host, self.port, ssl_context=self.cert.server_context()
+            self._runner, self.host, self.port, ssl_context=self.cert.context
         )
         try:
             await site.start()
@@ -148,9 +153,8 @@ class WebServer:
             ) from exc
         port = self._bound_port()
         host = self.host
-        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
-            name = socket.gethostname()
-            host = name if "." in name else f"{name}.local"  # phones resolve it by mDNS
+        if host in ANY_HOSTS:  # any address: name the machine (phones resolve .local by mDNS)
+            host = machine_name()
         if ":" in host:
             host = f"[{host}]"
         self.url = self._public_url or f"https://{host}:{port}/"
@@ -174,7 +178,9 @@ class WebServer:
     # --- handlers --------------------------------------------------------------------------
 
     async def _info(self, _request: web.Request) -> web.Response:
-        return web.json_response({**self.info, "version": __version__})
+        certificate = "owner" if self.cert.owner else "station-ca"
+        return web.json_response({**self.info, "fingerprint": self.cert.fingerprint,
+                                  "certificate": certificate, "version": __version__})
 
     async def _pair(self, request: web.Request) -> web.Response:
         address = source_key(request.remote)

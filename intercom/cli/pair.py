@@ -11,6 +11,7 @@ import segno
 
 from intercom.cli.common import add_state_dir, state_dir
 from intercom.control import request_sync
+from intercom.deploy.stationca import grouped
 from intercom.errors import IntercomError
 
 
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Ask the running station for a one-time pairing code (single use, "
         "expires in 10 minutes) for a resident of FLAT, and print the code, the pairing "
         "link and a QR code of the link. The link holds the station URL, the code and "
-        "the SHA-256 fingerprint of the station certificate.",
+        "the SHA-256 fingerprint of the station's CA certificate (of the owner's "
+        "certificate with [web] tls_cert_file); the page the CA is installed from "
+        "(trust.html) shows the same fingerprint.",
     )
     who = pair.add_mutually_exclusive_group(required=True)
     who.add_argument("--flat", help="the flat whose resident pairs")
@@ -60,7 +63,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
             else f"flat {args.flat}")
     print(f"pairing code for {whom}{who}: {answer['code']}")
     print(f"expires:     {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
-    print(f"fingerprint: {answer['fingerprint']}")
+    print(f"fingerprint: {grouped(str(answer['fingerprint']))}")
+    if answer.get("trust_url"):
+        print(f"trust:       {answer['trust_url']} (install the station's CA of this fingerprint)")
     print(f"link:        {link}")
     if not args.no_qr:
         qr.terminal(out=sys.stdout, compact=True)

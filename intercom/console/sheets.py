@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import segno
 
+from intercom.deploy.stationca import grouped
+
 A4 = (595, 842)  # points
 MARGIN = 56
 QR_SIZE = 300.0
@@ -25,8 +27,9 @@ class Sheet:
     station: str
     flat: str
     link: str
-    fingerprint: str
+    fingerprint: str  # the station CA's SHA-256 (the owner's certificate's, without a trust page)
     expires_at: float
+    trust_url: str = ""  # where the station's CA is installed from; empty: nothing to install
 
 
 def _text(value: str) -> str:
@@ -64,16 +67,16 @@ def _qr(link: str, x: float, y: float, size: float) -> str:
 def page_content(sheet: Sheet) -> str:
     """The drawing operators of one flat's page."""
     width, height = A4
-    fp = ":".join(sheet.fingerprint[i:i + 2] for i in range(0, len(sheet.fingerprint), 2))
+    fp = grouped(sheet.fingerprint)  # as browsers and the trust page show it
     expires = dt.datetime.fromtimestamp(sheet.expires_at, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     y = float(height - MARGIN - 24)
     out = [_line("F1", 24, MARGIN, y, f"Flat {sheet.flat}: pair your phone with the door")]
     y -= 22
     out.append(_line("F1", 12, MARGIN, y, f"Door station {sheet.station}"))
-    steps = [
-        "1. Scan this code with your phone's camera and open the link.",
-        "2. Check that your browser's certificate view shows this fingerprint:",
-    ]
+    check = ("2. Check this fingerprint of the door station's certificate authority (the "
+             "page shows it):" if sheet.trust_url else
+             "2. Check that your browser's certificate view shows this fingerprint:")
+    steps = ["1. Scan this code with your phone's camera and open the link.", check]
     y -= 34
     for step in steps:
         out.append(_line("F1", 12, MARGIN, y, step))
@@ -82,8 +85,12 @@ def page_content(sheet: Sheet) -> str:
         out.append(_line("F2", 10, MARGIN + 14, y, fp[i:i + 48]))
         y -= 14
     y -= 4
-    for step in ('3. Tap "pair", then add the door code to your authenticator app.',
-                 "   The door opens only with the code that app shows."):
+    last = ['3. Tap "pair", then add the door code to your authenticator app.',
+            "   The door opens only with the code that app shows."]
+    if sheet.trust_url:
+        last += ["4. To be rung with the app closed, install the station's certificate",
+                 "   (of the fingerprint above) from the page " + sheet.trust_url]
+    for step in last:
         out.append(_line("F1", 12, MARGIN, y, step))
         y -= 18
     qr_x, qr_y = (width - QR_SIZE) / 2, y - 16 - QR_SIZE

@@ -135,7 +135,7 @@ class ConsoleWiring:
         calls = self.calls
         flats = sorted({b.flat for b in self.settings.hardware.buttons})
         return [Sheet(self.station, flat, f"{calls.url}#pair={code}&fp={calls.fingerprint}",
-                      calls.fingerprint, expires_at)
+                      calls.fingerprint, expires_at, calls.trust_url)
                 for flat, code, expires_at in await calls.pairing.sheet_codes(flats)]
 
     async def mqtt_test(self, given: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import json
 import os
 import pwd
 import re
-import socket
 import time
 import tomllib
 from collections.abc import Callable
@@ -36,11 +35,18 @@ import tomli_w
 
 from intercom import __version__
 from intercom.config import Settings, parse_settings
-from intercom.deploy.tlscert import load_or_create_tls
+from intercom.deploy.stationca import grouped
+from intercom.deploy.tlscert import (
+    load_or_create_tls,
+    load_owner_pair,
+    machine_name,
+    names_for,
+)
 from intercom.errors import ConfigError, IntercomError
 from intercom.eventlog.keys import create_master_key, master_key_source
 from intercom.events import EventBus
 from intercom.identity import create_identity
+from intercom.netaddr import ANY_HOSTS
 from intercom.security.pairingcodes import spool_code
 from intercom.security.principals import Principal, Role, public_jwk_from_file
 from intercom.security.registry import Registry
@@ -172,10 +178,9 @@ class FirstBoot:
         """Make the keys, the installer and the first pairing code (under the lock)."""
         identity = create_identity(self.state_dir)  # first boot is one of the key makers
         create_key(self.state_dir)
-        tls, made = load_or_create_tls(self.state_dir, settings.station.id)
         self.report.add(f"station {settings.station.id}, intercom {__version__}")
         self.report.add(f"station key fingerprint {identity.fingerprint}")
-        self.report.add(f"TLS certificate SHA-256 {tls.fingerprint}" + (" (new)" if made else ""))
+        link_fp = self._tls(settings)  # the form pairing links carry
         source = master_key_source(self.state_dir)
         if not source.credential and not source.path.exists():
             create_master_key(self.state_dir)
@@ -183,11 +188,10 @@ class FirstBoot:
         section = extra.get("installer")
         hours = settings.privacy.installer_valid_hours
         if isinstance(section, dict) and section.get("phone") is True:
-            self._installer_phone_code(settings, section, tls.fingerprint, hours)
+            self._installer_phone_code(settings, section, link_fp, hours)
         elif "installer" in extra:
             self._installer_principal(section, settings.station.id, hours)
         if took_file:  # a new installer file: a new first pairing code with it
-            link_fp = tls.fingerprint.replace(":", "").lower()  # the form pairing links carry
             self._first_pairing_code(settings, extra.get("pairing"), link_fp)
         _write_private(
             self.state_dir / MARKER,
@@ -256,6 +260,30 @@ class FirstBoot:
         )
         raise ConfigError(problems) from None  # the cause would carry the values
 
+    def _tls(self, settings: Settings) -> str:
+        """Make the station's CA and certificate (or read the owner's); the link fingerprint."""
+        web, station = settings.web, settings.station.id
+        if web.tls_cert_file is not None and web.tls_key_file is not None:
+            try:
+                pair = load_owner_pair(web.tls_cert_file, web.tls_key_file)
+            except ConfigError as exc:
+                self.report.add(f"TLS: the owner's certificate is not usable yet ({exc}); the "
+                                "station will not start until it is")
+                return ""
+            self.report.add(f"TLS certificate SHA-256 {grouped(pair.fingerprint)} (the owner's, "
+                            "web.tls_cert_file)")
+            return pair.fingerprint
+        tls = load_or_create_tls(self.state_dir, station, names_for(station, web))
+        new = " (new)" if "CA certificate made" in tls.made else ""
+        self.report.add(f"TLS certificate SHA-256 {grouped(tls.fingerprint)}{new}: the station's "
+                        f"own CA, which residents install from {self._url(settings)}trust.html")
+        for what in tls.made:
+            if "replaces" in what:
+                self.report.add(f"TLS: {what}")
+        if tls.uncovered:
+            self.report.add("TLS: the CA may not vouch for " + ", ".join(tls.uncovered))
+        return tls.fingerprint
+
     def _first_pairing_code(self, settings: Settings, section: Any, fingerprint: str) -> None:
         """Spool the first pairing code for the station to take when it starts."""
         flat = settings.hardware.buttons[0].flat
@@ -279,18 +307,17 @@ class FirstBoot:
             raise ConfigError([f"installer.valid_hours: 1 to {MAX_INSTALLER_HOURS}"])
         code, expires = spool_code(self.state_dir, "", self.now(), float(hours))
         until = time.strftime("%H:%M UTC", time.gmtime(expires))
-        link_fp = fingerprint.replace(":", "").lower()
         self.report.add(f"installer pairing code: {code} (single use, until {until}; the "
                         f"installer stays valid {hours:g} h once paired)")
         self.report.add(f"installer link: {self._url(settings)}installer.html#pair={code}"
-                        f"&fp={link_fp}")
+                        f"&fp={fingerprint}")
 
     def _url(self, settings: Settings) -> str:
         """The address residents and the installer open (public_url, else this machine)."""
         web = settings.web
         host = web.host
-        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - any address: name the machine
-            host = f"{socket.gethostname()}.local"
+        if host in ANY_HOSTS:  # any address: name the machine
+            host = machine_name()
         return (web.public_url or f"https://{host}:{web.port}/").rstrip("/") + "/"
 
     def _installer_principal(self, section: Any, station_id: str, default_hours: float) -> None:
