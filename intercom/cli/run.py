@@ -19,6 +19,7 @@ from intercom.config import (
 )
 from intercom.errors import ConfigError
 from intercom.logsetup import setup_logging
+from intercom.netaddr import lan_address
 from intercom.statedir import CONFIG_ENV, STATE_ENV, resolve
 
 
@@ -48,6 +49,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--simulate",
         action="store_true",
         help="simulated station: mock pins, synthetic camera and audio",
+    )
+    run.add_argument(
+        "--lan",
+        action="store_true",
+        help="with --simulate: listen on this machine's LAN address (its first IPv4 address "
+        "that is not loopback or link-local, else IPv6) instead of loopback, on the "
+        "config's [web] port, so a phone on the same network can pair (scripts/demo --lan)",
     )
     run.add_argument(
         "--mqtt",
@@ -83,10 +91,16 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
 def _settings_for(args: argparse.Namespace) -> Settings:
     config = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if getattr(args, "lan", False) and not args.simulate:
+        raise ConfigError(["--lan: only with --simulate; a station listens on [web] host"])
     if args.simulate:
         base = load_settings(config) if config else None
         where = resolve(args.state_dir, config, simulate=True, settings=base)
-        return simulated_settings(where.state_dir, base)
+        settings = simulated_settings(where.state_dir, base)
+        if getattr(args, "lan", False):
+            web = settings.web.model_copy(update={"host": str(lan_address())})
+            settings = settings.model_copy(update={"web": web})
+        return settings
     path = config or DEFAULT_CONFIG
     if not path.exists():
         how = (f"give one with --config FILE (or ${CONFIG_ENV})" if config is None
