@@ -18,6 +18,7 @@ is refused (binary, oversized, beyond the channel's rate) or when answering it f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -248,6 +249,7 @@ class DevicePeer:
         if not self._awaiting_answer:
             raise ValueError("no offer awaits an answer")
         self._awaiting_answer = False
+        require_bundle(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(without_mdns(sdp), "answer"))
         self._answered.set()
         if self.media_on and self.media_at is None:
@@ -390,7 +392,44 @@ class DevicePeer:
         # Shielded: aiortc's close, cancelled half-way (its caller cancelled: a session
         # closing while it retires a connection), leaves a connection whose next close
         # never returns.
-        await asyncio.shield(self.pc.close())
+        try:
+            await asyncio.shield(self.pc.close())
+        except Exception as exc:  # noqa: BLE001 - aiortc's own fault, handled below
+            # A device's malformed answer can leave aiortc's connection half set up (its
+            # SCTP transport without a DTLS transport), and its close then stops at the
+            # first part missing, leaving the ICE and DTLS transports after it running.
+            log.info("calls: closing a half-set-up connection (%r); stopping its transports",
+                     exc)
+            await stop_transports(self.pc)
+
+
+def require_bundle(sdp: str) -> None:
+    """ValueError unless one ``a=group:BUNDLE`` holds every media section of ``sdp``.
+
+    The station's offers bundle everything on one transport, and browsers answer so.
+    aiortc takes an answer that does not, and then fails in a task of its own (a
+    transceiver without a transport) with nothing to show for it but a logged error.
+    """
+    lines = sdp.splitlines()
+    mids = [line[6:].strip() for line in lines if line.startswith("a=mid:")]
+    groups = [line[len("a=group:BUNDLE"):].split() for line in lines
+              if line.startswith("a=group:BUNDLE")]
+    if not mids or len(groups) != 1 or sorted(groups[0]) != sorted(mids):
+        raise ValueError("the answer must bundle every media section (a=group:BUNDLE)")
+
+
+async def stop_transports(pc: RTCPeerConnection) -> None:
+    """Stop every DTLS and ICE transport of ``pc`` that is there (public aiortc API)."""
+    dtls = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None and pc.sctp.transport is not None:
+        dtls.append(pc.sctp.transport)
+    for transport in dtls:
+        if transport is None:
+            continue
+        with contextlib.suppress(Exception):
+            await transport.stop()
+        with contextlib.suppress(Exception):
+            await transport.transport.stop()
 
 
 def _quiet_idle_reports(sender: RTCRtpSender, track: GatedTrack) -> None:
