@@ -145,6 +145,7 @@ async function showPairing(link) {
   } catch {
     check.textContent = "Could not reach the station.";
   }
+  $("pair-trust").href = `trust.html#fp=${encodeURIComponent(link.fp)}`; // it checks the link's
   $("pair-go").onclick = () => pair(link);
 }
 
