@@ -8,11 +8,14 @@ phone cannot reach the first, and the second needs an interface scope no URL car
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable
 
 import ifaddr
 
 from intercom.errors import IntercomError
+
+log = logging.getLogger(__name__)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 ANY_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - "listen on every address"
@@ -41,8 +44,21 @@ def reachable(addresses: Iterable[Address]) -> list[Address]:
 
 
 def machine_addresses(adapters: Iterable[ifaddr.Adapter] | None = None) -> list[Address]:
-    """The machine's reachable addresses (IPv4 first), read from its interfaces."""
-    found = reachable(adapter_addresses(ifaddr.get_adapters() if adapters is None else adapters))
+    """The machine's reachable addresses (IPv4 first), read from its interfaces.
+
+    Empty when the interfaces cannot be read: first boot's unit allows no netlink socket
+    (``RestrictAddressFamilies=AF_UNIX``), and ifaddr then fails with EAFNOSUPPORT. The
+    certificate's names are then the host names only (docs/security.md says what that
+    means for addresses).
+    """
+    if adapters is None:
+        try:
+            adapters = ifaddr.get_adapters()
+        except OSError as exc:
+            log.warning("the network interfaces cannot be read (%s): no addresses in the "
+                        "certificate's names", exc.strerror or exc)
+            return []
+    found = reachable(adapter_addresses(adapters))
     return sorted(found, key=lambda a: a.version)  # stable: IPv4 before IPv6, else as listed
 
 

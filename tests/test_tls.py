@@ -508,3 +508,27 @@ async def test_with_the_owners_certificate_there_is_nothing_to_install(
         assert answer["trust_url"] == ""
     finally:
         await station.stop("test finished")
+
+
+def test_interfaces_that_cannot_be_read_give_no_addresses_not_a_failure(monkeypatch, caplog):
+    """First boot's unit allows AF_UNIX only: ifaddr's netlink socket fails (EAFNOSUPPORT).
+
+    That seccomp filter needs systemd as PID 1, which this machine has not, so ifaddr is
+    made to fail as it does there (the image test, -m slow, boots the real thing).
+    """
+    import errno  # noqa: PLC0415
+
+    import ifaddr  # noqa: PLC0415
+
+    from intercom import netaddr  # noqa: PLC0415
+    from intercom.deploy.tlscert import names_for  # noqa: PLC0415
+
+    def refused() -> list[ifaddr.Adapter]:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(ifaddr, "get_adapters", refused)
+    assert netaddr.machine_addresses() == []
+    assert "cannot be read" in caplog.text
+    names = names_for("door-1", WebConfig(host="0.0.0.0"))  # noqa: S104
+    assert names.ips == ()
+    assert "door-1.local" in names.dns
