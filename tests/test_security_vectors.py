@@ -8,7 +8,7 @@ import pytest
 from joserfc.jwk import OKPKey
 
 from intercom.security import command, totp
-from intercom.security.principals import import_public_jwk, public_jwk_from_file
+from intercom.security.principals import PrincipalError, import_public_jwk, public_jwk_from_file
 
 # We accept RFC 8037's "EdDSA" on purpose; joserfc warns about it (RFC 9864).
 pytestmark = pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
@@ -130,3 +130,13 @@ def test_pem_public_key_becomes_the_same_jwk() -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     assert public_jwk_from_file(pem) == A2_PUBLIC
+
+
+def test_a_public_key_of_an_unknown_type_is_refused_as_not_a_key():
+    """Found by the slow first-boot fuzz: an Ed25519 key whose algorithm OID was mangled
+    (cryptography raises UnsupportedAlgorithm, not ValueError) failed first boot."""
+    pem = (b"-----BEGIN PUBLIC KEY-----\n"
+           b"MCowBQYD02VwAyEA8cGxzGIeKRQWjRwm3P05Hu0udSySXM05oK4vG/1mdNk=\n"
+           b"-----END PUBLIC KEY-----\n")
+    with pytest.raises(PrincipalError, match="not an Ed25519 or ECDSA P-256 public key"):
+        public_jwk_from_file(pem)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey
 
@@ -147,8 +148,8 @@ def public_jwk_from_file(data: bytes) -> dict[str, Any]:
         for cls in (OKPKey, ECKey):
             try:
                 key = cls.import_key(text)
-            except (JoseError, ValueError, TypeError, KeyError):
-                continue
+            except (JoseError, ValueError, TypeError, KeyError, UnsupportedAlgorithm):
+                continue  # UnsupportedAlgorithm: a key type cryptography does not know
             key_kind(key)
             return {k: v for k, v in key.as_dict(private=False).items() if k != "kid"}
     except (ValueError, AttributeError, RecursionError) as exc:
