@@ -85,6 +85,15 @@ def stats(page: Page) -> dict[str, Any]:
     return result
 
 
+def wait_stats(page: Page, check: Any, what: str, timeout: float = 20) -> dict[str, Any]:
+    """The page's call statistics once ``check`` holds for them (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not check(current := stats(page)):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {current}"
+        page.wait_for_timeout(100)
+    return current
+
+
 def speaker(station: SimStation) -> dict[str, int]:
     return dict(station.status()["speaker"])
 
@@ -156,8 +165,9 @@ def test_a_paired_device_opening_its_spent_link_is_shown_the_way_home(station, r
 def test_ring_preview_answer_audio_and_unlock(station, resident, tmp_path: Path):
     page, totp = resident["page"], resident["totp"]
     wait_idle_station(station)
-    before = stats(page)
-    assert before["dtlsState"] == "connected"
+    # The standing connection is up before the ring (a test before this one may have
+    # just made the page sign in again: its fresh connection may still be connecting).
+    before = wait_stats(page, lambda s: s["dtlsState"] == "connected", "DTLS connected")
     # idle: the video's gate is closed and the audio section inactive: nothing received
     assert set(before["streams"]) == {"video"}, before
     assert before["framesDecoded"] == 0
