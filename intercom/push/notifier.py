@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from intercom.calls.ringgroup import Call
@@ -57,13 +55,12 @@ def topic_for(door: str) -> str:
 
 @dataclass
 class PushStats:
-    """Counts for ``intercom status`` and the benchmark."""
+    """Counts for ``intercom status``."""
 
     sent: int = 0
     delivered: int = 0
     failed: int = 0
     dropped: int = 0
-    last: list[tuple[str, str, float, int | None]] = field(default_factory=list)
 
 
 class PushNotifier:
@@ -76,7 +73,6 @@ class PushNotifier:
         config: PushConfig,
         door: str,
         ring_timeout_s: float,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry = registry
         self._client = client
@@ -84,7 +80,6 @@ class PushNotifier:
         self.door = door
         self.topic = topic_for(door)
         self._ring_timeout_s = ring_timeout_s
-        self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PushStats()
 
@@ -141,8 +136,6 @@ class PushNotifier:
         except Exception:
             log.exception("push: sending failed")
             outcome = Outcome(None, "internal error")
-        self.stats.last = [*self.stats.last[-19:], (message["type"], message["call"],
-                                                    self._clock(), outcome.status)]
         if outcome.delivered:
             self.stats.delivered += 1
             log.info("push: %s for call %s accepted (%d)", message["type"], message["call"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -54,12 +55,17 @@ class VapidKey:
             "exp": int(now) + TOKEN_LIFETIME_S,
             "sub": contact,
         }
+        token = jwt.encode({"alg": "ES256", "typ": "JWT"}, claims, self._signing_key)
+        return f"vapid t={token}, k={self.application_server_key}"
+
+    @functools.cached_property
+    def _signing_key(self) -> ECKey:
+        """The key as joserfc signs with it (converted once, not at every push)."""
         pem = self.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        token = jwt.encode({"alg": "ES256", "typ": "JWT"}, claims, ECKey.import_key(pem))
-        return f"vapid t={token}, k={self.application_server_key}"
+        return ECKey.import_key(pem)
 
 
 def _path(state_dir: Path) -> Path:

@@ -23,6 +23,7 @@ import json
 import re
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,7 +146,7 @@ class PushClient:
         vapid: VapidKey,
         contact: str,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.vapid = vapid
         self.contact = contact
