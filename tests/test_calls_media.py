@@ -277,3 +277,29 @@ async def test_a_ring_starts_from_the_keyframe_kept_ready_without_encoding_one()
         assert hub.watching == 0
         hub.close()
         await camera.close()
+
+
+async def test_a_connection_closed_under_a_ring_renegotiates_nothing_and_logs_no_fault(caplog):
+    """aiortc closes a connection itself (a transport that failed in a task of its own);
+    the ring's audio renegotiation then has nobody to offer to: it gives up quietly, and a
+    connection the station closed starts nothing new. (Found by the data channel fuzz: an
+    offer on a closed connection raised in a task nobody awaited.)"""
+    camera = SyntheticCamera(160, 120, 15)
+    hub, peer, device = await station_end(camera)
+    client, _frames = await connect(peer, device)
+    try:
+        await peer.pc.close()  # as aiortc does on its own
+        peer.start_audio()  # the answer arrives: audio would be renegotiated
+        await asyncio.sleep(0.3)
+        assert device.offers == device.offers[:1], "an offer was made on a closed connection"
+        await peer.close()
+        peer.start_video()  # a ring reaching a connection already closed
+        await asyncio.sleep(0.3)
+        assert not peer._tasks, "a closed connection started a task"
+        faults = [r for r in caplog.records if r.levelno >= 40]
+        assert not faults, [r.getMessage() for r in faults]
+    finally:
+        await peer.close()
+        await client.close()
+        hub.close()
+        await camera.close()

@@ -24,7 +24,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiortc import (
@@ -184,6 +184,7 @@ class DevicePeer:
         self._on_lost = on_lost
         self._send_offer = send_offer
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
         # The video is ready for a ring (its gate closed); the audio waits for an answer.
         self._video_tx = self.pc.addTransceiver(self.video, direction="sendonly")
         self.video_sender = self._video_tx.sender
@@ -270,7 +271,16 @@ class DevicePeer:
 
     async def _renegotiate(self) -> None:
         await self._answered.wait()  # the connection's first offer has its answer
-        self._send_offer(await self.offer())
+        if self.pc.signalingState == "closed":
+            return  # closed while it waited (the device left, or a fault closed it)
+        try:
+            sdp = await self.offer()
+        except InvalidStateError:
+            # Closed between the check and the offer (aiortc closes a connection whose
+            # transport failed in a task of its own): there is nobody to renegotiate with.
+            log.info("calls: the connection closed before its audio was renegotiated")
+            return
+        self._send_offer(sdp)
 
     def _mark_playout_delay(self, ext_id: int, ssrc: int) -> None:
         """Put a zero ``playout-delay`` on every video packet the device took it for.
@@ -334,7 +344,10 @@ class DevicePeer:
 
     # --- events ------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self._closing:
+            coro.close()  # never started: no "never awaited" warning either
+            return
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
@@ -385,6 +398,7 @@ class DevicePeer:
 
     async def close(self) -> None:
         """Close the connection and stop the tracks."""
+        self._closing = True  # nothing new is spawned on a closing connection
         self.video.stop()
         self.audio.stop()
         for task in list(self._tasks):
