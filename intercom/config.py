@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import re
 import tomllib
 import typing
@@ -318,13 +319,49 @@ class MqttConfig(Model):
 
 
 class IceServerConfig(Model):
-    """A STUN or TURN server for residents away from home."""
+    """A STUN server (a device behind a NAT learns its public address from it)."""
 
-    urls: list[Annotated[str, Field(pattern=r"^(stun|stuns|turn|turns):\S+$")]] = Field(
-        min_length=1, description="stun:/turn: URLs of one server."
+    urls: list[Annotated[str, Field(pattern=r"^stuns?:\S+$")]] = Field(
+        min_length=1,
+        description="stun: URLs of one server (TURN servers go in [web.turn], with "
+        "short-lived credentials).",
     )
-    username: str = Field(default="", description="TURN user name.")
-    credential: SecretStr = Field(default=SecretStr(""), description="TURN password.")
+
+
+class TurnConfig(Model):
+    """The owner's TURN server (coturn), for calls through NAT: short-lived credentials.
+
+    The TURN REST scheme coturn implements (``use-auth-secret``): the station and the
+    TURN server share a secret; the station hands each device, at sign-in and again
+    before they expire, a user name ``<expiry>:<principal>`` and its HMAC as password.
+    No long-lived TURN password ever reaches a device.
+    """
+
+    urls: list[Annotated[str, Field(pattern=r"^turns?:\S+$")]] = Field(
+        min_length=1, max_length=8, description="turn:/turns: URLs of the server."
+    )
+    secret_file: Path | None = Field(
+        default=None,
+        description="File holding the secret shared with the TURN server (first line; "
+        "coturn's static-auth-secret).",
+    )
+    secret_credential: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of a systemd credential ($CREDENTIALS_DIRECTORY/NAME) holding "
+        "that secret, instead of secret_file.",
+    )
+    ttl_s: int = Field(
+        default=4 * 3600, ge=600, le=24 * 3600,
+        description="How long a credential is valid; devices get fresh ones (and a fresh "
+        "connection) after half of it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Self:
+        if (self.secret_file is None) == (self.secret_credential is None):
+            raise ValueError("secret_file: give one of secret_file, secret_credential")
+        return self
 
 
 class WebConfig(Model):
@@ -341,7 +378,20 @@ class WebConfig(Model):
     )
     ice_servers: list[IceServerConfig] = Field(
         default_factory=list,
-        description="STUN/TURN servers given to both ends; none by default (home network).",
+        description="STUN servers given to both ends; none by default (home network).",
+    )
+    turn: TurnConfig | None = Field(
+        default=None, description="The owner's TURN server; none by default."
+    )
+    ice_policy: Literal["all", "relay"] = Field(
+        default="all",
+        description="ICE candidates both ends use: all, or relay (only through [web.turn]).",
+    )
+    trusted_proxies: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Addresses of reverse proxies whose X-Forwarded-For names the client "
+        "(rate limits then count the client, not the proxy).",
     )
     tls_cert_file: Path | None = Field(
         default=None,
@@ -358,6 +408,13 @@ class WebConfig(Model):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
             raise ValueError(f"{missing}: tls_cert_file and tls_key_file go together")
+        if self.ice_policy == "relay" and self.turn is None:
+            raise ValueError("ice_policy: relay needs a TURN server ([web.turn])")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_address(proxy)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address") from None
         return self
 
 

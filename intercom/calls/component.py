@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from intercom.calls.pairing import Pairing
-from intercom.calls.peer import DevicePeer, ice_servers, quiet_close_races
+from intercom.calls.peer import DevicePeer, quiet_close_races
 from intercom.calls.ringgroup import RingGroup
 from intercom.calls.server import WebServer
 from intercom.calls.signalling import CheckCode, Session, Signalling
 from intercom.calls.tls import StationCert
 from intercom.calls.tracks import MediaHub
+from intercom.calls.turn import IceProvider
 from intercom.config import Settings
 from intercom.errors import CommandRefusedError
 from intercom.events import EventBus
@@ -73,6 +74,7 @@ class Calls:
         self.server: WebServer | None = None
         self.media: MediaHub | None = None
         self.signalling: Signalling | None = None
+        self.ice: IceProvider | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._unwatch: Callable[[], None] | None = None
         self._unquiet: Callable[[], None] | None = None
@@ -112,15 +114,12 @@ class Calls:
     async def _start(self) -> None:
         devices = self._devices
         self._unquiet = quiet_close_races(asyncio.get_running_loop())
+        self.ice = await asyncio.to_thread(IceProvider.from_config, self.web_config)
         self.cert = StationCert(self.state_dir, self.station_id, self.web_config)
         await asyncio.to_thread(self.cert.load)
         self.pairing.open()
         self.media = MediaHub(devices.camera, devices.microphone, devices.speaker)
         self.media.start()
-        servers = [
-            {"urls": s.urls, "username": s.username, "credential": s.credential.get_secret_value()}
-            for s in self.web_config.ice_servers
-        ]
         self.signalling = Signalling(
             self.station_id,
             self.door,
@@ -128,7 +127,7 @@ class Calls:
             self._registry.get,
             self.ring_group,
             self._make_peer,
-            servers,
+            self.ice,
             self._check_code,
         )
         info = {"station": self.station_id, "door": self.door}
@@ -139,6 +138,7 @@ class Calls:
             self.web_config.host,
             self.web_config.port,
             self.web_config.public_url,
+            trusted_proxies=self.web_config.trusted_proxies,
         )
         self.server.ws_handler = self.signalling.handle
         await self.server.start()
@@ -222,7 +222,9 @@ class Calls:
     def _make_peer(self, session: Session, send_offer: Callable[[str], None]) -> DevicePeer:
         if self.media is None:
             raise RuntimeError("calls: a peer connection before the media started")
-        servers = ice_servers(self.web_config.ice_servers)
+        if self.ice is None:
+            raise RuntimeError("calls: a peer connection before the ICE servers are known")
+        servers = self.ice.station_servers(self.station_id)
 
         async def unlock(token: str) -> dict[str, Any]:
             return await self._unlock(session, token)
@@ -231,7 +233,8 @@ class Calls:
             if self.signalling is not None:
                 self.signalling.lost(session, peer)
 
-        peer = DevicePeer(self.media, servers, unlock, lost, send_offer)
+        peer = DevicePeer(self.media, servers, unlock, lost, send_offer,
+                          relay_only=self.ice.policy == "relay")
         return peer
 
     async def _unlock(self, session: Session, token: str) -> dict[str, Any]:
@@ -275,6 +278,7 @@ class Calls:
             try:
                 if self.signalling is not None:
                     self.signalling.revoke_check()  # principals whose time ran out
+                    self.signalling.refresh_ice()  # TURN credentials past half their life
             except Exception:
                 log.exception("calls: housekeeping failed")
 

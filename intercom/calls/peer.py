@@ -31,6 +31,7 @@ from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -39,7 +40,6 @@ from aiortc.exceptions import InvalidStateError
 from aiortc.rtp import RtcpSdesPacket, RtcpSrPacket
 
 from intercom.calls.tracks import GatedTrack, MediaHub
-from intercom.config import IceServerConfig
 from intercom.media.audio import LevelSink, rms_level
 from intercom.security import command
 from intercom.security.limits import RefusalLog, TokenBucket
@@ -58,18 +58,6 @@ PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
 Unlock = Callable[[str], Awaitable[dict[str, Any]]]
-
-
-def ice_servers(config: list[IceServerConfig]) -> list[RTCIceServer]:
-    """The ICE servers of the config for aiortc (none by default: no public STUN server)."""
-    return [
-        RTCIceServer(
-            urls=list(server.urls),
-            username=server.username or None,
-            credential=server.credential.get_secret_value() or None,
-        )
-        for server in config
-    ]
 
 
 def denied(jti: str | None) -> dict[str, Any]:
@@ -173,9 +161,13 @@ class DevicePeer:
         unlock: Unlock,
         on_lost: Callable[[], None],
         send_offer: Callable[[str], None],
+        *,
+        relay_only: bool = False,
     ) -> None:
         self.media = media
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers,
+                                                     iceTransportPolicy=policy))
         self.video: GatedTrack = media.video_track()
         self.audio: GatedTrack = media.audio_track()
         self.to_door = False

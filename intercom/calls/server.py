@@ -12,10 +12,11 @@ bits) and expires in 10 minutes, so guessing from many addresses is no shortcut.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import segno
 from aiohttp import web
 
 from intercom import __version__
+from intercom.calls.origin import Origins
 from intercom.calls.pairing import Pairing, PairingError
 from intercom.calls.tls import StationCert
 from intercom.calls.trust import TrustFiles
@@ -66,6 +68,20 @@ WsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MetricsHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def forwarded_client(values: list[str]) -> str | None:
+    """The address a trusted reverse proxy appended to ``X-Forwarded-For``, or None.
+
+    The last one: any before it came from the client and prove nothing.
+    """
+    hops = [hop.strip() for value in values for hop in value.split(",")]
+    if not hops:
+        return None
+    try:
+        return str(ipaddress.ip_address(hops[-1]))
+    except ValueError:
+        return None
+
+
 def error(status: int, reason: str) -> web.Response:
     """A JSON error answer."""
     return web.json_response({"error": reason}, status=status)
@@ -101,6 +117,7 @@ class WebServer:
         public_url: str = "",
         web_dir: Path = WEB_DIR,
         clock: Callable[[], float] = time.monotonic,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.cert = cert
         self.pairing = pairing
@@ -110,6 +127,9 @@ class WebServer:
         self.web_dir = web_dir
         self._public_url = public_url
         self._clock = clock
+        self.origins = Origins(lambda: cert.hosts, public_url)
+        self._proxies = frozenset(str(ipaddress.ip_address(p)) for p in trusted_proxies)
+        self._origin_refusals = RefusalLog(log)
         self.url = ""
         self.ws_handler: WsHandler | None = None
         self.metrics_handler: MetricsHandler | None = None  # set when [monitor] metrics is on
@@ -121,7 +141,7 @@ class WebServer:
 
     def app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[guard])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[guard, self._front])
         app.router.add_get("/api/info", self._info)
         app.router.add_post("/api/pair", self._pair)
         app.router.add_get("/ws", self._ws)
@@ -151,7 +171,7 @@ class WebServer:
             raise IntercomError(
                 f"web: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
-        port = self._bound_port()
+        port = self.bound_port()
         host = self.host
         if host in ANY_HOSTS:  # any address: name the machine (phones resolve .local by mDNS)
             host = machine_name()
@@ -162,7 +182,8 @@ class WebServer:
             self.url += "/"
         log.info("web: listening on %s:%d, residents use %s", self.host, port, self.url)
 
-    def _bound_port(self) -> int:
+    def bound_port(self) -> int:
+        """The port it listens on (the configured one, or the one port 0 gave)."""
         assert self._runner is not None  # noqa: S101 - only called after setup
         for address in self._runner.addresses:
             if isinstance(address, tuple) and len(address) >= 2:
@@ -174,6 +195,26 @@ class WebServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _front(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Only the station's own names and pages get further (``intercom.calls.origin``).
+
+        Behind a trusted reverse proxy, the client's address is the one it forwarded.
+        """
+        if self._proxies and request.remote in self._proxies:
+            client = forwarded_client(request.headers.getall("X-Forwarded-For", []))
+            if client is not None:
+                request = request.clone(remote=client)
+        reason = self.origins.refusal(request.headers.get("Host"), request.headers.get("Origin"))
+        if reason is not None:
+            self._origin_refusals.refused(
+                self._clock(), "web: refused %s %s from %s: %s", request.method,
+                request.path[:64], source_key(request.remote), reason)
+            return error(403, reason)
+        return await handler(request)
 
     # --- handlers --------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from intercom.calls.peer import DevicePeer
 from intercom.calls.ringgroup import RingGroup
+from intercom.calls.turn import IceProvider
 from intercom.security.limits import RefusalLog, TokenBucket, source_key
 from intercom.security.principals import ID_PATTERN, Principal, Role
 
@@ -131,6 +132,7 @@ class Session:
         self.number = 0  # of the current peer connection
         self.first_frame_at: float | None = None  # of the last call, kept across a renewal
         self.first_audio_at: float | None = None
+        self.ice_renew_at: float | None = None  # fresh TURN credentials due (None: no TURN)
         self._peer_factory = peer_factory
         self._retired: DevicePeer | None = None  # replaced, closed once the new one answers
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -265,7 +267,7 @@ class Signalling:
         principal_of: Callable[[str], Principal | None],
         ring_group: RingGroup,
         peer_factory: PeerFactory,
-        ice_servers: list[dict[str, Any]],
+        ice: IceProvider,
         check_code: CheckCode | None = None,
     ) -> None:
         self.station = station
@@ -274,7 +276,7 @@ class Signalling:
         self._principal_of = principal_of
         self.ring_group = ring_group
         self._peer_factory = peer_factory
-        self._ice_servers = ice_servers
+        self._ice = ice
         self._check_code = check_code
         self.sessions: dict[str, Session] = {}
         self.handlers: dict[str, Handler] = {}  # further message types, by type
@@ -379,7 +381,7 @@ class Signalling:
                     "principal": principal.id,
                     "flat": min(flats),
                     "door": self.door,
-                    "ice_servers": self._ice_servers,
+                    **self._ice_config(session),
                 }
             )
             await session.connect()
@@ -465,6 +467,31 @@ class Signalling:
         """Close every session (the station is stopping)."""
         for session in list(self.sessions.values()):
             await self._drop(session, 1001, "station stopping")
+
+    def _ice_config(self, session: Session) -> dict[str, Any]:
+        """The device's ICE servers (fresh TURN credentials of its own) and policy."""
+        config = self._ice.ice_config(session.principal)
+        ttl = self._ice.ttl_s
+        session.ice_renew_at = time.time() + ttl / 2 if ttl is not None else None
+        return config
+
+    def refresh_ice(self) -> None:
+        """Fresh TURN credentials for devices past half their lifetime.
+
+        A TURN server refuses an expired credential, also when an allocation is
+        refreshed: a connection outliving its credential would lose its relay. So the
+        device gets new credentials (``ice``), and an idle device a new connection made
+        with them (the old one is closed once the device answers); a device rung or in
+        the call gets its new connection when the call ends, as after every call.
+        """
+        now = time.time()
+        for session in list(self.sessions.values()):
+            if session.ice_renew_at is None or now < session.ice_renew_at:
+                continue
+            session.send({"type": "ice", **self._ice_config(session)})
+            if not self.ring_group.may_unlock(session):
+                session.renew()
+            log.info("signalling: session %s given fresh TURN credentials", session.id)
 
     def revoke_check(self) -> None:
         """Close the sessions of principals that are no longer active."""

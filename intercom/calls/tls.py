@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from intercom.config import WebConfig
@@ -81,6 +82,16 @@ class Pending:
     notes: tuple[tuple[int, str], ...]  # log level and line, logged once it is presented
 
 
+def dns_names(pem: bytes) -> tuple[str, ...]:
+    """The DNS names of the first (leaf) certificate in ``pem`` (lower-case)."""
+    leaf = x509.load_pem_x509_certificates(pem)[0]
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(name.lower().rstrip(".") for name in san.get_values_for_type(x509.DNSName))
+
+
 class StationCert:
     """The certificate the web server presents, its fingerprint, and its reloading.
 
@@ -110,6 +121,7 @@ class StationCert:
         self.leaf_fingerprint = ""
         self.ca_der: bytes | None = None
         self.not_after: dt.datetime | None = None
+        self.hosts: tuple[str, ...] = ()  # DNS names the presented certificate carries
         self._owner_state = b""
         self._uncovered: tuple[str, ...] = ()
 
@@ -158,6 +170,7 @@ class StationCert:
         self.leaf_fingerprint = pending.leaf_fingerprint
         self.ca_der = pending.ca_der
         self.not_after = pending.not_after
+        self.hosts = dns_names(pending.pem)
         for level, line in pending.notes:
             log.log(level, "%s", line)
 

@@ -19,6 +19,7 @@ const app = {
   signal: null,
   peer: null, // the StationPeer: its number is the station's for that connection
   iceServers: [],
+  icePolicy: "all",
   call: null, // the call id while ringing or in a call
   state: "idle", // idle | ringing | in_call
   muted: false,
@@ -336,13 +337,22 @@ function onLink(state, detail) {
   }
 }
 
+/** The ICE servers (short-lived TURN credentials among them) and policy the station gives. */
+function takeIce(msg) {
+  app.iceServers = Array.isArray(msg.ice_servers) ? msg.ice_servers : [];
+  app.icePolicy = msg.ice_policy === "relay" ? "relay" : "all";
+}
+
 async function onMessage(msg) {
   switch (msg.type) {
     case "ready":
       app.peer?.close();
       app.peer = null;
-      app.iceServers = msg.ice_servers;
+      takeIce(msg);
       refreshPush(); // renew the push subscription at each sign-in
+      break;
+    case "ice": // fresh TURN credentials: the next connection (offered next) uses them
+      takeIce(msg);
       break;
     case "offer": {
       // A new connection number: the station replaced the connection (after a call, the
@@ -352,6 +362,7 @@ async function onMessage(msg) {
         const peer = new StationPeer({
           number: msg.peer,
           iceServers: app.iceServers,
+          icePolicy: app.icePolicy,
           video: $("preview"),
           audio: $("door-audio"),
           onControl,

@@ -54,9 +54,12 @@ function gathered(pc) {
 
 /** One station peer connection: video while ringing, two-way audio once answered. */
 export class StationPeer {
-  constructor({ number, iceServers, video, audio, onControl, onState }) {
+  constructor({ number, iceServers, icePolicy, video, audio, onControl, onState }) {
     this.number = number; // the station's number for this connection
-    this.pc = new RTCPeerConnection({ iceServers: iceServers ?? [] });
+    this.pc = new RTCPeerConnection({
+      iceServers: iceServers ?? [],
+      iceTransportPolicy: icePolicy === "relay" ? "relay" : "all",
+    });
     this.video = video;
     this.audio = audio;
     this.mic = null;
