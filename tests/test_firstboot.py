@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from joserfc.jwk import OKPKey
 
 from intercom.calls.pairing import Pairing, PairingError
+from intercom.calls.turn import read_secret
+from intercom.config import parse_settings
 from intercom.deploy.firstboot import wpa_psk
 from intercom.events import EventBus
 from intercom.security.principals import Principal, Role
@@ -220,6 +222,30 @@ def test_a_bad_installer_file_is_refused_and_still_scrubbed(dirs):
     rejected = dirs["etc"] / "installer-rejected.toml"
     assert rejected.stat().st_mode & 0o777 == 0o600
     assert not (dirs["state"] / "keys").exists()
+
+
+def test_the_turn_secret_leaves_the_card_for_a_credential_the_daemon_reads(dirs):
+    turn_secret = secrets.token_urlsafe(24)
+    extra = f'\n[web.turn]\nurls = ["turn:turn.example.test:3478"]\nsecret = "{turn_secret}"\n'
+    (dirs["boot"] / "intercom.toml").write_text(installer_file(extra=extra))
+    result = firstboot(dirs)
+    assert result.returncode == 0, result.stderr
+    assert "TURN secret moved to a root-only credential" in result.stdout
+    assert turn_secret.encode() not in everything_under(dirs["boot"])
+    text = (dirs["etc"] / "intercom.toml").read_text()
+    assert turn_secret not in text
+    assert 'secret_credential = "intercom_turn-secret"' in text
+    credential = dirs["etc"] / "credentials/turn-secret"
+    assert credential.stat().st_mode & 0o777 == 0o600
+    # as systemd hands it over (LoadCredential=intercom:DIR: intercom_FILE), the daemon
+    # reads it and mints credentials with it
+    handed = dirs["etc"] / "handed"
+    handed.mkdir()
+    (handed / "intercom_turn-secret").write_bytes(credential.read_bytes())
+    settings = parse_settings(text)
+    assert settings.web.turn is not None
+    assert read_secret(settings.web.turn, {"CREDENTIALS_DIRECTORY": str(handed)}) == (
+        turn_secret.encode())
 
 
 def test_short_wifi_passphrase_is_refused(dirs):

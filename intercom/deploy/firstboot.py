@@ -9,8 +9,9 @@ The installer writes ``intercom.toml`` to the FAT boot partition: a station conf
     [pairing]     flat                      -> the first pairing code (default: first button's)
 
 Secrets leave the FAT partition: the Wi-Fi passphrase becomes a wpa_supplicant PSK,
-an ``mqtt.password`` becomes the root-only file ``credentials/mqtt-password`` that
-systemd hands to the daemon (``LoadCredential=``), and the installer file is
+an ``mqtt.password`` becomes the root-only file ``credentials/mqtt-password`` (a
+``web.turn.secret`` ``credentials/turn-secret``) that systemd hands to the daemon
+(``LoadCredential=``), and the installer file is
 overwritten and removed. Keys are made only when missing: running again never
 replaces one.
 """
@@ -61,6 +62,13 @@ CREDENTIALS = "credentials"
 MQTT_CRED_FILE = "mqtt-password"
 # LoadCredential=intercom:/etc/intercom/credentials names each file intercom_FILE.
 MQTT_CREDENTIAL = f"intercom_{MQTT_CRED_FILE}"
+TURN_CRED_FILE = "turn-secret"
+# Secrets an installer file may hold, each moved to a root-only credential file: (the
+# table's keys, the secret's key, the key naming the credential, the file, what it is).
+MOVED_SECRETS = (
+    (("mqtt",), "password", "password_credential", MQTT_CRED_FILE, "broker password"),
+    (("web", "turn"), "secret", "secret_credential", TURN_CRED_FILE, "TURN secret"),
+)
 DEFAULT_WIFI_CONF = Path("/etc/wpa_supplicant/wpa_supplicant-wlan0.conf")
 MARKER = "provisioned.json"
 MAX_INSTALLER_HOURS = 30 * 24
@@ -205,12 +213,18 @@ class FirstBoot:
         raw = installer.read_bytes()
         self.etc_dir.mkdir(parents=True, exist_ok=True)
         data, extra = self._sections(installer, raw)
-        mqtt = data.get("mqtt")
-        password = mqtt.pop("password", None) if isinstance(mqtt, dict) else None
-        if password is not None and not isinstance(password, str):
-            self._reject(installer, raw, ["mqtt.password: must be a string"])
-        if isinstance(mqtt, dict) and password is not None:
-            mqtt["password_credential"] = MQTT_CREDENTIAL
+        moved: list[tuple[str, str, str]] = []  # (file, secret, what)
+        for path, key, named, file, what in MOVED_SECRETS:
+            table: Any = data
+            for part in path:
+                table = table.get(part) if isinstance(table, dict) else None
+            secret = table.pop(key, None) if isinstance(table, dict) else None
+            if secret is None:
+                continue
+            if not isinstance(secret, str):
+                self._reject(installer, raw, [f"{'.'.join((*path, key))}: must be a string"])
+            table[named] = f"intercom_{file}"
+            moved.append((file, secret, what))
         try:
             text = tomli_w.dumps(data)
         except RecursionError:  # parsed, but too deep to write back (dotted keys)
@@ -220,10 +234,10 @@ class FirstBoot:
             wifi = wifi_config(extra["wifi"]) if "wifi" in extra else None
         except ConfigError as exc:
             self._reject(installer, raw, exc.problems)
-        if password is not None:
-            _write_private(self.etc_dir / CREDENTIALS / MQTT_CRED_FILE, password.encode() + b"\n")
+        for file, secret, what in moved:
+            _write_private(self.etc_dir / CREDENTIALS / file, secret.encode() + b"\n")
             (self.etc_dir / CREDENTIALS).chmod(0o700)
-            self.report.add("broker password moved to a root-only credential")
+            self.report.add(f"{what} moved to a root-only credential")
         if wifi is not None:
             _write_private(self.wifi_conf, wifi)
             self.report.add(f"Wi-Fi {extra['wifi']['ssid']!r} configured (passphrase hashed)")
