@@ -85,14 +85,22 @@ async def test_station_reports_availability_state_and_discovery(broker, sim_sett
         assert seen[f"{PREFIX}/state/call"]["state"] == "idle"
         discovery = {t: v for t, v in seen.items() if t.startswith("homeassistant/")}
         kinds = {t.split("/")[1] + "/" + t.split("/")[3]: t for t in discovery}
-        core = ["binary_sensor/door", "binary_sensor/lock", "binary_sensor/online",
-                "event/doorbell", "sensor/call"]
+        core = ["binary_sensor/door", "binary_sensor/forced_open", "binary_sensor/held_open",
+                "binary_sensor/lock", "binary_sensor/online", "binary_sensor/tamper",
+                "event/doorbell", "event/doorbell_bell", "sensor/call", "sensor/unlock"]
+        triggers = ["device_automation/forced_open", "device_automation/held_open",
+                    "device_automation/press_bell", "device_automation/tamper"]
         assert sorted(k for k in kinds if k in core) == core
+        assert sorted(k for k in kinds if k.startswith("device_automation/")) == triggers
         # The rest are the monitor's health figures, all diagnostic (tests/test_monitor.py).
-        health = [k for k in kinds if k not in core]
+        health = [k for k in kinds if k not in core + triggers]
         assert "sensor/memory" in health
         assert all(discovery[kinds[k]]["entity_category"] == "diagnostic" for k in health)
-        for config in discovery.values():
+        for kind, topic in kinds.items():
+            config = discovery[topic]
+            if kind in triggers:  # device triggers have a topic and no entity
+                assert config["topic"].startswith(PREFIX + "/")
+                continue
             assert config["state_topic"].startswith(PREFIX + "/")
             assert config["unique_id"]
         status = station.status()["mqtt"]

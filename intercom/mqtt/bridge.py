@@ -25,7 +25,14 @@ from intercom.config import MqttConfig, Settings
 from intercom.errors import ConfigError
 from intercom.events import DoorbellPressed, Event, EventBus, public_details
 from intercom.mqtt.cursor import Cursor
-from intercom.mqtt.discovery import discovery_messages
+from intercom.mqtt.discovery import (
+    ALARMS,
+    FORCED_OPEN,
+    HELD_OPEN,
+    TAMPER,
+    Wiring,
+    discovery_messages,
+)
 from intercom.mqtt.link import MqttLink
 from intercom.mqtt.topics import Topics, default_prefix
 from intercom.security.limits import TokenBucket
@@ -40,6 +47,11 @@ DENIED_REPLIES_PER_S = 20.0  # beyond this, denied commands go unanswered (a flo
 # How call events move one call; the station's call state is the busiest of its calls.
 CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallMissed": None,
                "CallEnded": None}
+# Events that raise an alarm (on <p>/alarm, and on in <p>/state/alarms until the door closes).
+ALARM_EVENTS = {"TamperDetected": TAMPER, "DoorForcedOpen": FORCED_OPEN,
+                "DoorHeldOpen": HELD_OPEN}
+TRANSITIONS = 256  # state changes kept, in order, for the next publish round
+LIVE = 64  # presses and alarms kept for the next publish round (while the broker is away)
 
 
 class LoggedEventLike(Protocol):
@@ -109,7 +121,7 @@ class MqttBridge:
         bus: EventBus,
         eventlog: EventSource | None,
         submit: Submit | None,
-        door: str,
+        wiring: Wiring,
         initial_state: Callable[[], dict[str, str]] | None = None,
         known: Callable[[str], bool] | None = None,
     ) -> None:
@@ -122,7 +134,8 @@ class MqttBridge:
         self._bus = bus
         self._log = eventlog
         self._submit = submit
-        self._door = door
+        self._wiring = wiring
+        self._door = wiring.door
         self._initial_state = initial_state
         self.cursor = Cursor(state_dir / CURSOR_FILE)
         self._known = known
@@ -131,10 +144,16 @@ class MqttBridge:
             config, self.topics, config.client_id or f"intercom-{station_id}", self._session,
             admit=self._admit,
         )
+        # The latest value of each retained state topic, and, while a session is on, every
+        # change of one in order (a ring nobody can answer is ringing and idle within one
+        # bus delivery: both go). With the broker away only the latest state goes, later.
+        self._in_session = False
         self._state: dict[str, dict[str, Any]] = {}
+        self._transitions: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(
+            maxlen=TRANSITIONS)
         self._calls: dict[str, str] = {}
         self._state_changed = asyncio.Event()
-        self._doorbell: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._live: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=LIVE)
         self._acks: collections.deque[tuple[float, int]] = collections.deque()
         self._lost_at: float | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -159,6 +178,11 @@ class MqttBridge:
             "lock": {"state": state.get("lock", "locked"), "door": self._door, "at": now},
             "door": {"state": state.get("door", "unknown"), "door": self._door, "at": now},
             "call": {"state": state.get("call", "idle"), "at": now},
+            # Forced and held open are on from their event until the door closes; tamper
+            # until a restart (the station reports no closed cover). A cover found open at
+            # start was reported before the bridge listened: the bus's history has it.
+            "alarms": {**dict.fromkeys(ALARMS, False), "door": self._door, "at": now,
+                       TAMPER: any(e.type == "TamperDetected" for e in self._bus.recent)},
         }
         self._unsubscribe = self._bus.on(self._on_event)
         self.link.start()
@@ -188,7 +212,7 @@ class MqttBridge:
 
     def note_health(self, health: dict[str, Any]) -> None:
         """Publish the monitor's latest sample on ``<p>/state/health`` (retained)."""
-        self._state["health"] = dict(health)
+        self._state["health"] = dict(health)  # only the latest counts: no transitions
         self._state_changed.set()
 
     def note_selftest(self, report: dict[str, Any]) -> None:
@@ -205,16 +229,27 @@ class MqttBridge:
         elif kind in {"DoorOpened", "DoorClosed"}:
             self._note("door", {"state": "open" if kind == "DoorOpened" else "closed",
                                 "door": self._door})
+            if kind == "DoorClosed":
+                self._alarms_changed({FORCED_OPEN: False, HELD_OPEN: False})
+        elif kind in ALARM_EVENTS:
+            alarm = ALARM_EVENTS[kind]
+            self._alarms_changed({alarm: True})
+            self._send_live(self.topics.alarm, {"event_type": alarm})
         elif kind in CALL_STATES:
             self._call_changed(str(getattr(event, "call", "")), CALL_STATES[kind])
+        elif kind in {"UnlockGranted", "UnlockDenied"}:
+            # The decision only: who asked and why it was denied stay at the station.
+            self._note("unlock", {"state": "granted" if kind == "UnlockGranted" else "denied",
+                                  "door": self._door})
         elif kind == "LogCheckpoint":
             self._state_changed.set()
         elif isinstance(event, DoorbellPressed):
             shown = public_details(kind, event.details())  # the one filter, here too
             press = {"event_type": "press", "button": shown.get("button"),
                      "flat": shown.get("flat")}
-            self._doorbell.append(json.dumps(press).encode())
-            self._state_changed.set()
+            self._send_live(self.topics.doorbell, press)
+            if event.button in self._wiring.buttons:  # a name the config checked
+                self._send_live(self.topics.doorbell_button(event.button), press)
 
     def _call_changed(self, call: str, state: str | None) -> None:
         if state is None:
@@ -226,18 +261,40 @@ class MqttBridge:
         if summary != self._state.get("call", {}).get("state"):
             self._note("call", {"state": summary})
 
+    def _alarms_changed(self, changes: dict[str, bool]) -> None:
+        alarms = {k: v for k, v in self._state["alarms"].items() if k != "at"}
+        if any(alarms.get(k) != v for k, v in changes.items()):
+            self._note("alarms", alarms | changes)
+
     def _note(self, key: str, value: dict[str, Any]) -> None:
+        """A retained state's new value; a change of more than its time is a transition."""
+        previous = {k: v for k, v in self._state.get(key, {}).items() if k != "at"}
         self._state[key] = {**value, "at": time.time()}
+        if previous != value and self._in_session:
+            self._transitions.append((key, self._state[key]))
+        self._state_changed.set()
+
+    def _send_live(self, topic: str, body: dict[str, Any]) -> None:
+        """A message that is not retained (a press, an alarm): sent once, when it happens."""
+        self._live.append((topic, json.dumps(body).encode()))
         self._state_changed.set()
 
     # --- one connected session -------------------------------------------------------
 
     async def _session(self, client: aiomqtt.Client, protocol: aiomqtt.ProtocolVersion) -> None:
+        self._in_session = True
+        try:
+            await self._serve(client, protocol)
+        finally:
+            self._in_session = False
+            self._transitions.clear()  # the next session starts from the latest state
+
+    async def _serve(self, client: aiomqtt.Client, protocol: aiomqtt.ProtocolVersion) -> None:
         client.pending_calls_threshold = 1 << 30  # pipelined QoS 1 publishes are normal
         self._rewind_after_loss()
         await client.subscribe(self.topics.command, qos=1)
         if self.config.discovery:
-            for topic, body in discovery_messages(self.topics, self._door).items():
+            for topic, body in discovery_messages(self.topics, self._wiring).items():
                 await client.publish(topic, json.dumps(body), qos=1, retain=True)
         v5 = protocol is aiomqtt.ProtocolVersion.V5
         jobs: list[Coroutine[Any, Any, None]] = [
@@ -279,15 +336,22 @@ class MqttBridge:
         sent_checkpoint: dict[str, Any] | None = None
         topics = {"lock": self.topics.state_lock, "door": self.topics.state_door,
                   "call": self.topics.state_call, "health": self.topics.state_health,
-                  "selftest": self.topics.state_selftest}
+                  "selftest": self.topics.state_selftest, "alarms": self.topics.state_alarms,
+                  "unlock": self.topics.state_unlock}
         while True:
             self._state_changed.clear()
+            while self._transitions:  # every change, in order, then the latest of each
+                key, value = self._transitions.popleft()
+                if sent.get(key) != value:
+                    await client.publish(topics[key], json.dumps(value), qos=1, retain=True)
+                    sent[key] = value
             for key, value in list(self._state.items()):
                 if sent.get(key) != value:
                     await client.publish(topics[key], json.dumps(value), qos=1, retain=True)
                     sent[key] = value
-            while self._doorbell:
-                await client.publish(self.topics.doorbell, self._doorbell.popleft(), qos=1)
+            while self._live:
+                topic, payload = self._live.popleft()
+                await client.publish(topic, payload, qos=1)
             checkpoint = self._log.latest_checkpoint() if self._log is not None else None
             if checkpoint is not None and checkpoint != sent_checkpoint:
                 await client.publish(self.topics.checkpoint, json.dumps(checkpoint, default=str),
@@ -389,6 +453,13 @@ def mqtt_bridge(
     """
     if settings.mqtt is None:
         raise ConfigError(["mqtt: the section is missing"])
+    hardware = settings.hardware
+    wiring = Wiring(
+        door=hardware.relay.door,
+        buttons=tuple(b.name for b in hardware.buttons),
+        door_contact=hardware.door_contact is not None,
+        tamper=hardware.tamper is not None,
+    )
     return MqttBridge(
         settings.mqtt,
         settings.station.id,
@@ -396,7 +467,7 @@ def mqtt_bridge(
         bus,
         eventlog,
         submit,
-        settings.hardware.relay.door,
+        wiring,
         initial_state,
         known,
     )

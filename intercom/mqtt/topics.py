@@ -55,6 +55,16 @@ class Topics:
         return f"{self.prefix}/state/selftest"
 
     @property
+    def state_alarms(self) -> str:
+        """Retained JSON: whether the cover is tampered, the door forced or held open."""
+        return f"{self.prefix}/state/alarms"
+
+    @property
+    def state_unlock(self) -> str:
+        """Retained JSON: the last unlock decision, granted or denied, and when."""
+        return f"{self.prefix}/state/unlock"
+
+    @property
     def events(self) -> str:
         """Every logged event as JSON with its seq and type, QoS 1."""
         return f"{self.prefix}/events"
@@ -63,6 +73,15 @@ class Topics:
     def doorbell(self) -> str:
         """A press as ``{"event_type": "press", ...}``, for Home Assistant's event entity."""
         return f"{self.prefix}/doorbell"
+
+    def doorbell_button(self, button: str) -> str:
+        """One button's presses, ``{"event_type": "press", ...}`` (its event entity, trigger)."""
+        return f"{self.prefix}/doorbell/{button}"
+
+    @property
+    def alarm(self) -> str:
+        """An alarm as it happens, ``{"event_type": "tamper" | ...}`` (device triggers)."""
+        return f"{self.prefix}/alarm"
 
     @property
     def command(self) -> str:
