@@ -605,10 +605,8 @@ class Lab:
 
     def hosts(self, name: str, entries: dict[str, str]) -> None:
         """Host names that programs run in ``name`` resolve (``/etc/hosts`` there)."""
-        folder = ETC_NETNS / self.ns(name)
-        folder.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost", *(f"{addr} {host}" for host, addr in entries.items())]
-        (folder / "hosts").write_text("\n".join(lines) + "\n")
+        (ETC_NETNS / self.ns(name) / "hosts").write_text("\n".join(lines) + "\n")
 
     def build(self) -> None:
         """Make the namespaces, links, addresses, routes and NAT rules."""
@@ -619,6 +617,10 @@ class Lab:
             self.sh(name, "sysctl", "-qw", f"net.ipv4.ip_forward={forward}",
                     "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
             _ip("-n", self.ns(name), "link", "set", "lo", "up")
+            # No name server: a lookup fails at once on the namespace's own loopback instead
+            # of waiting for the host's server, which the lab cannot reach.
+            (ETC_NETNS / self.ns(name)).mkdir(parents=True, exist_ok=True)
+            (ETC_NETNS / self.ns(name) / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         for (ns_a, if_a, addr_a), (ns_b, if_b, addr_b) in LINKS:
             _ip("-n", self.ns(ns_a), "link", "add", if_a, "type", "veth",
                 "peer", "name", if_b, "netns", self.ns(ns_b))

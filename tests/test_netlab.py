@@ -339,6 +339,6 @@ def test_namespaces_of_dead_runs_are_removed(netlab: Lab) -> None:
     gone.wait()
     stale = f"icl{gone.pid}n0-home"
     subprocess.run(["ip", "netns", "add", stale], check=True)
-    assert stale in remove_stale()
+    remove_stale()  # (a parallel run starting a lab may remove it first: fine too)
     assert stale not in namespaces()
     assert netlab.ns("home") in namespaces()  # a live run's are left alone
