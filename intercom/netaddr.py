@@ -62,6 +62,39 @@ def machine_addresses(adapters: Iterable[ifaddr.Adapter] | None = None) -> list[
     return sorted(found, key=lambda a: a.version)  # stable: IPv4 before IPv6, else as listed
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def local_networks(adapters: Iterable[ifaddr.Adapter] | None = None) -> list[Network]:
+    """The networks the machine's interfaces are on (no loopback or link-local ones).
+
+    Empty when the interfaces cannot be read.
+    """
+    if adapters is None:
+        try:
+            adapters = ifaddr.get_adapters()
+        except OSError:
+            return []
+    found: list[Network] = []
+    for adapter in adapters:
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            network = ipaddress.ip_network(f"{text.split('%', 1)[0]}/{ip.network_prefix}",
+                                           strict=False)
+            if reachable([network.network_address]) and network not in found:
+                found.append(network)
+    return found
+
+
+def on_networks(address: str, networks: Iterable[Network]) -> bool:
+    """Whether ``address`` (text) is on one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 def lan_address(adapters: Iterable[ifaddr.Adapter] | None = None) -> Address:
     """The address a phone on the same network opens: the first IPv4, else the first IPv6.
 

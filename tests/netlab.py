@@ -406,22 +406,8 @@ class Coturn:
             stop_process(self.proc)
 
 
-NGINX_CONF = """\
-user root;  # the lab runs as root; workers read the temp dirs made here
-worker_processes 1;
-pid {folder}/nginx.pid;
-lock_file {folder}/nginx.lock;
-error_log {folder}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {folder}/access.log;
-    client_body_temp_path {folder}/body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-    server {{
+NGINX_SERVER = """\
+server {{
         listen {public}:443 ssl;
         server_name {server_name};
         ssl_certificate {cert};
@@ -444,6 +430,24 @@ http {{
             proxy_send_timeout 1h;
         }}
     }}
+"""
+
+NGINX_CONF = """\
+user root;  # the lab runs as root; workers read the temp dirs made here
+worker_processes 1;
+pid {folder}/nginx.pid;
+lock_file {folder}/nginx.lock;
+error_log {folder}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+{server}
 }}
 """
 
@@ -456,14 +460,14 @@ class Nginx:
     """
 
     def __init__(self, lab: Lab, folder: Path, upstream: str, server_name: str,
-                 cert_pem: Path, key_pem: Path, upstream_ca: Path) -> None:
+                 cert_pem: Path, key_pem: Path, upstream_ca: Path,
+                 server: str = NGINX_SERVER) -> None:
         self.lab = lab
         self.folder = folder
         self.url = f"https://{server_name}/"
-        self.conf_text = NGINX_CONF.format(
-            folder=folder, public=ADDRESSES.public, server_name=server_name, cert=cert_pem,
-            key=key_pem, upstream=upstream, upstream_ca=upstream_ca,
-        )
+        fields = {"public": ADDRESSES.public, "server_name": server_name, "cert": cert_pem,
+                  "key": key_pem, "upstream": upstream, "upstream_ca": upstream_ca}
+        self.conf_text = NGINX_CONF.format(folder=folder, server=server.format(**fields))
         self.log = folder / "error.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -640,13 +644,19 @@ class Lab:
         return server
 
     def nginx(
-        self, upstream: str, server_name: str, cert_pem: Path, key_pem: Path, upstream_ca: Path
+        self, upstream: str, server_name: str, cert_pem: Path, key_pem: Path, upstream_ca: Path,
+        server: str = NGINX_SERVER,
     ) -> Nginx:
-        """Debian's nginx in ``internet`` on 203.0.113.1:443, proxying to ``https://upstream``."""
-        server = Nginx(self, self.folder / "nginx", upstream, server_name, cert_pem, key_pem,
-                       upstream_ca)
-        server.start()
-        return server
+        """Debian's nginx in ``internet`` on 203.0.113.1:443, proxying to ``https://upstream``.
+
+        ``server`` is its ``server`` block, a template with the fields ``public``,
+        ``server_name``, ``cert``, ``key``, ``upstream`` and ``upstream_ca`` (literal braces
+        doubled); by default the lab's own.
+        """
+        proxy = Nginx(self, self.folder / "nginx", upstream, server_name, cert_pem, key_pem,
+                      upstream_ca, server)
+        proxy.start()
+        return proxy
 
     def carrier_nat(self, symmetric: bool) -> None:
         """Make the carrier NAT symmetric (as built) or a port-keeping cone NAT.

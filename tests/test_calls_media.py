@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from intercom.calls.peer import DevicePeer, without_mdns
+from intercom.calls.peer import DevicePeer, on_link, without_mdns
 from intercom.calls.tracks import MediaHub
 from intercom.media.audio import LevelSink, ToneSource
 from intercom.media.synthetic import SyntheticCamera
+from intercom.netaddr import local_networks
 
 from .test_calls_client import H264Camera, eventually
 
@@ -66,10 +68,13 @@ class LocalDevice:
         self.answers += 1
 
 
-def local_peer(hub: MediaHub, unlock: Any = None) -> tuple[DevicePeer, LocalDevice]:
-    """A station ``DevicePeer`` on ``hub`` and the in-process device that answers it."""
+def local_peer(hub: MediaHub, unlock: Any = None, networks: Any = None
+               ) -> tuple[DevicePeer, LocalDevice]:
+    """A station ``DevicePeer`` on ``hub`` and the in-process device that answers it (on
+    this machine: on the station's networks, as a phone at home, unless ``networks``)."""
     device = LocalDevice()
-    peer = DevicePeer(hub, [], unlock or no_unlock, lambda: None, device.send_offer)
+    peer = DevicePeer(hub, [], unlock or no_unlock, lambda: None, device.send_offer,
+                      networks=local_networks() if networks is None else networks)
     device.peer = peer
     return peer, device
 
@@ -303,3 +308,24 @@ async def test_a_connection_closed_under_a_ring_renegotiates_nothing_and_logs_no
         await client.close()
         hub.close()
         await camera.close()
+
+
+def test_only_a_device_on_the_stations_own_network_is_a_device_at_home():
+    """A zero playout delay only at home: a host candidate on one of the station's
+    networks. Away (relay, srflx, or host candidates of another network) Chromium keeps
+    its jitter buffer for retransmissions."""
+    home = [ipaddress.ip_network("192.168.77.0/24"), ipaddress.ip_network("fd00:77::/64")]
+
+    def answer(*candidates: str) -> str:
+        return "v=0\r\n" + "".join(f"a=candidate:{c}\r\n" for c in candidates)
+
+    assert on_link(answer("1 1 udp 2122 192.168.77.9 5000 typ host"), home)
+    assert on_link(answer("1 1 udp 2122 fd00:77::9 5000 typ host"), home)
+    assert not on_link(answer("1 1 udp 2122 10.77.0.2 5000 typ host",
+                              "2 1 udp 1686 198.51.100.2 6000 typ srflx raddr 10.77.0.2 rport 5000",
+                              "3 1 udp 41 203.0.113.1 7000 typ relay raddr 0.0.0.0 rport 0"), home)
+    # a relayed candidate whose relay sits on the home network is still not the device
+    assert not on_link(answer("3 1 udp 41 192.168.77.1 7000 typ relay raddr 0.0.0.0 rport 0"),
+                       home)
+    assert not on_link(answer("1 1 udp 2122 x.local 5000 typ host"), home)
+    assert not on_link(answer("1 1 udp 2122 192.168.77.9 5000 typ host"), [])

@@ -22,6 +22,7 @@ from intercom.errors import CommandRefusedError
 from intercom.events import EventBus
 from intercom.media import AudioSink, AudioSource, CameraSource
 from intercom.media.audio import LevelSink
+from intercom.netaddr import Network, local_networks
 from intercom.security.registry import Registry
 from intercom.security.verifier import Context, Decision
 
@@ -75,6 +76,7 @@ class Calls:
         self.media: MediaHub | None = None
         self.signalling: Signalling | None = None
         self.ice: IceProvider | None = None
+        self._networks: list[Network] = []  # the station's own (a device on one is at home)
         self._unsubscribe: Callable[[], None] | None = None
         self._unwatch: Callable[[], None] | None = None
         self._unquiet: Callable[[], None] | None = None
@@ -115,6 +117,7 @@ class Calls:
         devices = self._devices
         self._unquiet = quiet_close_races(asyncio.get_running_loop())
         self.ice = await asyncio.to_thread(IceProvider.from_config, self.web_config)
+        self._networks = await asyncio.to_thread(local_networks)
         self.cert = StationCert(self.state_dir, self.station_id, self.web_config)
         await asyncio.to_thread(self.cert.load)
         self.pairing.open()
@@ -234,7 +237,7 @@ class Calls:
                 self.signalling.lost(session, peer)
 
         peer = DevicePeer(self.media, servers, unlock, lost, send_offer,
-                          relay_only=self.ice.policy == "relay")
+                          relay_only=self.ice.policy == "relay", networks=self._networks)
         return peer
 
     async def _unlock(self, session: Session, token: str) -> dict[str, Any]:

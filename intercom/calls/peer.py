@@ -24,7 +24,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from aiortc import (
@@ -41,6 +41,7 @@ from aiortc.rtp import RtcpSdesPacket, RtcpSrPacket
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.media.audio import LevelSink, rms_level
+from intercom.netaddr import Network, on_networks
 from intercom.security import command
 from intercom.security.limits import RefusalLog, TokenBucket
 
@@ -146,6 +147,23 @@ def add_playout_delay(packet: bytes, ssrc: bytes, ext_id: int) -> bytes:
     return head + packet[offset + 4 : end] + element + packet[end:]
 
 
+def on_link(sdp: str, networks: Sequence[Network]) -> bool:
+    """Whether the device offers a host candidate on one of the station's networks.
+
+    Only then does the station ask for a zero playout delay: on the home network a frame
+    is shown the moment it is decoded. Away (a relay, a carrier's NAT: round trips of
+    100 ms, losses), a zero delay leaves Chromium's jitter buffer no time for a lost
+    packet's retransmission, and the picture freezes at each loss (measured: 15 freezes
+    in a 60 s call at 100 ms RTT and 2 % loss, none without it).
+    """
+    for line in sdp.splitlines():
+        parts = line.split()
+        host = line.startswith("a=candidate:") and len(parts) >= 8 and parts[7] == "host"
+        if host and on_networks(parts[4], networks):
+            return True
+    return False
+
+
 def without_mdns(sdp: str) -> str:
     """The SDP without ``*.local`` candidates, which aioice would spend a second each on."""
     return MDNS_CANDIDATE.sub("", sdp).replace("\r\n\r\n", "\r\n")
@@ -163,8 +181,10 @@ class DevicePeer:
         send_offer: Callable[[str], None],
         *,
         relay_only: bool = False,
+        networks: Sequence[Network] = (),
     ) -> None:
         self.media = media
+        self._networks = networks  # the station's own: a device on one is at home
         policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers,
                                                      iceTransportPolicy=policy))
@@ -247,7 +267,7 @@ class DevicePeer:
         self._answered.set()
         if self.media_on and self.media_at is None:
             self.media_at = time.time()
-        ext_id = playout_delay_id(sdp)
+        ext_id = playout_delay_id(sdp) if on_link(sdp, self._networks) else None
         ssrc = video_ssrc(str(self.pc.localDescription.sdp))
         if not self._marked and ext_id is not None and ssrc is not None:
             self._marked = True

@@ -548,16 +548,31 @@ async function stats() {
   if (!app.peer) return out;
   out.streams = { ...app.peer.streams };
   const report = await app.peer.pc.getStats();
+  let pairId = null;
   report.forEach((s) => {
-    if (s.type === "inbound-rtp" && s.kind === "video") out.framesDecoded = s.framesDecoded;
+    if (s.type === "inbound-rtp" && s.kind === "video") {
+      out.framesDecoded = s.framesDecoded;
+      out.freezeCount = s.freezeCount;
+      out.totalFreezesDuration = s.totalFreezesDuration;
+    }
     if (s.type === "inbound-rtp" && s.kind === "audio") out.audioBytesReceived = s.bytesReceived;
     if (s.type === "outbound-rtp" && s.kind === "audio") out.audioBytesSent = s.bytesSent;
     if (s.type === "transport") {
       out.dtlsState = s.dtlsState;
       out.srtpCipher = s.srtpCipher;
       out.tlsVersion = s.tlsVersion;
+      pairId = s.selectedCandidatePairId;
     }
   });
+  // the path the media takes: host, srflx, prflx or relay at each end
+  const pair = pairId ? report.get(pairId) : null;
+  if (pair) {
+    const local = report.get(pair.localCandidateId);
+    out.localCandidate = local?.candidateType;
+    out.relayProtocol = local?.relayProtocol; // udp, tcp or tls to the TURN server
+    out.remoteCandidate = report.get(pair.remoteCandidateId)?.candidateType;
+    out.rtt = pair.currentRoundTripTime;
+  }
   return out;
 }
 

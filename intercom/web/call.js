@@ -39,15 +39,24 @@ export function ownVideoStream(sdp) {
   }).join("\r\n");
 }
 
+// The answer carries every candidate (no trickle), so it waits for the gathering; but
+// not for ever: a TURN allocation tried over an interface that cannot reach the server
+// (a dead Wi-Fi, a VPN's) takes ~40 s to fail. After GATHER_CAP_MS the answer goes with
+// the candidates gathered so far (a working server answers within a few round trips).
+const GATHER_CAP_MS = 4000;
+
 function gathered(pc) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
-    const check = () => {
-      if (pc.iceGatheringState === "complete") {
-        pc.removeEventListener("icegatheringstatechange", check);
-        resolve();
-      }
+    const done = () => {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve();
     };
+    const check = () => {
+      if (pc.iceGatheringState === "complete") done();
+    };
+    const timer = setTimeout(done, GATHER_CAP_MS);
     pc.addEventListener("icegatheringstatechange", check);
   });
 }
