@@ -134,6 +134,7 @@ class Device:
         self._audio_sender: Any = None
         self.number = 0  # the station's number of the current connection
         self.answers = True  # answer the station's offers (the renegotiations too)
+        self.ready: dict[str, Any] = {}  # the station's ready message
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         assert self.station.calls is not None
@@ -158,6 +159,7 @@ class Device:
         assert reply.type == aiohttp.WSMsgType.TEXT, f"refused: {reply.type} {ws.close_code}"
         ready = json.loads(reply.data)
         assert ready["type"] == "ready", ready
+        self.ready = ready
         offer = await ws.receive_json(timeout=10)
         assert offer["type"] == "offer"
         self.answers = answer

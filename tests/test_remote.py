@@ -8,10 +8,15 @@ sending the headers a browser (or a hostile page) sends.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +29,15 @@ from intercom.calls.origin import Origins
 from intercom.calls.turn import IceProvider, read_secret
 from intercom.config import Settings, TurnConfig, WebConfig
 from intercom.errors import ConfigError
+from intercom.events import DoorbellPressed
 from intercom.station import Station
 
 from . import test_calls_client as kit
-from .test_calls_client import DeviceKey, call_settings, pinned
+from .netlab import stop_process, stun_answered, stun_request
+from .test_calls_client import DeviceKey, call_settings, pair, pinned
 
 call_station = kit.call_station
+devices = kit.devices
 
 SECRET = "lab-secret-" + "x" * 16  # a test's own, never a default anywhere
 
@@ -227,3 +235,107 @@ async def test_an_untrusted_sender_s_forwarded_address_is_ignored(call_station):
     statuses = [(await answer(call_station, "api/pair", {"X-Forwarded-For": f"192.0.2.{i}"},
                               "POST", wrong))[0] for i in range(burst + 1)]
     assert statuses[-2:] == [403, 429]
+
+
+# --- fresh credentials before they expire (coturn on loopback) ---------------------------------
+
+
+@contextmanager
+def loopback_coturn(folder: Path, secret: str) -> Iterator[int]:
+    """Debian's coturn on 127.0.0.1 (a free UDP port), TURN REST auth with ``secret``;
+    loopback peers allowed (everything here is on this machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "turnserver.conf"
+    conf.write_text(
+        f"listening-ip=127.0.0.1\nrelay-ip=127.0.0.1\nlistening-port={port}\n"
+        f"realm=turn.example.test\nuse-auth-secret\nstatic-auth-secret={secret}\n"
+        f"fingerprint\nno-cli\nno-tls\nno-dtls\nno-tcp\nallow-loopback-peers\n"
+        f"log-file={folder}/turnserver.log\nsimple-log\npidfile={folder}/turnserver.pid\n"
+        f"userdb={folder}/turndb\n")
+    proc = subprocess.Popen(["turnserver", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(0.2)
+            while True:
+                assert proc.poll() is None, (folder / "turnserver.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "coturn did not answer"
+                udp.sendto(stun_request(b"remote-ready"), ("127.0.0.1", port))
+                with suppress(OSError):
+                    if stun_answered(udp.recv(2048)) == b"remote-ready":
+                        break
+        yield port
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+async def turn_station(tmp_path: Path) -> AsyncIterator[Station]:
+    with loopback_coturn(tmp_path / "coturn", SECRET) as port:
+        data = call_settings(tmp_path / "state", ring_timeout_s=10).model_dump(mode="json")
+        data["web"]["turn"] = {"urls": [f"turn:127.0.0.1:{port}?transport=udp"],
+                               "secret_file": str(secret_file(tmp_path)), "ttl_s": 600}
+        station = Station(Settings.model_validate(data))
+        await station.start()
+        yield station
+        await station.stop("test finished")
+
+
+def check_credential(config: dict[str, Any], principal: str) -> int:
+    """The TURN credential of ``config`` is the principal's own, valid ~ttl; its expiry."""
+    (turn,) = config["ice_servers"]
+    expiry, name = turn["username"].split(":", 1)
+    assert name == principal
+    mac = hmac.new(SECRET.encode(), turn["username"].encode(), hashlib.sha1).digest()
+    assert base64.b64decode(turn["credential"]) == mac
+    assert config["ice_expires_at"] == int(expiry)
+    assert 590 <= int(expiry) - time.time() <= 600
+    return int(expiry)
+
+
+async def test_devices_get_fresh_credentials_and_connections_before_theirs_expire(
+    turn_station, devices
+):
+    """At sign-in a device gets credentials of its own and the station's offer carries a
+    relayed candidate (coturn took the station's own credential). Past half their life,
+    an idle device gets fresh ones and a fresh connection; a rung device gets the
+    credentials at once and the connection when the call is over."""
+    station = turn_station
+    calls = station.calls
+    assert calls is not None
+    assert calls.signalling is not None
+    device = await pair(station)
+    devices.append(device)
+    await device.connect()
+    await device.wait_connected()
+    first = device.ready
+    check_credential(first, device.principal)
+    assert first["ice_policy"] == "all"
+    # the station's own end got a relay from coturn with its own credential
+    (session,) = calls.signalling.sessions.values()
+    assert session.peer is not None
+    assert " typ relay " in session.peer.pc.localDescription.sdp
+
+    # idle, half the life gone (moved due: ttl_s is at least 10 minutes)
+    session.ice_renew_at = 0
+    fresh = await device.expect("ice", timeout=10)
+    assert check_credential(fresh, device.principal) >= first["ice_expires_at"]
+    assert fresh["ice_servers"] != first["ice_servers"]
+    await device.wait_renewed(after=1, timeout=15)
+    assert device.number == 2
+    assert session.ice_renew_at is not None
+    assert session.ice_renew_at - time.time() > 250  # due again after half of 600 s
+
+    # rung: the credentials at once, the connection once the ring is over
+    station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
+    ring = await device.expect("ring", timeout=10)
+    session.ice_renew_at = 0
+    await device.expect("ice", timeout=10)
+    await asyncio.sleep(0.5)
+    assert device.number == 2, "a rung device's connection was replaced mid-ring"
+    await device.send({"type": "decline", "call": ring["call"]})
+    await device.wait_renewed(after=2, timeout=15)

@@ -1,0 +1,105 @@
+"""Benchmark a resident away from home: press -> first frame presented through TURN at
+100 ms RTT, and the TURN traffic of an idle standing connection.
+
+The setup is tests/test_remote_call.py's (tests/remote_rig.py): network namespaces with
+the station behind a home NAT, coturn and nginx (docs/remote.md's config) in an
+"internet", Debian's Chromium behind a symmetric carrier NAT, relay only, TURN over UDP;
+the phone's path to coturn gets --rtt-ms of round trip (tests/udpdelay.py) and no loss.
+
+Every time is this machine's wall clock, nothing subtracted: the press is ``time.time()``
+just before the press request goes to the station's control socket; the first frame is
+the first requestVideoFrameCallback of the call in the page (its ``now``,
+``performance.timeOrigin + performance.now()``). After each press the phone declines, and
+the next press waits for the fresh standing connection the station offers.
+
+TURN traffic: the bytes to and from coturn's port (both ends' allocations, permissions,
+channel refreshes and the ICE consent checks relayed through it), counted by iptables in
+the "internet" namespace while the phone's standing connection idles --idle-minutes;
+the per-hour figure is that count scaled to an hour (labelled so).
+
+Usage: scripts/bench remote [--calls N] [--rtt-ms MS] [--idle-minutes M]  (needs root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_call import FIRST_FRAME, clock_skew, summary  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from tests.browser import wait_call_state  # noqa: E402
+from tests.remote_rig import PUBLIC_URL, first_page, page_stats, remote_station  # noqa: E402
+from tests.test_remote_call import pair_at_home, relayed, wait_stats  # noqa: E402
+
+
+def fresh_connection(page: Any) -> dict[str, Any]:
+    """The standing connection, up through the relay, no frame decoded on it yet."""
+    return wait_stats(page, lambda s: relayed(s) and s["framesDecoded"] == 0,
+                      "a fresh standing connection through TURN", timeout=60)
+
+
+def presses(remote: Any, page: Any, calls: int) -> tuple[list[float], list[float]]:
+    station = remote.station
+    presented: list[float] = []
+    skews: list[float] = []
+    for _ in range(calls):
+        station.wait("idle", lambda s: s["call"] == "idle")
+        fresh_connection(page)
+        time.sleep(1.0)
+        skews.append(clock_skew(page))
+        pressed = station.press() * 1000
+        seen = page.wait_for_function(FIRST_FRAME, arg=pressed, timeout=20000).json_value()
+        presented.append(seen["frame"] - pressed)
+        page.click("#btn-decline")
+        wait_call_state(page, "idle", timeout=20)
+    return presented, skews
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rtt-ms", type=float, default=100.0)
+    parser.add_argument("--idle-minutes", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
+        tmp = Path(folder)
+        with remote_station(tmp, udp_only=True) as (remote, home), sync_playwright() as p:
+            pair_at_home(remote, p, tmp / "profile", home)
+            remote.lab.impair(args.rtt_ms, 0.0)
+            context = remote.phone(p, "mobile", tmp / "profile", home)
+            try:
+                page = first_page(context)
+                page.goto(PUBLIC_URL)
+                page.wait_for_selector("body[data-link='online']", timeout=60000)
+                stats = fresh_connection(page)
+                presented, skews = presses(remote, page, args.calls)
+                stats = fresh_connection(page)
+                before = remote.turn.traffic().total_bytes
+                started = time.monotonic()
+                page.wait_for_timeout(args.idle_minutes * 60_000)
+                idle_bytes = remote.turn.traffic().total_bytes - before
+                idle_s = time.monotonic() - started
+                still = page_stats(page)
+            finally:
+                context.close()
+    print(f"\n== remote: relay/relay through coturn, phone's RTT to coturn +{args.rtt_ms:.0f} ms "
+          f"(measured pair RTT {stats.get('rtt')} s), relay over {stats.get('relayProtocol')} ==")
+    print(summary("press -> first frame PRESENTED", presented))
+    print(f"page clock - time.time(): {min(skews):.1f} .. {max(skews):.1f} ms")
+    per_hour = idle_bytes * 3600 / idle_s
+    print(f"idle standing connection, TURN traffic: {idle_bytes} bytes in {idle_s:.0f} s "
+          f"(scaled to an hour: {per_hour / 1000:.0f} kB/h); still {still.get('connection')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
