@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from intercom.errors import IntercomError
+from intercom.errors import ConfigError, IntercomError
 
 KEY_DIR = "keys"
 STATION_KEY = "station.key"
@@ -55,6 +55,39 @@ def credential(file: str, environ: dict[str, str] | None = None) -> Path | None:
         return None
     path = Path(folder) / credential_name(file)
     return path if path.is_file() else None
+
+
+def secret_line(
+    file: tuple[str, Path | None],
+    credential: tuple[str, str | None],
+    environ: dict[str, str] | None = None,
+) -> str | None:
+    """The first line of a secret given as a file or as a systemd credential's name.
+
+    ``file`` and ``credential`` are (config key, value); the credential wins when given.
+    None when neither is; ConfigError naming the key when it cannot be read or is empty.
+    """
+    env = os.environ if environ is None else environ
+    key, path = file
+    if credential[1] is not None:
+        key = credential[0]
+        folder = env.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            raise ConfigError(
+                [f"{key}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"]
+            )
+        path = Path(folder) / credential[1]
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError([f"{key}: cannot read {path}: {reason}"]) from None
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        raise ConfigError([f"{key}: {path} is empty"])
+    return line
 
 
 def fsync_dir(path: Path) -> None:

@@ -37,8 +37,10 @@ from bench_call import FIRST_FRAME, clock_skew, summary  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from tests.browser import wait_call_state  # noqa: E402
-from tests.remote_rig import PUBLIC_URL, first_page, page_stats, remote_station  # noqa: E402
-from tests.test_remote_call import pair_at_home, relayed, wait_stats  # noqa: E402
+from tests.remote_rig import PUBLIC_URL, first_page, remote_station  # noqa: E402
+from tests.test_remote_call import pair_at_home, relayed  # noqa: E402
+from tests.test_webclient import stats as page_stats  # noqa: E402
+from tests.test_webclient import wait_stats  # noqa: E402
 
 
 def fresh_connection(page: Any) -> dict[str, Any]:

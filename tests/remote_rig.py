@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from playwright.sync_api import BrowserContext, Page, Playwright
 
@@ -145,9 +144,3 @@ def remote_station(folder: Path, udp_only: bool = False) -> Iterator[tuple[Remot
                 yield remote, home
         finally:
             station.stop()
-
-
-def page_stats(page: Page) -> dict[str, Any]:
-    """The web client's own call statistics (``window.intercom.stats()``)."""
-    result: dict[str, Any] = page.evaluate("window.intercom.stats()")
-    return result

@@ -12,7 +12,6 @@ without pairing again.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,9 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from .browser import SimStation, pair_device, wait_call_state
-from .remote_rig import PUBLIC_URL, Remote, first_page, page_stats, remote_station
-
-
-def wait_stats(page: Page, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while not check(current := page_stats(page)):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {current}"
-        page.wait_for_timeout(200)
-    return current
+from .remote_rig import PUBLIC_URL, Remote, first_page, remote_station
+from .test_webclient import stats as page_stats
+from .test_webclient import wait_stats
 
 
 def relayed(stats: dict[str, Any]) -> bool:

@@ -17,40 +17,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiortc import RTCIceServer
 
 from intercom.config import TurnConfig, WebConfig
 from intercom.errors import ConfigError
+from intercom.identity import secret_line
 
 
 def read_secret(config: TurnConfig, environ: dict[str, str] | None = None) -> bytes:
     """The shared secret from its file or systemd credential; ConfigError naming the key."""
-    env = os.environ if environ is None else environ
-    key, path = "web.turn.secret_file", config.secret_file
+    key = "web.turn.secret_file"
     if config.secret_credential is not None:
         key = "web.turn.secret_credential"
-        folder = env.get("CREDENTIALS_DIRECTORY")
-        if not folder:
-            raise ConfigError(
-                [f"{key}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"]
-            )
-        path = Path(folder) / config.secret_credential
-    assert path is not None  # noqa: S101 - TurnConfig requires one of the two
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError([f"{key}: cannot read {path}: {reason}"]) from None
-    secret = text.splitlines()[0].strip() if text else ""
-    if len(secret) < 16:
-        raise ConfigError([f"{key}: {path} must hold a secret of at least 16 characters"])
+    secret = secret_line((key, config.secret_file), (key, config.secret_credential), environ)
+    if secret is None or len(secret) < 16:
+        raise ConfigError([f"{key}: the secret must have at least 16 characters"])
     return secret.encode()
 
 

@@ -12,12 +12,10 @@ import contextlib
 import enum
 import functools
 import logging
-import os
 import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, cast
 
 import aiomqtt
@@ -28,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from intercom.config import MqttConfig
 from intercom.errors import ConfigError
+from intercom.identity import secret_line
 from intercom.mqtt.backoff import ReconnectPolicy
 from intercom.mqtt.client import Client
 from intercom.mqtt.fairqueue import Admit, FairQueue
@@ -58,29 +57,10 @@ class LinkState(enum.Enum):
 
 def read_password(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
     """The broker password from the config, a file or a systemd credential."""
-    env = os.environ if environ is None else environ
     if config.password is not None:
         return config.password.get_secret_value()
-    path: Path | None = config.password_file
-    key = "mqtt.password_file"
-    if config.password_credential is not None:
-        key = "mqtt.password_credential"
-        directory = env.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise ConfigError(
-                [f"{key}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"]
-            )
-        path = Path(directory) / config.password_credential
-    if path is None:
-        return None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{key}: cannot read {path}: {exc.strerror or exc}"]) from exc
-    password = text.splitlines()[0] if text else ""
-    if not password:
-        raise ConfigError([f"{key}: {path} is empty"])
-    return password
+    return secret_line(("mqtt.password_file", config.password_file),
+                       ("mqtt.password_credential", config.password_credential), environ)
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
