@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import threading
 from typing import Any
 
 from intercom.media.base import CameraSource
@@ -39,6 +40,7 @@ class EncodeOnceCamera:
         self._keyframe = True
         self.keyframes_requested = 0
         self._pending: asyncio.Future[Any] | None = None
+        self._codec_lock = threading.Lock()  # x264's context: one thread at a time
         self._last: Any = None
         self._wake = asyncio.Event()
         self._viewers: int | None = None  # None: not told, so never all-IDR
@@ -70,14 +72,21 @@ class EncodeOnceCamera:
 
         if frame.format.name != "yuv420p":
             frame = frame.reformat(format="yuv420p")
-        if self._codec is None:
-            self._codec = self._make_codec(frame)
-        # A decoded frame (a file or V4L2 source) keeps its decoder's picture type, which
-        # x264 would obey: only a keyframe is forced, every other type is x264's choice.
-        picture = av.video.frame.PictureType
-        frame.pict_type = picture.I if keyframe else picture.NONE
-        packets: list[Any] = self._codec.encode(frame)
+        # One encode at a time, and never while the encoder is freed: x264 crashes the
+        # process (SIGABRT, SIGSEGV) when its context is used from two threads at once.
+        with self._codec_lock:
+            if self._codec is None:
+                self._codec = self._make_codec(frame)
+            # A decoded frame (a file or V4L2 source) keeps its decoder's picture type,
+            # which x264 would obey: only a keyframe is forced, else x264's choice.
+            picture = av.video.frame.PictureType
+            frame.pict_type = picture.I if keyframe else picture.NONE
+            packets: list[Any] = self._codec.encode(frame)
         return packets
+
+    def _free_codec(self) -> None:
+        with self._codec_lock:
+            self._codec = None
 
     async def next(self) -> Any:
         """The next encoded packet; after ``request_keyframe``, an IDR at once.
@@ -146,4 +155,6 @@ class EncodeOnceCamera:
         if self._pending is not None:
             self._pending.cancel()
         await self.inner.close()
-        self._codec = None
+        # An encode may still run in its thread (its awaiting task cancelled, the thread
+        # not): the encoder is freed after it, in a thread, never under it.
+        await asyncio.get_running_loop().run_in_executor(None, self._free_codec)
