@@ -1,7 +1,7 @@
 // Service worker: keeps the app shell for fast starts, and rings the phone by Web Push
 // while the app is closed. Never touches /api or /ws in its cache.
 
-const CACHE = "intercom-shell-v4";
+const CACHE = "intercom-shell-v5";
 const SHELL = [
   "./", "index.html", "app.js", "call.js", "keys.js", "signal.js", "history.js", "totp.js",
   "push.js", "style.css", "manifest.webmanifest", "icon.svg",
@@ -40,10 +40,15 @@ self.addEventListener("fetch", (event) => {
 //   {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": ..., "until": ...}
 //   {"v": 1, "type": "clear", "call": "c-...", "state": "taken" | "missed"}
 
-const TAG = "intercom-ring"; // one ringing notification: a newer ring replaces it
+// One ringing notification at a time: a newer ring closes the older ones. Each call has
+// its own tag, because Chromium names a tagged notification by origin and tag: a ring
+// shown with the tag of a notification closed a moment before (a call declined from its
+// notification, the next press) could be removed by that close, shown and then gone.
+const TAG = "intercom-ring:";
 
 async function ringing() {
-  return self.registration.getNotifications({ tag: TAG });
+  return (await self.registration.getNotifications())
+    .filter((notification) => notification.tag.startsWith(TAG));
 }
 
 async function onPush(msg) {
@@ -51,9 +56,12 @@ async function onPush(msg) {
     if (typeof msg.until === "number" && Date.now() / 1000 > msg.until) {
       return; // the ring is over (a phone that was offline): nothing to show
     }
+    for (const notification of await ringing()) {
+      if (notification.data?.call !== msg.call) notification.close();
+    }
     await self.registration.showNotification("Someone is at the door", {
       body: `${msg.door} door: tap to see who it is`,
-      tag: TAG,
+      tag: TAG + msg.call,
       renotify: true,
       requireInteraction: true,
       timestamp: (msg.at ?? Date.now() / 1000) * 1000,
