@@ -547,6 +547,32 @@ class MonitorConfig(Model):
     )
 
 
+class WhepConfig(Model):
+    """The redacted live view for managers over WHEP (RFC 9725), off unless enabled."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Serve the camera, faces pixelated and zones masked, at `/whep` on the "
+        "station's HTTPS server to managers' bearer tokens (`intercom sign-bearer --scope "
+        "whep`); each viewing session is logged.",
+    )
+    max_viewers: int = Field(
+        default=2, ge=1, le=8,
+        description="Viewing sessions at once (beyond: 503); each costs one video encoder.",
+    )
+    max_bearer_hours: float = Field(
+        default=24, gt=0, le=24 * 31,
+        description="Longest lifetime (exp - iat) of a WHEP bearer the station accepts; a "
+        "session ends when its bearer expires.",
+    )
+    query_token: bool = Field(
+        default=False,
+        description="Also take the bearer from an `access_token` query parameter (RFC 6750 "
+        "2.3), for WHEP clients that send no Authorization header (go2rtc, Frigate). The "
+        "token is then in the client's config and URL: keep it short-lived.",
+    )
+
+
 class Settings(Model):
     """The whole station configuration."""
 
@@ -560,6 +586,7 @@ class Settings(Model):
     push: PushConfig = PushConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     monitor: MonitorConfig = MonitorConfig()
+    whep: WhepConfig = WhepConfig()
     simulated: bool = Field(
         default=False,
         description="Set by `intercom run --simulate`: mock pins and the simulator control.",

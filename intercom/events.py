@@ -258,6 +258,28 @@ class PrincipalPaired(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LiveViewStarted(Event):
+    """A manager began watching the redacted live view (WHEP); ``view`` names the session."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    view: str
+    principal: str
+    via: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveViewEnded(Event):
+    """A redacted live view session ended: who watched, from ``started_at`` to now, why."""
+
+    personal_fields: ClassVar[tuple[str, ...]] = ("principal",)
+    view: str
+    principal: str
+    started_at: float
+    duration_s: float
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class SnapshotTaken(Event):
     """One frame at a ring (zones masked), kept in the log only; never put on the bus.
 
@@ -388,6 +410,8 @@ for _cls in (
     CallMissed,
     CallEnded,
     PrincipalPaired,
+    LiveViewStarted,
+    LiveViewEnded,
     SnapshotTaken,
     PrivilegedAction,
     LogCheckpoint,

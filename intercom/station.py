@@ -15,6 +15,7 @@ from intercom import __version__
 from intercom.admin import Admin
 from intercom.calls import Calls
 from intercom.calls.component import Media
+from intercom.calls.whep import Camera, LiveView
 from intercom.config import Settings
 from intercom.configwriter import ConfigWriter
 from intercom.console.wiring import ConsoleWiring
@@ -45,6 +46,8 @@ from intercom.mqtt.bridge import MqttBridge, mqtt_bridge
 from intercom.notify import Notifier
 from intercom.privacy.camera import PrivacyCamera, privacy_camera
 from intercom.privacy.component import Privacy
+from intercom.privacy.redact import shared_redactor
+from intercom.privacy.zones import ZoneMasks
 from intercom.push.component import Push
 from intercom.push.vapid import create_vapid_key
 from intercom.security import Registry, Site, Verifier
@@ -103,6 +106,7 @@ class Station:
         self.verifier: Verifier | None = None
         self.registry: Registry | None = None
         self.calls: Calls | None = None
+        self.liveview: LiveView | None = None  # the managers' WHEP view, with [whep] enabled
         self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
         self.monitor: Monitor | None = None
@@ -178,6 +182,8 @@ class Station:
             self._closers.append(component.stop)
         self._serve_metrics()
         self._serve_console()
+        if self.liveview is not None and self.calls is not None and self.calls.server is not None:
+            self.calls.server.whep_handler = self.liveview.handle
 
         self.control.register("status", self._status_request)
         self.control.register("sim", self._sim_request)
@@ -241,6 +247,9 @@ class Station:
                            self.verifier.check_code)
         components.append(self.calls)
         components.append(Push(settings, registry, self.calls))  # after calls: plugs into it
+        if settings.whep.enabled:  # after calls: reads its camera hub and ICE servers
+            self.liveview = self._build_liveview(registry, self.verifier, self.calls)
+            components.append(self.liveview)
         privacy = Privacy(settings, bus, media.camera, self.eventlog, register)
         components.append(privacy)
         if self.masked is not None:  # zones from the config writer apply at once
@@ -263,6 +272,32 @@ class Station:
                             known=lambda kid: registry.get(kid) is not None)
             )
         return components
+
+    def _build_liveview(self, registry: Registry, verifier: Verifier, calls: Calls) -> LiveView:
+        """The managers' redacted live view: a gate on the calls' camera, the verifier."""
+        masked, fixed = self.masked, ZoneMasks(self.settings.privacy.zones)
+
+        def gate() -> Any:
+            if calls.media is None:
+                raise RuntimeError("whep: a viewer before the calls' media started")
+            track = calls.media.video_track()
+            track.open()
+            calls.media.request_keyframe()
+            return track
+
+        def signer_refusal(pid: str) -> str | None:
+            principal = registry.get(pid)
+            if principal is None:
+                return "principal erased"
+            return principal.inactive_reason(time.time())
+
+        def ice_servers() -> list[Any]:
+            return calls.ice.station_servers(self.id) if calls.ice is not None else []
+
+        camera = Camera(gate=gate, masks=lambda: masked.masks if masked is not None else fixed,
+                        redactor=shared_redactor)
+        return LiveView(self.settings.whep, camera, verifier.check_bearer, signer_refusal,
+                        registry.watch, self.bus, ice_servers)
 
     def _build_monitor(self, camera: MeteredCamera) -> Monitor:
         """The monitor, last: it reads the other components' states."""

@@ -1,4 +1,4 @@
-"""The station's HTTPS server: the web client, /api/info, /api/pair, /ws, /metrics, /ca.crt.
+"""The station's HTTPS server: the web client, /api/info, /api/pair, /ws, /metrics, /whep, /ca.crt.
 
 Everything a resident's browser sends is hostile until verified: bodies are capped,
 pairing attempts are rate limited per source address (charged when the request
@@ -135,6 +135,7 @@ class WebServer:
         self.metrics_handler: MetricsHandler | None = None  # set when [monitor] metrics is on
         self.console_handler: MetricsHandler | None = None  # the installer console's API
         self.push_handler: MetricsHandler | None = None  # Web Push (intercom.push)
+        self.whep_handler: MetricsHandler | None = None  # set when [whep] enabled is on
         self._runner: web.AppRunner | None = None
         self._per_address = BucketTable(*PAIR_RATE_PER_ADDRESS, size=MAX_TRACKED_ADDRESSES)
         self._pair_refusals = RefusalLog(log)
@@ -146,6 +147,8 @@ class WebServer:
         app.router.add_post("/api/pair", self._pair)
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_route("*", "/whep", self._whep)
+        app.router.add_route("*", r"/whep/sessions/{session:[A-Za-z0-9_-]{1,64}}", self._whep)
         app.router.add_route("*", r"/api/console/{action:[a-z][a-z-]{0,31}}", self._console)
         app.router.add_route("*", r"/api/push/{action:[a-z][a-z-]{0,31}}", self._push)
         trust = TrustFiles(self.info["station"], lambda: (self.cert.ca_der, self.cert.fingerprint))
@@ -277,6 +280,11 @@ class WebServer:
         if self.metrics_handler is None:
             return error(404, "not found")
         return await self.metrics_handler(request)
+
+    async def _whep(self, request: web.Request) -> web.StreamResponse:
+        if self.whep_handler is None:
+            return error(404, "not found")
+        return await self.whep_handler(request)
 
     async def _console(self, request: web.Request) -> web.StreamResponse:
         if self.console_handler is None:

@@ -46,15 +46,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     bearer = sub.add_parser(
         "sign-bearer",
-        help="print a manager's read-only bearer token for /metrics",
+        help="print a manager's read-only bearer token for /metrics or /whep",
         description="Sign a read-only bearer token with a manager principal's private key and "
-        "print it (a compact JWS with cmd 'metrics'). A Prometheus scraper sends it as "
-        "'Authorization: Bearer TOKEN' to /metrics ([monitor] metrics = true). It opens "
-        "nothing; it stops working when it expires or the principal is revoked.",
+        "print it (a compact JWS whose cmd is the scope). A Prometheus scraper sends a "
+        "'metrics' bearer as 'Authorization: Bearer TOKEN' to /metrics ([monitor] metrics = "
+        "true); a WHEP client sends a 'whep' bearer to /whep, the redacted live view ([whep] "
+        "enabled = true). It opens nothing; it stops working when it expires or the "
+        "principal is revoked.",
     )
     _signer_arguments(bearer, "manager")
-    bearer.add_argument("--days", type=float, default=365, metavar="N",
-                        help="days until the token expires, at most 366 (default 365)")
+    bearer.add_argument("--scope", choices=["metrics", "whep"], default="metrics",
+                        help="what the token may read (default metrics)")
+    life = bearer.add_mutually_exclusive_group()
+    life.add_argument("--days", type=float, metavar="N",
+                      help="days until the token expires (metrics: at most 366, default 365)")
+    life.add_argument("--hours", type=float, metavar="N",
+                      help="hours until the token expires (whep: default 24, at most the "
+                      "station's [whep] max_bearer_hours)")
     bearer.set_defaults(func=cmd_sign_bearer)
 
     unlock = sub.add_parser(
@@ -116,8 +124,14 @@ def cmd_sign_bearer(args: argparse.Namespace) -> int:
         raise IntercomError(f"cannot read {args.key}: {exc.strerror or exc}") from exc
     try:
         key = command.load_private_key(pem)
+        if args.hours is not None:
+            lifetime = args.hours * 3600
+        elif args.days is not None:
+            lifetime = args.days * 86_400
+        else:
+            lifetime = 365 * 86_400 if args.scope == "metrics" else 24 * 3600
         token = command.sign_bearer(
-            key, kid=args.kid, station=args.station, lifetime=args.days * 86_400
+            key, kid=args.kid, station=args.station, scope=args.scope, lifetime=lifetime
         )
     except (command.CommandFormatError, ValueError) as exc:
         raise CommandRefusedError(str(exc)) from exc

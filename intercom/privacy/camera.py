@@ -72,8 +72,7 @@ class PrivacyCamera:
         if not self.encoded:
             item = self.masks.apply_frame(item)
             if self._redactor is not None:
-                item = await asyncio.to_thread(self._redactor.redact_frame, item)
-                item = self.masks.apply_frame(item)  # face blocks reaching into a zone
+                item = await asyncio.to_thread(redacted_copy, item, self.masks, self._redactor)
             self.latest, self._latest_at = item, time.monotonic()
         self.frames += 1
         return item
@@ -93,6 +92,17 @@ class PrivacyCamera:
     async def close(self) -> None:
         """Close the source."""
         await self.inner.close()
+
+
+def redacted_copy(frame: Any, masks: ZoneMasks, redactor: Any) -> Any:
+    """A copy of a decoded frame with faces pixelated, then the zones masked again.
+
+    The one live redaction of the station: ``redact_all_outputs`` at the source and the
+    managers' live view (``intercom.privacy.live``) both call it. Masking after the
+    pixelation blacks out again a face block that reached into a zone. ``frame`` itself
+    is left as it is (other consumers may be encoding it).
+    """
+    return masks.apply_frame(redactor.redact_frame(frame))
 
 
 def privacy_camera(

@@ -35,7 +35,11 @@ from intercom.security.principals import (
 MAX_TOKEN_BYTES = 4096
 MAX_LIFETIME_S = 60
 MAX_BEARER_LIFETIME_S = 366 * 86_400  # a read-only bearer (/metrics) lives up to a year
-BEARER_SCOPES = frozenset({"metrics"})
+# What each bearer scope may read, and the longest it may live: a scraper's metrics bearer
+# up to a year; a bearer for the redacted live view (WHEP) is short-lived, at most 31 days
+# (the station's [whep] max_bearer_hours is usually far less).
+BEARER_LIFETIMES_S = {"metrics": MAX_BEARER_LIFETIME_S, "whep": 31 * 86_400}
+BEARER_SCOPES = frozenset(BEARER_LIFETIMES_S)
 MAX_TIME = 2**53  # |iat|, |exp| in seconds: every such integer is exact as a float
 HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 CLAIM_KEYS = frozenset({"aud", "cmd", "door", "iat", "exp", "jti", "totp"})
@@ -355,8 +359,9 @@ def sign_bearer(
     """A signed read-only bearer for ``station`` (``scope``: what it may read)."""
     if scope not in BEARER_SCOPES:
         raise CommandFormatError(f"scope must be one of {', '.join(sorted(BEARER_SCOPES))}")
-    if not 0 < lifetime <= MAX_BEARER_LIFETIME_S:
-        raise CommandFormatError(f"lifetime must be 1 s to {MAX_BEARER_LIFETIME_S // 86_400} days")
+    longest = BEARER_LIFETIMES_S[scope]
+    if not 0 < lifetime <= longest:
+        raise CommandFormatError(f"lifetime must be 1 s to {longest // 86_400} days")
     kind = key_kind(key)
     alg = "Ed25519" if kind == "Ed25519" else "ES256"
     issued = int(time.time() if now is None else now)

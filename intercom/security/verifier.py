@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -46,12 +47,19 @@ PURGE_EVERY_S = 60.0
 
 @dataclass(frozen=True)
 class Decision:
-    """The verifier's answer; ``reason`` is for the log only, never for the sender."""
+    """The verifier's answer; ``reason`` is for the log only, never for the sender.
+
+    For a bearer: ``forbidden`` when the token is authentic (signature, audience, scope
+    and times good) but its signer may not read (not a manager, revoked, expired), so a
+    transport may answer 403 rather than 401; ``expires_at`` is a granted bearer's ``exp``.
+    """
 
     granted: bool
     reason: str
     jti: str | None
     principal: str | None
+    forbidden: bool = False
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -289,19 +297,39 @@ class Verifier:
 
     # --- read-only bearers -----------------------------------------------------------------
 
-    def check_bearer(self, token: str, scope: str) -> Decision:
-        """Whether ``token`` is a manager's valid bearer for reading ``scope`` (``metrics``).
+    def check_bearer(
+        self, token: str, scope: str, max_lifetime: float | None = None
+    ) -> Decision:
+        """Whether ``token`` is a manager's valid bearer for reading ``scope``.
 
         The command's checks, cheapest first, on the same registry, signature budget and
         signature check, less what only opening the door needs: no TOTP and no single
         use (a scraper shows one bearer at every scrape), nothing spent, no event. It
-        never opens anything; the caller logs a refusal.
+        never opens anything; the caller logs a refusal. ``max_lifetime`` (seconds)
+        tightens the scope's own limit (``command.BEARER_LIFETIMES_S``).
+
+        Whether the signer may read (a manager, active) is judged only once the
+        signature is good: a forger who names a resident's id learns nothing from a
+        ``forbidden`` answer.
         """
-        _, decision = self._signed(
-            token, cmdfmt.parse_bearer,
-            lambda bearer, principal: self._bearer_checks(bearer, principal, scope,
-                                                          self._clock()))
-        return decision
+        now = self._clock()
+        longest = cmdfmt.BEARER_LIFETIMES_S.get(scope, 0.0)
+        if max_lifetime is not None:
+            longest = min(longest, max_lifetime)
+        who: list[str] = []
+
+        def checks(bearer: cmdfmt.UnverifiedBearer, principal: Principal) -> str | None:
+            reason = self._bearer_checks(bearer, principal, scope, longest, now)
+            if reason is None:
+                who.append(self._bearer_signer_refusal(principal, now) or "")
+            return reason
+
+        bearer, decision = self._signed(token, cmdfmt.parse_bearer, checks)
+        if not decision.granted or bearer is None:
+            return decision
+        if who and who[0]:
+            return dataclasses.replace(decision, granted=False, reason=who[0], forbidden=True)
+        return dataclasses.replace(decision, expires_at=bearer.exp)
 
     def check_request(self, token: str, method: str, path: str, body_hash: str) -> Decision:
         """Whether ``token`` signs this console request by an installer or admin, once.
@@ -369,20 +397,26 @@ class Verifier:
         return self._times(request.iat, request.exp, cmdfmt.MAX_REQUEST_LIFETIME_S, now)
 
     def _bearer_checks(
-        self, bearer: cmdfmt.UnverifiedBearer, principal: Principal, scope: str, now: float
+        self, bearer: cmdfmt.UnverifiedBearer, principal: Principal, scope: str,
+        longest: float, now: float,
     ) -> str | None:
         """Checks on the unverified bearer that need no crypto; why it fails, or None."""
-        if reason := principal.inactive_reason(now):
-            return reason
-        if principal.role is not Role.MANAGER:
-            return "not a manager's bearer"
         if bearer.alg not in principal.algorithms:
             return "algorithm does not match the principal's key"
         if bearer.aud != self.site.station:
             return "wrong audience"
         if bearer.scope != scope:
             return f"bearer not for {scope}"
-        return self._times(bearer.iat, bearer.exp, cmdfmt.MAX_BEARER_LIFETIME_S, now)
+        return self._times(bearer.iat, bearer.exp, longest, now)
+
+    @staticmethod
+    def _bearer_signer_refusal(principal: Principal, now: float) -> str | None:
+        """Why this (authentic) bearer's signer may not read now, or None."""
+        if reason := principal.inactive_reason(now):
+            return reason
+        if principal.role is not Role.MANAGER:
+            return "not a manager's bearer"
+        return None
 
     def _authenticated(
         self, cmd: cmdfmt.UnverifiedCommand, principal: Principal, guard: Guard, now: float
