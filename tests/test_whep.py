@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -282,3 +283,74 @@ async def test_a_session_that_never_connects_is_not_kept(
     await station.eventlog.flush()
     (ended,) = logged(station, "LiveViewEnded")
     assert ended["details"]["reason"] in {"never connected", "connection lost"}
+
+
+PAGE = """<!doctype html>
+<meta charset="utf-8"><title>WHEP</title>
+<video autoplay muted playsinline></video>
+<script>
+async function watch(token) {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", {direction: "recvonly"});
+  const video = document.querySelector("video");
+  pc.ontrack = (e) => { video.srcObject = new MediaStream([e.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && done();
+  });
+  const res = await fetch("/whep", {method: "POST", body: pc.localDescription.sdp,
+    headers: {"Content-Type": "application/sdp", "Authorization": "Bearer " + token}});
+  if (res.status !== 201) return res.status;
+  window.session = res.headers.get("Location");
+  await pc.setRemoteDescription({type: "answer", sdp: await res.text()});
+  window.pc = pc;
+  return res.status;
+}
+async function decoded() {
+  let frames = 0;
+  (await window.pc.getStats()).forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") frames = s.framesDecoded || 0;
+  });
+  return frames;
+}
+</script>
+"""
+
+
+async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station):
+    """Debian's Chromium, a page of the station's origin (served by the test) speaking WHEP."""
+    from playwright.async_api import async_playwright  # noqa: PLC0415
+
+    from .browser import CHROMIUM, CHROMIUM_ARGS, trusting_home  # noqa: PLC0415
+
+    station = whep_station
+    assert station.registry is not None and station.calls is not None
+    assert station.calls.cert is not None and station.calls.cert.ca_der is not None
+    manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
+    resident = await add_principal(station.registry, time.time, "res", Role.RESIDENT)
+    page_url = station.calls.url + "test-whep-viewer.html"  # only this test's route serves it
+    with trusting_home(station.calls.cert.ca_der) as home:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              env={**os.environ, "HOME": str(home)})
+            try:
+                page = await browser.new_page()
+                await page.route(page_url, lambda route: route.fulfill(
+                    status=200, content_type="text/html", body=PAGE))
+                await page.goto(page_url)
+                assert await page.evaluate("watch", bearer(resident, station.id)) == 403
+                assert await page.evaluate("watch", bearer(manager, station.id)) == 201
+                await page.wait_for_function(
+                    "() => document.querySelector('video').videoWidth > 0", timeout=20000)
+                assert await page.evaluate(
+                    "() => document.querySelector('video').videoWidth") == 640
+                await page.wait_for_function("async () => (await decoded()) >= 20",
+                                             timeout=20000, polling=200)
+                deleted = await page.evaluate(
+                    "async () => (await fetch(window.session, {method: 'DELETE'})).status")
+                assert deleted == 200
+            finally:
+                await browser.close()
+    assert station.status()["whep"]["sessions"] == []
+    assert station.status()["whep"]["sessions_started"] == 1

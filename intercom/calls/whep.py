@@ -40,6 +40,7 @@ from aiortc import (
 )
 from aiortc.contrib.media import MediaRelay
 
+from intercom.calls.peer import without_mdns
 from intercom.config import WhepConfig
 from intercom.events import EventBus, LiveViewEnded, LiveViewStarted
 from intercom.privacy.live import RedactedTrack
@@ -221,7 +222,9 @@ class LiveView:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
         track = self._subscribe()
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            # A browser's mDNS host names cost aioice a second each; its checks reach us anyway.
+            remote = RTCSessionDescription(sdp=without_mdns(offer), type="offer")
+            await pc.setRemoteDescription(remote)
             pc.addTrack(track)
             await pc.setLocalDescription(await pc.createAnswer())  # waits for ICE gathering
         except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a bad offer
