@@ -100,7 +100,8 @@ async def test_a_manager_sees_the_door_redacted_while_a_resident_sees_it_as_it_i
     whep_station: Station, viewers: list[Viewer], devices: list[Device], monkeypatch,
 ):
     station = whep_station
-    assert station.registry is not None and station.masked is not None
+    assert station.registry is not None
+    assert station.masked is not None
     detector = FaceDetector()
     # The sender's frames (what the station's camera gives every output): her face is there.
     sent = [await station.masked.next() for _ in range(3)]
@@ -115,7 +116,7 @@ async def test_a_manager_sees_the_door_redacted_while_a_resident_sees_it_as_it_i
     assert "a=candidate:" in answer, "the answer carries the station's candidates (no trickle)"
     # A resident rung beside the viewer gets the door as it is: her face, unredacted.
     monkeypatch.setattr(Device, "_consume", consume_keeping_frames)
-    phone, rung = await rung_frame(station, devices, "bell")
+    _phone, rung = await rung_frame(station, devices, "bell")
     assert len(detector.faces(rung)) >= 1, "the resident sees the visitor's face"
 
     await viewer.wait_frames(30)
@@ -198,7 +199,8 @@ async def test_revoking_the_manager_ends_the_session_at_once(
     whep_station: Station, viewers: list[Viewer],
 ):
     station = whep_station
-    assert station.registry is not None and station.liveview is not None
+    assert station.registry is not None
+    assert station.liveview is not None
     manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
     other = await add_principal(station.registry, time.time, "mgr-2", Role.MANAGER)
     watching = viewer_of(station, viewers)
@@ -243,7 +245,8 @@ async def test_the_session_ends_when_its_bearer_expires(
     whep_station: Station, viewers: list[Viewer],
 ):
     station = whep_station
-    assert station.registry is not None and station.liveview is not None
+    assert station.registry is not None
+    assert station.liveview is not None
     manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
     # Issued 3600 s minus 2 s ago for an hour: valid now, expired 2 s from now (+ skew).
     token = bearer(manager, station.id, lifetime=3600, now=time.time() - 3598)
@@ -266,7 +269,8 @@ async def test_a_session_that_never_connects_is_not_kept(
 
     monkeypatch.setattr(whep, "CONNECT_TIMEOUT_S", 0.5)
     station = whep_station
-    assert station.registry is not None and station.calls is not None
+    assert station.registry is not None
+    assert station.calls is not None
     manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
     viewer = Viewer(station.calls.url, pinned(station))
     offer = await viewer.offer()
@@ -325,8 +329,10 @@ async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station)
     from .browser import CHROMIUM, CHROMIUM_ARGS, trusting_home  # noqa: PLC0415
 
     station = whep_station
-    assert station.registry is not None and station.calls is not None
-    assert station.calls.cert is not None and station.calls.cert.ca_der is not None
+    assert station.registry is not None
+    assert station.calls is not None
+    assert station.calls.cert is not None
+    assert station.calls.cert.ca_der is not None
     manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
     resident = await add_principal(station.registry, time.time, "res", Role.RESIDENT)
     page_url = station.calls.url + "test-whep-viewer.html"  # only this test's route serves it
