@@ -17,7 +17,15 @@ channel refreshes and the ICE consent checks relayed through it), counted by ipt
 the "internet" namespace while the phone's standing connection idles --idle-minutes;
 the per-hour figure is that count scaled to an hour (labelled so).
 
-Usage: scripts/bench remote [--calls N] [--rtt-ms MS] [--idle-minutes M]  (needs root)
+Lossy calls (--lossy-calls N): tests/test_remote_call.py's slow test N times, each on a
+fresh setup: the phone's path to coturn gets --rtt-ms of round trip and --loss of its UDP
+datagrams dropped; the phone answers, talks and opens the door, and the call goes on
+--call-seconds; the figures are Chromium's own for the call's video (inbound-rtp:
+freezeCount, totalFreezesDuration, packetsLost, nackCount).
+
+Usage: scripts/bench remote [--calls N] [--rtt-ms MS] [--idle-minutes M]
+       scripts/bench remote --lossy-calls N [--rtt-ms MS] [--loss P] [--call-seconds S]
+(needs root)
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from tests.browser import wait_call_state  # noqa: E402
 from tests.remote_rig import PUBLIC_URL, first_page, remote_station  # noqa: E402
-from tests.test_remote_call import pair_at_home, relayed  # noqa: E402
+from tests.test_remote_call import pair_at_home, relayed, ring_answer_talk_unlock  # noqa: E402
 from tests.test_webclient import stats as page_stats  # noqa: E402
 from tests.test_webclient import wait_stats  # noqa: E402
 
@@ -66,12 +74,53 @@ def presses(remote: Any, page: Any, calls: int) -> tuple[list[float], list[float
     return presented, skews
 
 
+def lossy_call(rtt_ms: float, loss: float, seconds: float) -> dict[str, Any]:
+    """One whole call on a fresh setup over an impaired path; the page's statistics."""
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
+        tmp = Path(folder)
+        with remote_station(tmp, udp_only=True) as (remote, home), sync_playwright() as p:
+            totp = pair_at_home(remote, p, tmp / "profile", home)
+            remote.lab.impair(rtt_ms, loss)
+            context = remote.phone(p, "mobile", tmp / "profile", home)
+            try:
+                page = first_page(context)
+                page.goto(PUBLIC_URL)
+                page.wait_for_selector("body[data-link='online']", timeout=60000)
+                wait_stats(page, relayed, "the standing connection through TURN", timeout=60)
+                ring_answer_talk_unlock(remote.station, page, totp)
+                page.wait_for_timeout(seconds * 1000)
+                return page_stats(page)
+            finally:
+                context.close()
+
+
+def lossy(args: argparse.Namespace) -> int:
+    print(f"\n== remote: {args.lossy_calls} calls of {args.call_seconds:.0f} s through coturn, "
+          f"phone's RTT to coturn +{args.rtt_ms:.0f} ms, {args.loss:.1%} of its UDP lost ==")
+    freezes: list[int] = []
+    for n in range(args.lossy_calls):
+        s = lossy_call(args.rtt_ms, args.loss, args.call_seconds)
+        freezes.append(int(s["freezeCount"]))
+        print(f"call {n + 1}: freezeCount {s['freezeCount']}, totalFreezesDuration "
+              f"{s['totalFreezesDuration']:.3f} s, frames {s['framesDecoded']}, packetsLost "
+              f"{s['packetsLost']}, nackCount {s['nackCount']}, pliCount {s['pliCount']}, "
+              f"pair RTT {s.get('rtt')} s, {s.get('localCandidate')}/{s.get('remoteCandidate')}")
+    print(f"freezes per call: {freezes} (most {max(freezes)})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--idle-minutes", type=float, default=5.0)
+    parser.add_argument("--lossy-calls", type=int, default=0,
+                        help="instead: this many whole calls over a lossy path")
+    parser.add_argument("--loss", type=float, default=0.02, help="share of UDP dropped")
+    parser.add_argument("--call-seconds", type=float, default=60.0)
     args = parser.parse_args()
+    if args.lossy_calls:
+        return lossy(args)
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
         tmp = Path(folder)
         with remote_station(tmp, udp_only=True) as (remote, home), sync_playwright() as p:

@@ -377,6 +377,9 @@ def test_the_playout_delay_element_is_added_and_the_packet_stays_whole(extension
     elements = extension_elements(out)
     assert (5, b"\x00\x00\x00") in elements  # min 0, max 0
     assert [e for e in elements if e[0] != 5] == list(extensions or [])
+    # min 100 ms, max 400 ms: 10 and 40 in 10 ms units, 12 bits each
+    assert (5, b"\x00\xa0\x28") in extension_elements(
+        add_playout_delay(data, bytes.fromhex("01020304"), 5, 100, 400))
 
 
 def test_other_streams_rtcp_and_scraps_pass_unchanged():
@@ -391,13 +394,19 @@ def test_other_streams_rtcp_and_scraps_pass_unchanged():
         assert add_playout_delay(scrap, key, 5) == scrap
 
 
-async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet():
+@pytest.mark.parametrize(("away", "element"), [(False, b"\x00\x00\x00"),
+                                               (True, b"\x01\x40\x32")])
+async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet(away, element):
+    """At home min = max = 0; away (not on the station's networks) min 200, max 500 ms."""
     from intercom.calls.peer import PLAYOUT_DELAY_URI, video_ssrc  # noqa: PLC0415
     from intercom.media.synthetic import SyntheticCamera  # noqa: PLC0415
     from tests.test_calls_client import eventually  # noqa: PLC0415
-    from tests.test_calls_media import connect  # noqa: PLC0415
+    from tests.test_calls_media import connect, local_peer  # noqa: PLC0415
 
     hub, peer, device = await station_end(SyntheticCamera(160, 120, 15))
+    if away:  # the same device, seen by a station none of whose networks it is on
+        await peer.close()
+        peer, device = local_peer(hub, networks=[])
     # aiortc's own answer drops the extension; a browser's keeps it (id 12 here)
     device.edit_answer = lambda sdp: sdp.replace(
         "a=mid:0\r\n", f"a=mid:0\r\na=extmap:12 {PLAYOUT_DELAY_URI}\r\n", 1
@@ -430,7 +439,7 @@ async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet()
         video = [d for d in seen if int.from_bytes(d[8:12], "big") == ssrc]
         assert video, f"no video packet went out ({len(seen)} packets, {ssrc})"
         for data in video:
-            assert (12, b"\x00\x00\x00") in extension_elements(data)
+            assert (12, element) in extension_elements(data)
     finally:
         await peer.close()
         await client.close()

@@ -56,6 +56,19 @@ AUDIBLE = LevelSink.SILENCE
 # (answered, the door audio then flows at once, with no round trip first).
 AUDIO_AFTER_RING_S = 0.15
 PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
+# The playout delay (min, max, ms) the station asks a device's receiver for. At home:
+# none, a frame is shown the moment it is decoded. Away (a relay, a carrier's NAT): at
+# least 200 ms. A lost packet costs the frame its detection (up to a frame interval),
+# the NACK's round trip and, when the retransmission is lost too, another: about 180 and
+# 290 ms at 100 ms RTT; Chromium counts a freeze from about 220 ms between frames at 15
+# fps. Held that long in the buffer, a loss delays a frame there instead of freezing
+# the picture. Measured at 100 ms RTT and 2 % loss over 60 s calls (docs/benchmarks.md):
+# Chromium's own delay 2-4 freezes, 100 ms 0-2, 150 ms 1-2, 200 ms none; the first
+# frame of a ring is still shown at once. At most 500 ms: a picture further behind the
+# voice (the video has a stream of its own: no lip sync holds the audio) serves a
+# conversation worse than a freeze.
+HOME_PLAYOUT_MS = (0, 0)
+AWAY_PLAYOUT_MS = (200, 500)
 MDNS_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.MULTILINE)
 
 Unlock = Callable[[str], Awaitable[dict[str, Any]]]
@@ -77,9 +90,10 @@ def jti_of(token: str) -> str | None:
 def with_playout_delay(sdp: str) -> str:
     """The offer with the RTP ``playout-delay`` extension on the video (an unused id).
 
-    With it, each video packet can tell the device's receiver to present frames at once
-    (min = max = 0): the preview is about now, and Chromium otherwise holds the first
-    frame of a ring for its default playout delay (``docs/benchmarks.md``).
+    With it, each video packet tells the device's receiver how long to hold frames
+    (``HOME_PLAYOUT_MS``, ``AWAY_PLAYOUT_MS``): at home, not at all, so the preview is
+    about now (Chromium otherwise holds the first frame of a ring for its default playout
+    delay, ``docs/benchmarks.md``); away, long enough for a retransmission.
     """
     lines = sdp.split("\r\n")
     out: list[str] = []
@@ -125,8 +139,12 @@ def video_ssrc(sdp: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def add_playout_delay(packet: bytes, ssrc: bytes, ext_id: int) -> bytes:
-    """The RTP packet of ``ssrc`` with a zero ``playout-delay`` element (one-byte form).
+def add_playout_delay(
+    packet: bytes, ssrc: bytes, ext_id: int, min_ms: int = 0, max_ms: int = 0
+) -> bytes:
+    """The RTP packet of ``ssrc`` with a ``playout-delay`` element (one-byte form).
+
+    ``min_ms`` and ``max_ms`` go in 10 ms units, 12 bits each (at most 40.95 s).
 
     Anything else (RTCP, another stream, a two-byte extension block, a short packet) is
     returned as it is.
@@ -135,7 +153,8 @@ def add_playout_delay(packet: bytes, ssrc: bytes, ext_id: int) -> bytes:
     rtp = len(packet) >= offset + 4 and packet[0] >> 6 == 2 and not 192 <= packet[1] <= 223
     if not rtp or packet[8:12] != ssrc:  # not RTP, RTCP on the same port, another stream
         return packet
-    element = bytes(((ext_id << 4) | 2, 0, 0, 0))  # id, length 3 - 1; min 0, max 0
+    delays = (min(min_ms // 10, 0xFFF) << 12) | min(max_ms // 10, 0xFFF)  # 10 ms units
+    element = bytes(((ext_id << 4) | 2,)) + delays.to_bytes(3, "big")  # id, length 3 - 1
     if not packet[0] & 0x10:
         first = bytes((packet[0] | 0x10,))
         return first + packet[1:offset] + struct.pack("!HH", 0xBEDE, 1) + element + packet[offset:]
@@ -154,7 +173,8 @@ def on_link(sdp: str, networks: Sequence[Network]) -> bool:
     is shown the moment it is decoded. Away (a relay, a carrier's NAT: round trips of
     100 ms, losses), a zero delay leaves Chromium's jitter buffer no time for a lost
     packet's retransmission, and the picture freezes at each loss (measured: 15 freezes
-    in a 60 s call at 100 ms RTT and 2 % loss, none without it).
+    in a 60 s call at 100 ms RTT and 2 % loss), so such a device is asked for at least
+    a round trip's delay (``AWAY_PLAYOUT_MS``).
     """
     for line in sdp.splitlines():
         parts = line.split()
@@ -267,11 +287,12 @@ class DevicePeer:
         self._answered.set()
         if self.media_on and self.media_at is None:
             self.media_at = time.time()
-        ext_id = playout_delay_id(sdp) if on_link(sdp, self._networks) else None
+        ext_id = playout_delay_id(sdp)
         ssrc = video_ssrc(str(self.pc.localDescription.sdp))
         if not self._marked and ext_id is not None and ssrc is not None:
             self._marked = True
-            self._mark_playout_delay(ext_id, ssrc)
+            home = on_link(sdp, self._networks)
+            self._mark_playout_delay(ext_id, ssrc, *(HOME_PLAYOUT_MS if home else AWAY_PLAYOUT_MS))
 
     def _media(self) -> None:
         """Renegotiate the audio section active, once (a ring; the rest is gates)."""
@@ -294,8 +315,8 @@ class DevicePeer:
             return
         self._send_offer(sdp)
 
-    def _mark_playout_delay(self, ext_id: int, ssrc: int) -> None:
-        """Put a zero ``playout-delay`` on every video packet the device took it for.
+    def _mark_playout_delay(self, ext_id: int, ssrc: int, min_ms: int, max_ms: int) -> None:
+        """Put a ``playout-delay`` on every video packet the device took it for.
 
         aiortc (1.16) neither offers this extension nor writes it, and serialises its
         packets itself; the one place to add it is between serialising and encrypting,
@@ -313,7 +334,7 @@ class DevicePeer:
         key = struct.pack("!I", ssrc)
 
         async def send_rtp(data: bytes) -> None:
-            await send(add_playout_delay(data, key, ext_id))
+            await send(add_playout_delay(data, key, ext_id, min_ms, max_ms))
 
         transport._send_rtp = send_rtp  # type: ignore[method-assign]  # noqa: SLF001
 

@@ -554,6 +554,12 @@ async function stats() {
       out.framesDecoded = s.framesDecoded;
       out.freezeCount = s.freezeCount;
       out.totalFreezesDuration = s.totalFreezesDuration;
+      out.packetsLost = s.packetsLost;
+      out.nackCount = s.nackCount;
+      out.pliCount = s.pliCount;
+      out.keyFramesDecoded = s.keyFramesDecoded;
+      out.framesDropped = s.framesDropped;
+      out.framesPerSecond = s.framesPerSecond;
     }
     if (s.type === "inbound-rtp" && s.kind === "audio") out.audioBytesReceived = s.bytesReceived;
     if (s.type === "outbound-rtp" && s.kind === "audio") out.audioBytesSent = s.bytesSent;
