@@ -46,7 +46,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from tests.browser import wait_call_state  # noqa: E402
 from tests.remote_rig import PUBLIC_URL, first_page, remote_station  # noqa: E402
-from tests.test_remote_call import pair_at_home, relayed, ring_answer_talk_unlock  # noqa: E402
+from tests.test_remote_call import lossy_call, pair_at_home, relayed  # noqa: E402
 from tests.test_webclient import stats as page_stats  # noqa: E402
 from tests.test_webclient import wait_stats  # noqa: E402
 
@@ -74,32 +74,15 @@ def presses(remote: Any, page: Any, calls: int) -> tuple[list[float], list[float
     return presented, skews
 
 
-def lossy_call(rtt_ms: float, loss: float, seconds: float) -> dict[str, Any]:
-    """One whole call on a fresh setup over an impaired path; the page's statistics."""
-    with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
-        tmp = Path(folder)
-        with remote_station(tmp, udp_only=True) as (remote, home), sync_playwright() as p:
-            totp = pair_at_home(remote, p, tmp / "profile", home)
-            remote.lab.impair(rtt_ms, loss)
-            context = remote.phone(p, "mobile", tmp / "profile", home)
-            try:
-                page = first_page(context)
-                page.goto(PUBLIC_URL)
-                page.wait_for_selector("body[data-link='online']", timeout=60000)
-                wait_stats(page, relayed, "the standing connection through TURN", timeout=60)
-                ring_answer_talk_unlock(remote.station, page, totp)
-                page.wait_for_timeout(seconds * 1000)
-                return page_stats(page)
-            finally:
-                context.close()
-
-
 def lossy(args: argparse.Namespace) -> int:
     print(f"\n== remote: {args.lossy_calls} calls of {args.call_seconds:.0f} s through coturn, "
           f"phone's RTT to coturn +{args.rtt_ms:.0f} ms, {args.loss:.1%} of its UDP lost ==")
     freezes: list[int] = []
     for n in range(args.lossy_calls):
-        s = lossy_call(args.rtt_ms, args.loss, args.call_seconds)
+        with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
+            s, impaired = lossy_call(Path(folder), args.rtt_ms, args.loss, args.call_seconds)
+        if not impaired:
+            raise SystemExit("the delay and the losses were not on the media's path")
         freezes.append(int(s["freezeCount"]))
         print(f"call {n + 1}: freezeCount {s['freezeCount']}, totalFreezesDuration "
               f"{s['totalFreezesDuration']:.3f} s, frames {s['framesDecoded']}, packetsLost "

@@ -98,15 +98,15 @@ def counted(listing: str, target: str) -> int:
                if len(line.split()) > 2 and line.split()[2] == target)
 
 
-@pytest.mark.slow
-def test_a_60_s_call_over_a_lossy_100_ms_mobile_link_does_not_freeze(tmp_path):
-    """100 ms RTT and 2 % loss between the phone and coturn; a 60 s call: Chromium's
-    freezeCount stays at most 2 and the freezes together last at most 1 s. TURN over UDP
-    only: the lab impairs UDP (an unimpaired TCP relay would be chosen instead)."""
-    with remote_station(tmp_path, udp_only=True) as (remote, home), sync_playwright() as p:
-        profile = tmp_path / "phone-profile"
+def lossy_call(folder: Path, rtt_ms: float, loss: float, seconds: float
+               ) -> tuple[dict[str, Any], bool]:
+    """A whole call from the mobile network, its phone's path to coturn ``rtt_ms`` long
+    and losing ``loss`` of its UDP, kept up ``seconds``: the page's statistics after it,
+    and whether the delay and the losses were on the media's path (also for the bench)."""
+    with remote_station(folder, udp_only=True) as (remote, home), sync_playwright() as p:
+        profile = folder / "phone-profile"
         totp = pair_at_home(remote, p, profile, home)
-        remote.lab.impair(100, 0.02)  # before the phone's flows start: they take it
+        remote.lab.impair(rtt_ms, loss)  # before the phone's flows start: they take it
         context = remote.phone(p, "mobile", profile, home)
         try:
             page = first_page(context)
@@ -114,15 +114,23 @@ def test_a_60_s_call_over_a_lossy_100_ms_mobile_link_does_not_freeze(tmp_path):
             page.wait_for_selector("body[data-link='online']", timeout=60000)
             wait_stats(page, relayed, "the standing connection through TURN", timeout=60)
             ring_answer_talk_unlock(remote.station, page, totp)
-            page.wait_for_timeout(60_000)
+            page.wait_for_timeout(seconds * 1000)
             after = page_stats(page)
             # the phone's flows went through the delay relay, and some datagrams were lost
             delayed = remote.lab.sh("mobile", "iptables", "-w", "-t", "nat", "-n", "-v", "-x",
                                     "-L", "OUTPUT")
             dropped = remote.lab.sh("mrouter", "iptables", "-w", "-n", "-v", "-x", "-L", "LOSS")
-            impaired = counted(delayed, "DNAT") > 0 and counted(dropped, "DROP") > 0
+            return after, counted(delayed, "DNAT") > 0 and counted(dropped, "DROP") > 0
         finally:
             context.close()
+
+
+@pytest.mark.slow
+def test_a_60_s_call_over_a_lossy_100_ms_mobile_link_does_not_freeze(tmp_path):
+    """100 ms RTT and 2 % loss between the phone and coturn; a 60 s call: Chromium's
+    freezeCount stays at most 2 and the freezes together last at most 1 s. TURN over UDP
+    only: the lab impairs UDP (an unimpaired TCP relay would be chosen instead)."""
+    after, impaired = lossy_call(tmp_path, 100, 0.02, 60)
     assert relayed(after), after
     assert after["relayProtocol"] == "udp", after
     assert impaired, "the delay and the losses were not on the media's path"
