@@ -297,7 +297,8 @@ class Station:
         camera = Camera(gate=gate, masks=lambda: masked.masks if masked is not None else fixed,
                         redactor=shared_redactor)
         return LiveView(self.settings.whep, camera, verifier.check_bearer, signer_refusal,
-                        registry.watch, self.bus, ice_servers)
+                        registry.watch, self.bus, ice_servers,
+                        relay_only=self.settings.web.ice_policy == "relay")
 
     def _build_monitor(self, camera: MeteredCamera) -> Monitor:
         """The monitor, last: it reads the other components' states."""

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from joserfc.jwk import OKPKey
 
+from intercom.config import Settings
 from intercom.security import command
 from intercom.security.principals import Role
 from intercom.station import Station
@@ -27,6 +28,7 @@ from . import test_calls_client as kit
 from .conftest import INTERCOM
 from .test_calls_client import Device, pinned
 from .test_privacy_peer import consume_keeping_frames, rung_frame
+from .test_remote import SECRET, loopback_coturn, secret_file
 from .test_security_kit import Signer, add_principal
 from .whepkit import FaceDetector, Viewer, astronaut_video, whep_settings
 
@@ -287,6 +289,31 @@ async def test_a_session_that_never_connects_is_not_kept(
     await station.eventlog.flush()
     (ended,) = logged(station, "LiveViewEnded")
     assert ended["details"]["reason"] in {"never connected", "connection lost"}
+
+
+async def test_with_the_relay_ice_policy_the_answer_offers_only_the_relay(
+    tmp_path: Path, video: Path, viewers: list[Viewer]
+):
+    """``web.ice_policy = "relay"``: the station's end of a viewer's connection, as of a
+    resident's, offers only its TURN relay (Debian's coturn on loopback), no host address."""
+    with loopback_coturn(tmp_path / "coturn", SECRET) as port:
+        data = whep_settings(tmp_path / "state", video).model_dump(mode="json")
+        data["web"]["turn"] = {"urls": [f"turn:127.0.0.1:{port}?transport=udp"],
+                               "secret_file": str(secret_file(tmp_path)), "ttl_s": 600}
+        data["web"]["ice_policy"] = "relay"
+        station = Station(Settings.model_validate(data))
+        await station.start()
+        try:
+            assert station.registry is not None
+            manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
+            status, _, answer = await viewer_of(station, viewers).post(
+                bearer(manager, station.id))
+            assert status == 201, answer
+            candidates = [line for line in answer.splitlines() if line.startswith("a=candidate:")]
+            assert candidates, answer
+            assert all(" typ relay " in line for line in candidates), candidates
+        finally:
+            await station.stop("test finished")
 
 
 PAGE = """<!doctype html>

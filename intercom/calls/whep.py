@@ -35,6 +35,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -101,6 +102,7 @@ class LiveView:
         watch: Callable[[Callable[[str], None]], Callable[[], None]],
         bus: EventBus,
         ice_servers: Callable[[], list[RTCIceServer]],
+        relay_only: bool = False,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -111,6 +113,8 @@ class LiveView:
         self._watch = watch
         self._bus = bus
         self._ice_servers = ice_servers
+        # web.ice_policy = "relay": the station's end offers only its TURN relay, as to residents
+        self._policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         self._clock = clock
         self._monotonic = monotonic
         self._refusals = RefusalLog(log)
@@ -219,7 +223,8 @@ class LiveView:
         if "video" not in kinds or not set(kinds) <= {"video", "audio"}:
             return self._refuse(request, 400, "offer must receive video (audio optional)")
         principal = str(decision.principal)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers(),
+                                                iceTransportPolicy=self._policy))
         track = self._subscribe()
         try:
             # A browser's mDNS host names cost aioice a second each; its checks reach us anyway.
