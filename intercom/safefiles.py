@@ -87,13 +87,14 @@ def write_new(directory: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
+def replace_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace the file ``path`` with ``data`` all at once, keeping its mode.
 
     A reader sees the old file or the new one, never a part (a power cut included): the
     data goes to a new temporary file beside it (``O_EXCL | O_NOFOLLOW``, in the folder
     opened without following a link), is fsynced, renamed over ``path``, and the folder
-    is fsynced. ``path`` itself must be a regular file, not a link.
+    is fsynced. ``path`` itself must be a regular file, not a link; with ``mode`` it may
+    also not exist yet, and the file gets that mode. The mode is set whatever the umask.
     """
     path = Path(path)
     try:
@@ -102,11 +103,19 @@ def replace_atomically(path: Path, data: bytes) -> None:
         raise _refusal(path.parent, exc) from exc
     tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        old = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(old.st_mode):
-            raise IntercomError(f"{path}: not a regular file; refusing to replace it")
-        fd = os.open(tmp, NEW_FILE, old.st_mode & 0o777, dir_fd=dir_fd)
         try:
+            old = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if mode is None:
+                raise
+            new_mode = mode
+        else:
+            if not stat.S_ISREG(old.st_mode):
+                raise IntercomError(f"{path}: not a regular file; refusing to replace it")
+            new_mode = old.st_mode & 0o777 if mode is None else mode
+        fd = os.open(tmp, NEW_FILE, new_mode, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, new_mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

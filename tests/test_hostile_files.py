@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from intercom.errors import IntercomError
-from intercom.safefiles import create_new, make_private_dir, open_new, write_new
+from intercom.safefiles import (
+    create_new,
+    make_private_dir,
+    open_new,
+    replace_atomically,
+    write_new,
+)
 
 from . import test_firstboot as boot
 from . import test_privacy_dsr as dsr
@@ -138,3 +144,30 @@ def test_first_boot_errors_name_the_key_but_not_a_secret_value(dirs):
         assert "web.ice_servers[0].credential" in text
         assert TURN_SECRET not in text
     assert TURN_SECRET.encode() not in boot.everything_under(dirs["boot"])
+
+
+# --- replacing a file in place: atomically, never through a link ---------------------------
+
+
+def test_replace_atomically_keeps_or_sets_the_mode_whatever_the_umask(tmp_path, victim):
+    existing = tmp_path / "intercom.toml"
+    existing.write_bytes(b"old\n")
+    existing.chmod(0o640)
+    fresh = tmp_path / "pairing-sheets.json"
+    old_umask = os.umask(0o077)
+    try:
+        replace_atomically(existing, b"new\n")
+        with pytest.raises(IntercomError, match=str(fresh)):  # missing, and no mode given
+            replace_atomically(fresh, b"[]")
+        replace_atomically(fresh, b"[]", 0o600)
+    finally:
+        os.umask(old_umask)
+    assert (existing.read_bytes(), existing.stat().st_mode & 0o777) == (b"new\n", 0o640)
+    assert (fresh.read_bytes(), fresh.stat().st_mode & 0o777) == (b"[]", 0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(victim)
+    with pytest.raises(IntercomError, match="not a regular file"):
+        replace_atomically(link, b"x", 0o600)
+    assert victim.read_bytes() == VICTIM
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere", "intercom.toml", "link.json", "pairing-sheets.json"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 from intercom.errors import CommandRefusedError
 from intercom.events import EventBus, PrincipalPaired
+from intercom.safefiles import replace_atomically
 from intercom.security import totp
 from intercom.security.pairingcodes import CODE_TTL_S, SPOOL
 from intercom.security.pairingcodes import digest as _digest
@@ -124,15 +124,7 @@ class Pairing:
         """Write the printed sheets' pending codes (hashes only), replacing the file."""
         entries = [{"digest": d, "flat": p.flat, "expires_at": p.expires_at}
                    for d, p in self._codes.items() if p.sheet]
-        path = self.state_dir / SHEETS_FILE
-        tmp = path.with_name(f".{SHEETS_FILE}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(entries))
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        replace_atomically(self.state_dir / SHEETS_FILE, json.dumps(entries).encode(), 0o600)
 
     async def sheet_codes(self, flats: list[str]) -> list[tuple[str, str, float]]:
         """A long-lived code for each flat, for printed sheets: (flat, code, expires at)."""

@@ -48,6 +48,7 @@ from intercom.eventlog.keys import create_master_key, master_key_source
 from intercom.events import EventBus
 from intercom.identity import create_identity
 from intercom.netaddr import ANY_HOSTS
+from intercom.safefiles import replace_atomically
 from intercom.security.pairingcodes import spool_code
 from intercom.security.principals import Principal, Role, public_jwk_from_file
 from intercom.security.registry import Registry
@@ -88,15 +89,7 @@ class Report:
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` atomically with a file of ``mode``, durably."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.chmod(mode)
-    tmp.replace(path)
+    replace_atomically(path, data, mode)
 
 
 def _scrub(path: Path) -> None:

@@ -12,6 +12,8 @@ import json
 import secrets
 from pathlib import Path
 
+from intercom.safefiles import replace_atomically
+
 CODE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no 0/O, 1/I: read aloud, typed
 CODE_LENGTH = 12  # 60 bits
 CODE_TTL_S = 600.0
@@ -46,9 +48,5 @@ def spool_code(
     if installer_hours > 0:
         entry["installer_hours"] = installer_hours
     entries.append(entry)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(entries))
-    tmp.replace(path)
+    replace_atomically(path, json.dumps(entries).encode(), 0o600)
     return code, expires_at
