@@ -110,6 +110,10 @@ def test_sysusers_and_tmpfiles_make_the_user_and_folders(tmp_path):
     shadow = (root / "etc/shadow").read_text()
     assert re.search(r"^intercom:!\*?:", shadow, re.MULTILINE), shadow
 
+    # A station provisioned before the config folder was the daemon's to write: its
+    # config belongs to root, and tmpfiles hands it over at boot.
+    (root / "etc/intercom").mkdir(mode=0o755)
+    (root / "etc/intercom/intercom.toml").write_text("[station]\n")
     result = subprocess.run(
         ["systemd-tmpfiles", f"--root={root}", "--create",
          str(SYSTEMD / "tmpfiles.d/intercom.conf")],
@@ -118,4 +122,19 @@ def test_sysusers_and_tmpfiles_make_the_user_and_folders(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (root / "var/lib/intercom").stat().st_mode & 0o777 == 0o700
     assert (root / "etc/intercom/credentials").stat().st_mode & 0o777 == 0o700
+    assert (root / "etc/intercom/credentials").stat().st_uid == 0
     assert (root / "var/lib/intercom-update").is_dir()
+    # The config folder: root's, the daemon's group may write (the config writer renames
+    # a new file in), others nothing; sticky, so root's credentials/ stays put.
+    gid = int(re.search(r"^intercom:x:(\d+):", groups, re.MULTILINE)[1])
+    uid = int(user.split(":")[2])
+    etc = (root / "etc/intercom").stat()
+    assert (etc.st_uid, etc.st_gid, etc.st_mode & 0o7777) == (0, gid, 0o1770)
+    config = (root / "etc/intercom/intercom.toml").stat()
+    assert (config.st_uid, config.st_gid, config.st_mode & 0o777) == (uid, gid, 0o640)
+
+
+def test_service_may_write_its_config_folder_only():
+    text = (SYSTEMD / "intercom.service").read_text()
+    assert re.findall(r"^ReadWritePaths=(.*)$", text, re.MULTILINE) == ["/etc/intercom"]
+    assert re.search(r"^ConfigurationDirectoryMode=1770$", text, re.MULTILINE)

@@ -374,6 +374,8 @@ class FirstBoot:
             raise IntercomError(f"user or group {self.owner!r} does not exist") from exc
         for path in [self.state_dir, *self.state_dir.rglob("*")]:
             os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        # The daemon's config writer replaces the file by a rename in /etc/intercom
+        # (sticky, group-writable: tmpfiles.d/intercom.conf), which only its owner may do.
         config = self.etc_dir / CONFIG_FILE
         if config.exists():
-            os.chown(config, 0, gid)
+            os.chown(config, user.pw_uid, gid, follow_symlinks=False)
