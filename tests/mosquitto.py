@@ -8,6 +8,7 @@ the same port.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import getpass
@@ -239,3 +240,49 @@ class Broker:
             with contextlib.suppress(OSError):
                 self.proc.stderr.close()
         self.proc = None
+
+
+class V311OnlyProxy:
+    """A broker front that speaks only MQTT 3.1.1: it refuses a v5 CONNECT like an old
+    broker does (CONNACK code 1) and passes 3.1.1 connections through to Mosquitto.
+
+    Debian 12's Mosquitto (2.0.11) cannot be told to refuse MQTT 5 itself (its
+    ``accept_protocol_versions`` came with 2.1), so only the refusal is written here: the
+    3.1.1 session is Mosquitto's own.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.refused_v5 = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(4096)  # the CONNECT; small enough to arrive in one read
+        # fixed header (1 byte + 1 length byte for a short CONNECT), "\0\4MQTT", level
+        level = first[2 + 6] if len(first) > 8 else 0
+        if level == 5:
+            self.refused_v5 += 1
+            writer.write(b"\x20\x02\x00\x01")  # CONNACK: unacceptable protocol version
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        up_writer.write(first)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

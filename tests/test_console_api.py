@@ -24,7 +24,7 @@ from intercom.privacy.zones import rasterise
 from intercom.security.command import sign, sign_request
 from intercom.station import Station
 from tests import test_calls_client as kit
-from tests.mosquitto import Broker
+from tests.mosquitto import Broker, V311OnlyProxy
 from tests.test_calls_client import Device, pair, pinned
 from tests.test_configwriter import CONFIG
 from tests.test_privacy_peer import INSIDE, ZONE, consume_keeping_frames, rung_frame
@@ -286,6 +286,7 @@ async def test_mqtt_connection_test_with_credentials_from_a_file(console_station
         status, body = await installer.ask("POST", test, {"mqtt": {**given,
                                                                   "password_file": str(good)}})
         assert (status, body["ok"], body["broker"]) == (200, True, f"127.0.0.1:{broker.port}")
+        assert body["protocol"] == "5"
         status, body = await installer.ask("POST", test, {"mqtt": {**given,
                                                                   "password_file": str(wrong)}})
         assert (status, body["ok"]) == (200, False)
@@ -301,6 +302,35 @@ async def test_mqtt_connection_test_with_credentials_from_a_file(console_station
     status, body = await installer.ask("POST", "api/console/mqtt-test", {"mqtt": given})
     assert (status, body["ok"]) == (200, False)
     assert body["detail"].startswith("cannot connect")
+
+
+async def test_mqtt_connection_test_falls_back_to_311_like_the_bridge(console_station,
+                                                                       tmp_path):
+    """``protocol = "auto"``: a broker that refuses MQTT 5 is tested with 3.1.1."""
+    installer = Installer(console_station)
+    await installer.pair()
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    proxy = V311OnlyProxy(broker.port)  # Mosquitto behind a front that refuses MQTT 5
+    await proxy.start()
+    test = "api/console/mqtt-test"
+    try:
+        given = {"host": "127.0.0.1", "port": proxy.port}
+        status, body = await installer.ask("POST", test, {"mqtt": given})
+        assert (status, body["ok"], body["protocol"]) == (200, True, "3.1.1"), body
+        assert body["detail"] == "connected with MQTT 3.1.1 and disconnected cleanly"
+        assert proxy.refused_v5 == 1
+        status, body = await installer.ask("POST", test, {"mqtt": {**given, "protocol": "5"}})
+        assert (status, body["ok"], body["protocol"]) == (200, False, "5"), body
+        assert body["detail"].startswith("refused by the broker")
+        assert proxy.refused_v5 == 2  # MQTT 5 only: no second try
+        status, body = await installer.ask("POST", test, {"mqtt": {**given,
+                                                                  "protocol": "3.1.1"}})
+        assert (status, body["ok"], body["protocol"]) == (200, True, "3.1.1"), body
+        assert proxy.refused_v5 == 2
+    finally:
+        await proxy.stop()
+        broker.kill()
 
 
 async def test_audio_check_reads_the_microphone_and_plays_a_tone(console_station):

@@ -22,7 +22,7 @@ from intercom.mqtt.bridge import MqttBridge
 from intercom.mqtt.link import LinkState, MqttLink
 from intercom.mqtt.topics import Topics
 from intercom.station import Station
-from tests.mosquitto import Broker, TlsFiles, make_tls_files
+from tests.mosquitto import Broker, TlsFiles, V311OnlyProxy, make_tls_files
 from tests.test_security_kit import Clock, add_principal, new_principal
 
 INTERCOM = [sys.executable, "-m", "intercom"]
@@ -277,47 +277,6 @@ async def test_unknown_ca_never_connects(tls_broker, sim_settings):
         assert bridge.link.connects == 0
         assert bridge.link.state is not LinkState.CONNECTED
         assert "certificate" in (bridge.link.last_error or "").lower()
-
-
-class V311OnlyProxy:
-    """A broker front that speaks only MQTT 3.1.1: it refuses a v5 CONNECT like an old
-    broker does (CONNACK code 1) and passes 3.1.1 connections through to Mosquitto."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.refused_v5 = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await reader.read(4096)  # the CONNECT; small enough to arrive in one read
-        # fixed header (1 byte + 1 length byte for a short CONNECT), "\0\4MQTT", level
-        level = first[2 + 6] if len(first) > 8 else 0
-        if level == 5:
-            self.refused_v5 += 1
-            writer.write(b"\x20\x02\x00\x01")  # CONNACK: unacceptable protocol version
-            await writer.drain()
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        up_writer.write(first)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(broker, sim_settings):

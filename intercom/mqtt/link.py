@@ -55,6 +55,15 @@ class LinkState(enum.Enum):
     STOPPED = "stopped"  # stopped for good
 
 
+def protocols_of(config: MqttConfig) -> list[aiomqtt.ProtocolVersion]:
+    """The protocol versions to try, in order: ``auto`` is MQTT 5, then 3.1.1."""
+    if config.protocol == "5":
+        return [aiomqtt.ProtocolVersion.V5]
+    if config.protocol == "3.1.1":
+        return [aiomqtt.ProtocolVersion.V311]
+    return [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
+
+
 def read_password(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
     """The broker password from the config, a file or a systemd credential."""
     if config.password is not None:
@@ -148,13 +157,6 @@ class MqttLink:
         else:
             self.connected.clear()
 
-    def _protocols(self) -> list[aiomqtt.ProtocolVersion]:
-        if self.config.protocol == "5":
-            return [aiomqtt.ProtocolVersion.V5]
-        if self.config.protocol == "3.1.1":
-            return [aiomqtt.ProtocolVersion.V311]
-        return [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
-
     def _client(self, protocol: aiomqtt.ProtocolVersion) -> Client:
         v5 = protocol is aiomqtt.ProtocolVersion.V5
         properties = None
@@ -190,7 +192,7 @@ class MqttLink:
         )
 
     async def _run(self) -> None:
-        protocols = self._protocols()
+        protocols = protocols_of(self.config)
         choice = 0
         while not self._stopping.is_set():
             protocol = protocols[choice]
@@ -199,7 +201,7 @@ class MqttLink:
                 await self._connect_once(protocol)
                 delay = 0.0 if self._stopping.is_set() else self.policy.next_delay()
             except MqttConnectError as exc:
-                code = _code(exc.rc)
+                code = connack_code(exc.rc)
                 if code in PROTOCOL_REFUSED and choice + 1 < len(protocols):
                     choice += 1
                     log.info("mqtt broker refuses MQTT 5; falling back to 3.1.1")
@@ -267,6 +269,7 @@ class MqttLink:
         }
 
 
-def _code(rc: Any) -> int | None:
+def connack_code(rc: Any) -> int | None:
+    """The number of a CONNACK's return or reason code (paho gives an int or a ReasonCode)."""
     value = getattr(rc, "value", rc)
     return value if isinstance(value, int) else None
