@@ -12,10 +12,12 @@ import ipaddress
 import re
 import tomllib
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +33,23 @@ DEFAULT_STATE_DIR = Path("/var/lib/intercom")
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
 Pin = Annotated[int, Field(ge=0, le=27, description="BCM GPIO number (0-27).")]
+RESIDENT_TEXT_MAX = 40
+
+
+def _resident_text(value: str) -> str:
+    """Text shown to residents: printable, no control, format or private-use characters."""
+    if value != value.strip():
+        raise ValueError("no space at the start or the end")
+    bad = [c for c in value if unicodedata.category(c)[0] in "CZ" and c != " "]
+    if bad:
+        raise ValueError(f"no control, format or line-break characters ({bad[0]!a})")
+    return value
+
+
+# What the installer types for residents to see (no markup: the page shows it as text).
+ResidentText = Annotated[
+    str, Field(min_length=1, max_length=RESIDENT_TEXT_MAX), AfterValidator(_resident_text)
+]
 
 
 class Model(BaseModel):
@@ -58,6 +77,13 @@ class ButtonConfig(Model):
     name: Name = Field(default="bell", description="Button name, as it appears in events.")
     pin: Pin
     flat: Name = Field(description="The flat whose residents this button rings.")
+    label: ResidentText | None = Field(
+        default=None,
+        description="What the residents this button rings see when it rings, on the ring "
+        'screen and in the notification ("Main entrance: someone is at the door"); up to '
+        "40 characters, no control characters. Only that flat's devices get it; it is not "
+        "in events, logs or MQTT. Unset: the door's name.",
+    )
     active_low: bool = Field(
         default=True,
         description="True when a press connects the pin to ground (internal pull-up).",

@@ -100,6 +100,12 @@ def _read(path: Path) -> str:
 
 
 Applier = Callable[[Settings], None]
+# A key prefix (``privacy.zones``), or a pattern the whole key must match.
+KeyMatch = str | re.Pattern[str]
+
+
+def _matches(key: str, match: KeyMatch) -> bool:
+    return key.startswith(match) if isinstance(match, str) else match.fullmatch(key) is not None
 
 
 def parse_key(key: str) -> list[str | int]:
@@ -198,11 +204,14 @@ class ConfigWriter:
         self.path = path
         self._bus = bus
         self._lock = asyncio.Lock()
-        self._appliers: list[tuple[str, Applier]] = []
+        self._appliers: list[tuple[KeyMatch, Applier]] = []
 
-    def on_change(self, prefix: str, applier: Applier) -> None:
-        """Call ``applier`` with the new settings when a key under ``prefix`` changes."""
-        self._appliers.append((prefix, applier))
+    def on_change(self, match: KeyMatch, applier: Applier) -> None:
+        """Call ``applier`` with the new settings when a key under ``match`` changes.
+
+        ``match`` is a key prefix, or a compiled pattern that the whole key must match.
+        """
+        self._appliers.append((match, applier))
 
     def writable(self) -> bool:
         """Whether the file can be replaced now (its folder writable, not a read-only mount)."""
@@ -243,7 +252,7 @@ class ConfigWriter:
         applied: list[str] = []
         later: list[str] = []
         for key in written.changed:
-            appliers = [a for prefix, a in self._appliers if key.startswith(prefix)]
+            appliers = [a for match, a in self._appliers if _matches(key, match)]
             for applier in appliers:
                 applier(written.settings)
             (applied if appliers else later).append(key)

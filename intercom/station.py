@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ from intercom.statedir import CLI_WAIT_S, InstanceLock
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 4.0
+BUTTON_LABEL = re.compile(r"hardware\.buttons\[\d+\]\.label")  # applied without a restart
 SIM_PRESS_WAIT_S = 1.0  # after the debounce time, how long `sim press` waits for the press
 
 
@@ -260,6 +262,9 @@ class Station:
                 privacy.set_zones(new.privacy.zones)
 
             self.config_writer.on_change("privacy.zones", set_zones)
+        ring_group = self.calls.ring_group
+        self.config_writer.on_change(  # what residents see when a button rings: at once
+            BUTTON_LABEL, lambda new: ring_group.set_labels(new.hardware.buttons))
         if settings.mqtt is not None:  # last: it reads the event log, uses the verifier
             lock, contact = self.lock, self.contact
 

@@ -59,6 +59,25 @@ def test_good_config_parses():
     assert settings.hardware.pin_factory == "lgpio"
 
 
+@pytest.mark.parametrize(("label", "reason"), [
+    ('"Main\\nentrance"', "no control, format or line-break characters ('\\n')"),
+    ('"Main \\u202eecnartne"', "no control, format or line-break characters ('\\u202e')"),
+    ('" Main entrance"', "no space at the start or the end"),
+    ('""', "must have at least 1 character"),
+    (f'"{"x" * 41}"', "must have at most 40 characters"),
+])
+def test_a_label_for_residents_is_plain_short_text(label: str, reason: str):
+    text = GOOD.replace('flat = "1A"', f'flat = "1A"\nlabel = {label}')
+    [problem] = problems(text)
+    assert f"hardware.buttons[0].label: {reason}" in problem, problem
+
+
+def test_a_label_for_residents_may_be_any_language():
+    text = GOOD.replace('flat = "1A"', 'flat = "1A"\nlabel = "Entrée, côté jardin"')
+    assert parse_settings(text).hardware.buttons[0].label == "Entrée, côté jardin"
+    assert parse_settings(GOOD).hardware.buttons[1].label is None
+
+
 def test_out_of_range_names_key_and_value():
     text = GOOD.replace("max_open_s = 10", "max_open_s = 90")
     assert problems(text) == ["line 20: hardware.relay.max_open_s: must be at most 30, got 90"]

@@ -19,11 +19,13 @@ from joserfc.jwk import OKPKey
 
 from intercom.config import load_settings, simulated_settings
 from intercom.control import request as ask_station
+from intercom.events import DoorbellPressed
 from intercom.media.audio import LevelSink
 from intercom.privacy.zones import rasterise
 from intercom.security.command import sign, sign_request
 from intercom.station import Station
 from tests import test_calls_client as kit
+from tests import test_push as push
 from tests.mosquitto import Broker, V311OnlyProxy
 from tests.test_calls_client import Device, pair, pinned
 from tests.test_configwriter import CONFIG
@@ -31,6 +33,7 @@ from tests.test_privacy_peer import INSIDE, ZONE, consume_keeping_frames, rung_f
 
 STATE = "api/console/state"
 devices = kit.devices
+push_service = push.push_service
 
 
 class Installer:
@@ -102,7 +105,7 @@ async def test_only_a_signed_request_of_an_installer_is_answered(console_station
     status, state = await installer.ask("GET", STATE)
     assert status == 200, state
     assert (state["principal"], state["role"]) == (installer.principal, "installer")
-    assert state["buttons"] == [{"name": "bell", "pin": 17, "flat": "1"}]
+    assert state["buttons"] == [{"name": "bell", "pin": 17, "flat": "1", "label": None}]
 
     assert (await request(station, "GET", STATE, b"", {}))[0] == 401  # no token
     # a token for another path, replayed, or for another body: refused
@@ -200,6 +203,61 @@ async def test_zones_saved_from_the_console_mask_a_resident_call(console_station
     luma = frame.to_ndarray(format="yuv420p")[: frame.height]
     assert luma[rasterise([INSIDE], frame.width, frame.height)].max() < 40
     assert luma[~rasterise([ZONE], frame.width, frame.height)].mean() > 60
+
+
+async def test_the_name_set_from_the_console_is_what_the_rung_residents_see(
+        tmp_path, push_service, devices):
+    """A button's label, set from the console, reaches the rung devices and the push."""
+    config = tmp_path / "intercom.toml"
+    config.write_text(CONFIG + f"""
+[[hardware.buttons]]
+name = "bell2"
+pin = 18
+flat = "2"
+
+[push]
+allowed_hosts = ["127.0.0.1"]
+ca_file = "{push_service.ca}"
+""")
+    station = Station(simulated_settings(tmp_path / "state", load_settings(config)),
+                      config_path=config)
+    await station.start()
+    try:
+        installer = Installer(station)
+        await installer.pair()
+        key = "hardware.buttons[0].label"
+        status, body = await installer.ask("POST", "api/console/config",
+                                           {"changes": {key: "Main\nentrance"}})
+        assert (status, [p["key"] for p in body["refused"]]) == (422, [key])
+        status, body = await installer.ask("POST", "api/console/config",
+                                           {"changes": {key: "Main entrance"}})
+        assert (status, body["applied"], body["at_restart"]) == (200, [key], []), body
+        assert load_settings(config).hardware.buttons[0].label == "Main entrance"
+
+        closed, browser = await push.subscribed(station, push_service, devices)
+        online = await pair(station)
+        other_flat = await pair(station, flat="2")
+        devices.extend([online, other_flat])
+        for device in (online, other_flat):
+            await device.connect()
+        station.bus.publish(DoorbellPressed(button="bell", flat="1"))
+        ring = await online.expect("ring")
+        assert ring["label"] == "Main entrance"
+        await kit.eventually(lambda: len(push_service.pushes) == 1, what="the push")
+        pushed = push.message(push_service, browser)
+        assert (pushed["type"], pushed["label"]) == ("ring", "Main entrance")
+        await online.send({"type": "accept", "call": ring["call"]})
+        await online.expect("call", state="answered")
+        await online.send({"type": "hangup", "call": ring["call"]})
+        await kit.eventually(lambda: station.calls.state == "idle",  # type: ignore[union-attr]
+                             what="the call ended")
+        # The other flat's button has no label: its residents get the door's name only.
+        station.bus.publish(DoorbellPressed(button="bell2", flat="2"))
+        ring = await other_flat.expect("ring")
+        assert "label" not in ring
+        del closed
+    finally:
+        await station.stop("test finished")
 
 
 async def test_pair_installer_prints_the_console_link(console_station):

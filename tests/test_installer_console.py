@@ -20,7 +20,7 @@ import pytest
 from playwright.sync_api import Page
 
 from intercom.privacy.zones import rasterise
-from tests.browser import SimStation, chromium, new_device
+from tests.browser import SimStation, chromium, new_device, pair_device, wait_call_state
 from tests.mosquitto import Broker
 from tests.test_configwriter import CONFIG
 
@@ -205,3 +205,23 @@ def test_installer_sets_up_the_door_from_a_phone(station: SimStation, tmp_path: 
     assert violations == []
     time.sleep(0.1)
     assert station.events("PrincipalRevoked")
+
+
+def test_residents_see_the_name_the_installer_gave_their_button(station: SimStation):
+    """A label typed in the console is on the ring screen of the flat's resident."""
+    with chromium(station.url) as browser:
+        context, page = new_device(browser, station.url)
+        pair_installer(page, station)
+        page.fill("#button-0-label", "Main entrance")
+        page.click("#buttons-save")
+        page.wait_for_selector("#buttons-result:text-is('Saved.')")  # applied at once
+        assert page.input_value("#button-0-label") == "Main entrance"  # as the station says
+        resident_context, resident = new_device(browser, station.url)
+        pair_device(resident, station.pair_link("1"))
+        station.press()
+        wait_call_state(resident, "ringing")
+        assert resident.text_content("#call-state") == "Main entrance: someone is at the door"
+        resident_context.close()
+        context.close()
+    config = station.request({"request": "config-get"})["config"]
+    assert config["hardware"]["buttons"][0]["label"] == "Main entrance"

@@ -71,6 +71,7 @@ class Calls:
         self._check_code = check_code
         self.pairing = Pairing(self.state_dir, self.station_id, self.flats, bus, registry)
         self.ring_group = RingGroup(bus, settings.calls, registry.is_active)
+        self.ring_group.set_labels(settings.hardware.buttons)
         self.cert: StationCert | None = None
         self.server: WebServer | None = None
         self.media: MediaHub | None = None

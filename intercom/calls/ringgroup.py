@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from intercom.config import CallsConfig
+from intercom.config import ButtonConfig, CallsConfig
 from intercom.events import (
     CallAnswered,
     CallDeclined,
@@ -95,10 +95,12 @@ class Call:
     timer: asyncio.TimerHandle | None = None
     pushed: set[str] = field(default_factory=set)  # rung by the notifier, not yet answered
     notified: set[str] = field(default_factory=set)  # every principal the notifier rang
+    label: str | None = None  # what the installer named the button for its residents
 
     def ring_message(self) -> dict[str, Any]:
-        """What a rung device is sent."""
-        return {"type": "ring", "call": self.id, "flat": self.flat, "at": self.pressed_at}
+        """What a rung device is sent (the button's label, when it has one)."""
+        message = {"type": "ring", "call": self.id, "flat": self.flat, "at": self.pressed_at}
+        return message if self.label is None else {**message, "label": self.label}
 
 
 class RingGroup:
@@ -121,6 +123,11 @@ class RingGroup:
         self.call: Call | None = None
         self.last_call: Call | None = None
         self.calls = 0
+        self.labels: dict[str, str] = {}  # button name: what its residents see
+
+    def set_labels(self, buttons: list[ButtonConfig]) -> None:
+        """The buttons' labels for residents (at start, and from the config writer)."""
+        self.labels = {b.name: b.label for b in buttons if b.label is not None}
 
     @property
     def state(self) -> str:
@@ -166,9 +173,9 @@ class RingGroup:
     def on_event(self, event: Event) -> None:
         """Bus handler: a press rings the flat."""
         if isinstance(event, DoorbellPressed):
-            self.press(event.flat, event.at)
+            self.press(event.flat, event.at, event.button)
 
-    def press(self, flat: str, pressed_at: float) -> Call | None:
+    def press(self, flat: str, pressed_at: float, button: str = "") -> Call | None:
         """Ring every online device of ``flat``; None when a call is already on."""
         if self.call is not None:
             log.info(
@@ -178,7 +185,8 @@ class RingGroup:
                 flat,
             )
             return None
-        call = Call(id=f"c-{secrets.token_hex(8)}", flat=flat, pressed_at=pressed_at)
+        call = Call(id=f"c-{secrets.token_hex(8)}", flat=flat, pressed_at=pressed_at,
+                    label=self.labels.get(button))
         targets = [d for d in self.devices if flat in d.flats and self._is_active(d.principal)]
         self.call, self.last_call = call, call
         self.calls += 1

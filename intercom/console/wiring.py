@@ -90,7 +90,7 @@ class ConsoleWiring:
         return {
             "station": self.station, "door": hw.relay.door, "lock": self.lock_state(),
             "door_state": self.door_state(),
-            "buttons": [b.model_dump(mode="json", include={"name", "pin", "flat"})
+            "buttons": [b.model_dump(mode="json", include={"name", "pin", "flat", "label"})
                         for b in hw.buttons],
             "relay_pin": hw.relay.pin, "door_contact": hw.door_contact is not None,
             "zones": settings.privacy.zones,

@@ -9,7 +9,8 @@ dropped. Sending never holds up the ring: each push is a task of its own.
 
 Messages (JSON, encrypted for the device; no picture, no names)::
 
-    {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": 1764..., "until": 1764...}
+    {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": 1764..., "until": 1764...,
+     "label": "Main entrance"}   (label: only when the installer gave the button one)
     {"v": 1, "type": "clear", "call": "c-...", "state": "taken" | "missed"}
 """
 
@@ -94,6 +95,8 @@ class PushNotifier:
             "at": round(call.pressed_at, 3),
             "until": round(call.pressed_at + self._ring_timeout_s, 3),
         }
+        if call.label is not None:  # the installer's words for these residents, nothing else
+            message["label"] = call.label
         for pid in sorted(targets):
             self._spawn(pid, message)
         return targets

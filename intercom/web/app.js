@@ -75,6 +75,12 @@ function setCallState(state, text) {
   document.title = state === "ringing" ? "Ringing: someone is at the door" : "Door";
 }
 
+/** The ring screen's words: with the name the installer gave the button, when it has one. */
+function ringText(label) {
+  return typeof label === "string" && label
+    ? `${label.slice(0, 40)}: someone is at the door` : "Someone is at the door";
+}
+
 function formatFingerprint(hex) {
   return hex.toUpperCase().match(/.{2}/g)?.join(":") ?? "";
 }
@@ -384,7 +390,7 @@ async function onMessage(msg) {
       const ring = { call: msg.call, at: clock(), pressed: (msg.at ?? 0) * 1000 };
       app.call = msg.call;
       clearUnlockResult(); // the last call's result is old news
-      setCallState("ringing", "Someone is at the door");
+      setCallState("ringing", ringText(msg.label));
       ring.shown = clock();
       requestAnimationFrame(() => { ring.painted = clock(); }); // the frame that paints it
       app.rings.push(ring);

@@ -192,6 +192,10 @@ async function watchPresses() {
   }
 }
 
+// Each button's fields; "label" is what the residents it rings see when it rings.
+const BUTTON_FIELDS = [["name", "text"], ["pin", "number"], ["flat", "text"], ["label", "text"]];
+const BUTTON_FIELD_NAMES = { label: "shown to residents" };
+
 function renderButtons(buttons) {
   con.buttons = buttons;
   const box = $("buttons");
@@ -199,13 +203,17 @@ function renderButtons(buttons) {
   buttons.forEach((button, i) => {
     const row = document.createElement("div");
     row.className = "button-row";
-    for (const [field, kind] of [["name", "text"], ["pin", "number"], ["flat", "text"]]) {
+    for (const [field, kind] of BUTTON_FIELDS) {
       const key = `hardware.buttons[${i}].${field}`;
       const label = document.createElement("label");
-      label.textContent = `${field} (${button.name})`;
+      label.textContent = `${BUTTON_FIELD_NAMES[field] ?? field} (${button.name})`;
       const input = document.createElement("input");
       input.type = kind;
-      input.value = String(button[field]);
+      input.value = String(button[field] ?? "");
+      if (field === "label") {
+        input.maxLength = 40;
+        input.placeholder = "e.g. Main entrance";
+      }
       input.dataset.key = key;
       input.id = `button-${i}-${field}`;
       label.htmlFor = input.id;
@@ -218,7 +226,7 @@ function renderButtons(buttons) {
     pressed.dataset.pressedFor = button.name;
     pressed.textContent = `${button.name}: not pressed yet (press it at the door)`;
     row.append(pressed);
-    for (const field of ["name", "pin", "flat"]) {
+    for (const [field] of BUTTON_FIELDS) {
       const error = document.createElement("p");
       error.className = "error";
       error.dataset.errorFor = `hardware.buttons[${i}].${field}`;
@@ -243,8 +251,9 @@ async function saveButtons(event) {
   const changes = {};
   for (const input of $("buttons").querySelectorAll("input[data-key]")) {
     const field = input.dataset.key.split(".").pop();
-    const before = con.buttons[Number(input.dataset.key.match(/\[(\d+)\]/)[1])][field];
-    const value = field === "pin" ? Number(input.value) : input.value;
+    const before = con.buttons[Number(input.dataset.key.match(/\[(\d+)\]/)[1])][field] ?? null;
+    let value = field === "pin" ? Number(input.value) : input.value;
+    if (field === "label") value = value.trim() || null; // empty: no label (null removes it)
     if (value !== before) changes[input.dataset.key] = value;
   }
   $("buttons-result").textContent = "";

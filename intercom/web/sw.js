@@ -37,7 +37,8 @@ self.addEventListener("fetch", (event) => {
 });
 
 // --- Web Push: the station's messages (docs/webclient.md, "Ringing with the app closed") ---
-//   {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": ..., "until": ...}
+//   {"v": 1, "type": "ring", "call": "c-...", "door": "front", "at": ..., "until": ...,
+//    "label": "Main entrance"}  (label: the installer's name for the button, when set)
 //   {"v": 1, "type": "clear", "call": "c-...", "state": "taken" | "missed"}
 
 // One ringing notification at a time: a newer ring closes the older ones. Each call has
@@ -60,7 +61,8 @@ async function onPush(msg) {
       if (notification.data?.call !== msg.call) notification.close();
     }
     await self.registration.showNotification("Someone is at the door", {
-      body: `${msg.door} door: tap to see who it is`,
+      body: `${typeof msg.label === "string" && msg.label ? msg.label.slice(0, 40)
+        : `${msg.door} door`}: tap to see who it is`,
       tag: TAG + msg.call,
       renotify: true,
       requireInteraction: true,
