@@ -108,7 +108,7 @@ class Station:
         self.verifier: Verifier | None = None
         self.registry: Registry | None = None
         self.calls: Calls | None = None
-        self.liveview: LiveView | None = None  # the managers' WHEP view, with [whep] enabled
+        self.liveview: LiveView | None = None  # redacted live view: /whep, the console
         self.eventlog: EventLog | None = None
         self.camera: CameraSource | None = None
         self.monitor: Monitor | None = None
@@ -184,7 +184,8 @@ class Station:
             self._closers.append(component.stop)
         self._serve_metrics()
         self._serve_console()
-        if self.liveview is not None and self.calls is not None and self.calls.server is not None:
+        if (self.settings.whep.enabled and self.liveview is not None
+                and self.calls is not None and self.calls.server is not None):
             self.calls.server.whep_handler = self.liveview.handle
 
         self.control.register("status", self._status_request)
@@ -249,9 +250,10 @@ class Station:
                            self.verifier.check_code)
         components.append(self.calls)
         components.append(Push(settings, registry, self.calls))  # after calls: plugs into it
-        if settings.whep.enabled:  # after calls: reads its camera hub and ICE servers
-            self.liveview = self._build_liveview(registry, self.verifier, self.calls)
-            components.append(self.liveview)
+        # After calls: reads its camera hub and ICE servers. The installer console's live
+        # picture is a session of it; /whep itself only with [whep] enabled.
+        self.liveview = self._build_liveview(registry, self.verifier, self.calls)
+        components.append(self.liveview)
         privacy = Privacy(settings, bus, media.camera, self.eventlog, register)
         components.append(privacy)
         if self.masked is not None:  # zones from the config writer apply at once
@@ -375,6 +377,7 @@ class Station:
             lock_state=lambda: lock.state.value,
             door_state=lambda: contact.state.value if contact is not None else None,
             health=lambda: monitor.metrics if monitor is not None else {},
+            liveview=self.liveview,
         )
         calls.server.console_handler = wiring.console().handle
         self.control.register("pair-installer", wiring.pair_installer)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pyotp
 import pytest
+from aiortc import RTCSessionDescription
 from joserfc.jwk import OKPKey
 
 from intercom.config import load_settings, simulated_settings
@@ -30,6 +31,7 @@ from tests.mosquitto import Broker, V311OnlyProxy
 from tests.test_calls_client import Device, pair, pinned
 from tests.test_configwriter import CONFIG
 from tests.test_privacy_peer import INSIDE, ZONE, consume_keeping_frames, rung_frame
+from tests.whepkit import Viewer
 
 STATE = "api/console/state"
 devices = kit.devices
@@ -187,6 +189,47 @@ async def test_handoff_ends_installer_access_at_once_and_is_logged(console_stati
                if e.type == "PrivilegedAction"]
     assert "installer-handoff" in actions
     assert "revoke" in actions
+
+
+async def test_the_live_picture_is_an_installers_and_ends_with_the_handoff(console_station):
+    """A session of the redacted live view for the console's own principal; logged."""
+    station = console_station
+    installer = Installer(station)
+    await installer.pair()
+    resident = await pair(station)
+    as_resident = Installer(station)
+    as_resident.principal = resident.principal
+    viewer = Viewer(station.calls.url, pinned(station))  # type: ignore[union-attr]
+    try:
+        offer = await viewer.offer()
+        assert (await as_resident.ask("POST", "api/console/live", {"sdp": offer}))[0] == 401
+        status, body = await installer.ask("POST", "api/console/live", {"sdp": "v=0"})
+        assert (status, body["error"]) == (400, "offer must receive video (audio optional)")
+        status, body = await installer.ask("POST", "api/console/live", {"sdp": offer})
+        assert status == 200, body
+        await viewer.pc.setRemoteDescription(RTCSessionDescription(body["sdp"], "answer"))
+        await viewer.wait_frames(5)
+        [session] = station.status()["whep"]["sessions"]
+        assert (session["via"], session["principal"]) == ("console", installer.principal)
+        # Only its own principal may end it (another installer's request changes nothing).
+        other = Installer(station)
+        await other.pair()
+        status, ended = await other.ask("POST", "api/console/live-end",
+                                        {"session": body["session"]})
+        assert (status, ended) == (200, {"ended": False})
+        status, _ = await installer.ask("POST", "api/console/handoff", {"checklist": {}})
+        assert status == 200
+        await kit.eventually(lambda: station.status()["whep"]["sessions"] == [],
+                             what="the live picture ended by the hand-off")
+        assert (await installer.ask("POST", "api/console/live", {"sdp": offer}))[0] == 401
+    finally:
+        await viewer.close()
+    assert station.eventlog is not None
+    await station.eventlog.flush()
+    records = [e for e in station.eventlog.read_after(0, 500)
+               if e.type in {"LiveViewStarted", "LiveViewEnded"}]
+    assert [(e.type, e.details.get("via"), e.details.get("reason")) for e in records] == [
+        ("LiveViewStarted", "console", None), ("LiveViewEnded", None, "principal revoked")]
 
 
 async def test_zones_saved_from_the_console_mask_a_resident_call(console_station, devices,

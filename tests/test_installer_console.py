@@ -225,3 +225,70 @@ def test_residents_see_the_name_the_installer_gave_their_button(station: SimStat
         context.close()
     config = station.request({"request": "config-get"})["config"]
     assert config["hardware"]["buttons"][0]["label"] == "Main entrance"
+
+
+# The live picture's pixels inside the lower-left quarter (inset from its edges, where
+# the video's compression blurs the mask's border): their spread and mean, 0..255.
+SAMPLE_QUARTER = """() => {
+  const video = document.querySelector("#zone-video");
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(video, 0, 0);
+  const x = Math.round(canvas.width * 0.06), y = Math.round(canvas.height * 0.56);
+  const w = Math.round(canvas.width * 0.38), h = Math.round(canvas.height * 0.38);
+  const data = ctx.getImageData(x, y, w, h).data;
+  let low = 255, high = 0, sum = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    for (const v of [data[i], data[i + 1], data[i + 2]]) {
+      low = Math.min(low, v); high = Math.max(high, v); sum += v;
+    }
+  }
+  return { spread: high - low, mean: sum / (data.length / 4 * 3) };
+}"""
+FRAMES = "() => document.querySelector('#zone-video').getVideoPlaybackQuality().totalVideoFrames"
+
+
+def test_the_console_shows_the_door_live_and_a_saved_zone_masked_in_it(station: SimStation):
+    """The live picture is a session of the redacted live view (WHEP off: /whep is 404)."""
+    with chromium(station.url) as browser:
+        context, page = new_device(browser, station.url)
+        pair_installer(page, station)
+        page.click("#zone-live")
+        page.wait_for_selector("#zone-video[data-live='playing']", timeout=20000)
+        page.wait_for_function("() => document.querySelector('#zone-video').videoWidth > 0")
+        assert page.evaluate("() => document.querySelector('#zone-video').videoWidth") == 640
+        assert page.is_hidden("#zone-picture")
+        whep = page.evaluate("async () => (await fetch('/whep', {method: 'POST'})).status")
+        assert whep == 404  # [whep] is off: the console's view is no public endpoint
+        first = page.evaluate(FRAMES)
+        page.wait_for_function(f"() => ({FRAMES})() >= {first + 10}", timeout=20000)
+        assert page.evaluate(SAMPLE_QUARTER)["spread"] > 100  # colour bars, not masked
+        [session] = station.status()["whep"]["sessions"]
+        assert (session["via"], session["connected"]) == ("console", True)
+        started = station.events("LiveViewStarted")
+        assert [(e["via"], e["principal"]) for e in started] == [("console",
+                                                                 session["principal"])]
+
+        draw(page, QUARTER)  # on the canvas over the live video
+        page.click("#zone-save")
+        page.wait_for_selector("#zones-result:has-text('Saved')")
+        page.wait_for_function(f"() => ({SAMPLE_QUARTER})().spread < 24", timeout=10000)
+        masked = page.evaluate(SAMPLE_QUARTER)
+        assert masked["mean"] < 24, masked  # uniform black (Y 16: RGB 0)
+        assert page.evaluate(FRAMES) > first + 10
+        assert page.is_visible("#zone-canvas")
+
+        # The hand-off ends the installer's access, and its live picture with it.
+        for item in ("zones", "buttons", "relay", "clock", "sheets"):
+            page.check(f"#check-{item}")
+        page.click("#handoff-go")
+        page.wait_for_selector("body[data-handoff='confirmed']", timeout=10000)
+        station.wait("the live view ended", lambda s: s["whep"]["sessions"] == [])
+        context.close()
+    ended = station.events("LiveViewEnded")
+    # One session, ended once: by the page leaving it before the hand-off (its request or
+    # its closed connection, whichever the station sees first), or by the revocation.
+    [reason] = [e["reason"] for e in ended]
+    assert reason in {"ended by the viewer", "connection lost", "principal revoked"}

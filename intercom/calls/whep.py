@@ -14,6 +14,13 @@ its bearer expires, its signer is revoked, erased or expires (the registry's ``w
 at once), or the station stops. Each session is logged as ``LiveViewStarted`` and
 ``LiveViewEnded`` (who, from when, until when) and listed in ``intercom status``.
 
+The installer console's live picture is a session of this same view (``console_view``):
+the console verified the request (an installer or admin, its signed request token), the
+session is logged with ``via = console``, counts towards ``max_viewers``, lasts at most
+``CONSOLE_VIEW_S`` and ends like any other when its principal is revoked (the hand-off)
+or expires. It works with ``[whep] enabled = false`` too: only the public ``/whep``
+endpoint is off then, and the face model is loaded at the first console view.
+
 The video is ``intercom.privacy.live.RedactedTrack``: faces pixelated, zones masked, one
 redaction per frame for every viewer, one encoder per viewer (aiortc's).
 """
@@ -56,11 +63,21 @@ SDP = "application/sdp"
 PATH = "/whep"
 SESSIONS = "/whep/sessions/"
 CONNECT_TIMEOUT_S = 20.0  # a session whose connection is not up by then is ended
+CONSOLE_VIEW_S = 1800.0  # an installer's live picture: at most half an hour, then again
+MAX_OFFER = 64 * 1024  # an SDP offer is a few KiB
 HOUSEKEEPING_S = 1.0  # bearer and principal expiries are noticed this often
 CHALLENGE = 'Bearer realm="intercom"'
 MEDIA_LINE = re.compile(r"^m=(\w+) ", re.MULTILINE)
 
 CheckBearer = Callable[[str, str, float | None], Decision]
+
+
+class ViewRefusedError(Exception):
+    """A viewing session refused: the HTTP status and the reason (for the log)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
 @dataclass
@@ -75,6 +92,7 @@ class ViewSession:
     pc: RTCPeerConnection
     track: MediaStreamTrack
     opened: float  # monotonic
+    via: str = "whep"  # or "console": the installer console's live picture
     connected: bool = False
     ended: bool = field(default=False)
 
@@ -130,8 +148,12 @@ class LiveView:
     # --- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the face model now (a station that cannot redact refuses to start)."""
-        self._redactor = await asyncio.to_thread(self._camera.redactor)
+        """Load the face model now when ``/whep`` is on; for the console, at its first view.
+
+        A station that cannot redact refuses to start with ``[whep] enabled``.
+        """
+        if self.config.enabled:
+            self._redactor = await asyncio.to_thread(self._camera.redactor)
         self._unwatch = self._watch(self._principal_changed)
         self._task = asyncio.create_task(self._housekeeping(), name="whep-housekeeping")
 
@@ -149,7 +171,12 @@ class LiveView:
             await self._end(session, "station stopping")
 
     def status(self) -> dict[str, Any]:
-        """The current viewing sessions, for ``intercom status`` (the local owner)."""
+        """The current viewing sessions, for ``intercom status`` (the local owner).
+
+        Nothing while ``/whep`` is off and the console never watched.
+        """
+        if not self.config.enabled and not self.started:
+            return {}
         return {
             "whep": {
                 "max_viewers": self.config.max_viewers,
@@ -157,8 +184,9 @@ class LiveView:
                 "sessions_started": self.started,
                 "frames_redacted": self._feed.frames if self._feed is not None else 0,
                 "sessions": [
-                    {"view": s.view, "principal": s.principal, "since": s.started_at,
-                     "bearer_expires": s.expires_at, "connected": s.connected}
+                    {"view": s.view, "principal": s.principal, "via": s.via,
+                     "since": s.started_at, "bearer_expires": s.expires_at,
+                     "connected": s.connected}
                     for s in self.sessions.values()
                 ],
             }
@@ -195,16 +223,19 @@ class LiveView:
             error = "insufficient_scope" if status == 403 else "invalid_token"
             challenge = f'{CHALLENGE}, error="{error}"'
             return self._refuse(request, status, decision.reason, challenge)
-        if request.content_type != SDP:
-            return self._refuse(request, 415, "offer not application/sdp")
-        if len(self.sessions) + self._pending >= self.config.max_viewers:
-            self._refuse(request, 503, "viewers at the limit")
-            return _error(503, "too many viewers", {"Retry-After": "10"})
-        self._pending += 1
         try:
-            return await self._answer(request, decision)
-        finally:
-            self._pending -= 1
+            offer = await _read_offer(request)
+            session = await self._open(offer, str(decision.principal),
+                                       float(decision.expires_at or self._clock()), "whep")
+        except ViewRefusedError as exc:
+            refused = self._refuse(request, exc.status, exc.reason)
+            if exc.status == 503:
+                return _error(503, "too many viewers", {"Retry-After": "10"})
+            return refused
+        return web.Response(
+            status=201, text=session.pc.localDescription.sdp, content_type=SDP,
+            headers={"Location": SESSIONS + session.secret, "Cache-Control": "no-store"},
+        )
 
     def _token(self, request: web.Request) -> str:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -214,15 +245,53 @@ class LiveView:
             return request.query.get("access_token", "").strip()
         return ""
 
-    async def _answer(self, request: web.Request, decision: Decision) -> web.StreamResponse:
-        try:
-            offer = (await request.read()).decode()
-        except UnicodeDecodeError:
-            return self._refuse(request, 400, "offer not UTF-8")
+    # --- the installer console ----------------------------------------------------------
+
+    async def console_view(self, principal: str, offer: str) -> dict[str, Any]:
+        """An installer's live picture: ``{"sdp": answer, "session": id}``.
+
+        The console verified the request and its principal (installer or admin); refused
+        with ``ViewRefusedError``.
+        """
+        session = await self._open(offer, principal, self._clock() + CONSOLE_VIEW_S,
+                                   "console")
+        return {"sdp": session.pc.localDescription.sdp, "session": session.secret,
+                "view": session.view, "until": session.expires_at}
+
+    async def end_console_view(self, principal: str, secret: str) -> bool:
+        """End the principal's own console view ``secret``; False when there is none."""
+        session = self.sessions.get(secret)
+        if session is None or session.via != "console" or session.principal != principal:
+            return False
+        await self._end(session, "ended by the viewer")
+        return True
+
+    # --- one session, for either ----------------------------------------------------------
+
+    async def _open(self, offer: str, principal: str, expires_at: float,
+                    via: str) -> ViewSession:
+        """Answer ``offer`` with the redacted feed; the session, or ViewRefusedError."""
+        if len(offer) > MAX_OFFER:
+            raise ViewRefusedError(400, "offer too large")
         kinds = MEDIA_LINE.findall(offer)
         if "video" not in kinds or not set(kinds) <= {"video", "audio"}:
-            return self._refuse(request, 400, "offer must receive video (audio optional)")
-        principal = str(decision.principal)
+            raise ViewRefusedError(400, "offer must receive video (audio optional)")
+        if len(self.sessions) + self._pending >= self.config.max_viewers:
+            raise ViewRefusedError(503, "viewers at the limit")
+        self._pending += 1
+        try:
+            return await self._answer(offer, principal, expires_at, via)
+        finally:
+            self._pending -= 1
+
+    async def _answer(self, offer: str, principal: str, expires_at: float,
+                      via: str) -> ViewSession:
+        if self._redactor is None:  # the console's first view with /whep off
+            try:
+                self._redactor = await asyncio.to_thread(self._camera.redactor)
+            except Exception as exc:
+                log.exception("live view: the face model cannot be loaded")
+                raise ViewRefusedError(503, "cannot redact") from exc
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers(),
                                                 iceTransportPolicy=self._policy))
         track = self._subscribe()
@@ -234,28 +303,23 @@ class LiveView:
             await pc.setLocalDescription(await pc.createAnswer())  # waits for ICE gathering
         except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on a bad offer
             await self._discard(pc, track)
-            return self._refuse(request, 400, f"offer refused: {type(exc).__name__}")
+            raise ViewRefusedError(400, f"offer refused: {type(exc).__name__}") from None
         refusal = self._signer_refusal(principal)  # revoked while the answer was made?
         if refusal is not None or not self._camera_running():
             await self._discard(pc, track)
-            return self._refuse(request, 403, refusal or "stopping")
+            raise ViewRefusedError(403, refusal or "stopping")
         session = ViewSession(
             view=f"view-{secrets.token_hex(4)}", secret=secrets.token_urlsafe(32),
-            principal=principal, started_at=self._clock(),
-            expires_at=float(decision.expires_at or self._clock()), pc=pc, track=track,
-            opened=self._monotonic(),
+            principal=principal, started_at=self._clock(), expires_at=expires_at, pc=pc,
+            track=track, opened=self._monotonic(), via=via,
         )
         self.sessions[session.secret] = session
         self.started += 1
         pc.on("connectionstatechange", lambda: self._state_changed(session))
-        self._bus.publish(LiveViewStarted(view=session.view, principal=principal, via="whep"))
-        log.info("whep: %s started (%d of %d viewers)", session.view, len(self.sessions),
-                 self.config.max_viewers)
-        local = pc.localDescription
-        return web.Response(
-            status=201, text=local.sdp, content_type=SDP,
-            headers={"Location": SESSIONS + session.secret, "Cache-Control": "no-store"},
-        )
+        self._bus.publish(LiveViewStarted(view=session.view, principal=principal, via=via))
+        log.info("live view (%s): %s started (%d of %d viewers)", via, session.view,
+                 len(self.sessions), self.config.max_viewers)
+        return session
 
     def _refuse(
         self, request: web.Request, status: int, reason: str, challenge: str = ""
@@ -303,7 +367,7 @@ class LiveView:
             view=session.view, principal=session.principal, started_at=session.started_at,
             duration_s=round(max(0.0, ended - session.started_at), 3), reason=reason,
         ))
-        log.info("whep: %s ended: %s", session.view, reason)
+        log.info("live view (%s): %s ended: %s", session.via, session.view, reason)
         self._release_feed()
         await session.pc.close()
 
@@ -330,7 +394,8 @@ class LiveView:
         now, mono = self._clock(), self._monotonic()
         for session in list(self.sessions.values()):
             if now >= session.expires_at:
-                self._end_soon(session, "bearer expired")
+                self._end_soon(session, "bearer expired" if session.via == "whep"
+                               else "time up")
             elif reason := self._signer_refusal(session.principal):
                 self._end_soon(session, reason)
             elif not session.connected and mono - session.opened > CONNECT_TIMEOUT_S:
@@ -343,6 +408,15 @@ class LiveView:
                 self.check_sessions()
             except Exception:
                 log.exception("whep: housekeeping failed")
+
+
+async def _read_offer(request: web.Request) -> str:
+    if request.content_type != SDP:
+        raise ViewRefusedError(415, "offer not application/sdp")
+    try:
+        return (await request.read()).decode()
+    except UnicodeDecodeError:
+        raise ViewRefusedError(400, "offer not UTF-8") from None
 
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -11,6 +11,10 @@ Actions (JSON in, JSON out):
 - ``GET state``: the station, its wiring and zones (as the config file says), the door
   and lock, the latest self-test, who is asking;
 - ``GET preview``: one still frame as every output gets it (zones masked), JPEG base64;
+- ``POST live`` ``{"sdp": <offer>}``: the live picture, a session of the redacted live
+  view (``calls/whep.py``: zones masked, faces blurred; logged as ``LiveViewStarted``
+  with ``via = console``; ends at the hand-off): ``{"sdp": <answer>, "session"}``;
+  ``POST live-end`` ``{"session"}`` ends it;
 - ``POST config`` ``{"changes": {key: value}}``: to the one config writer with the
   principal as actor; 422 with each refused key and reason;
 - ``POST relay-test`` ``{"token": <unlock JWS>}``: the installer's own signed unlock
@@ -41,6 +45,7 @@ from typing import Any
 
 from aiohttp import web
 
+from intercom.calls.whep import ViewRefusedError
 from intercom.console.sheets import Sheet, pairing_sheets_pdf
 from intercom.errors import IntercomError
 from intercom.events import Event, EventBus, PrivilegedAction
@@ -71,6 +76,8 @@ class ConsolePorts:
     mqtt_test: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
     audio_level: Callable[[], Awaitable[dict[str, Any]]]
     tone: Callable[[], Awaitable[dict[str, Any]]]
+    live: Callable[[str, str], Awaitable[dict[str, Any]]]
+    live_end: Callable[[str, str], Awaitable[bool]]
     pulse_s: float
     door_contact: bool
 
@@ -104,6 +111,8 @@ class Console:
             ("POST", "mqtt-test"): self._mqtt_test,
             ("GET", "audio-level"): self._audio_level,
             ("POST", "tone"): self._tone,
+            ("POST", "live"): self._live,
+            ("POST", "live-end"): self._live_end,
         }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -217,6 +226,22 @@ class Console:
         if "refused" in answer:
             raise Refused(422, "not a usable [mqtt] config", refused=answer["refused"])
         return answer
+
+    async def _live(self, principal: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The live picture: the redacted live view's answer to the page's offer."""
+        offer = data.get("sdp")
+        if not isinstance(offer, str) or not offer:
+            raise Refused(400, "sdp must be the offer's text")
+        try:
+            return await self._ports.live(principal, offer)
+        except ViewRefusedError as exc:
+            raise Refused(exc.status, exc.reason) from exc
+
+    async def _live_end(self, principal: str, data: dict[str, Any]) -> dict[str, Any]:
+        session = data.get("session")
+        if not isinstance(session, str):
+            raise Refused(400, "session must be the live picture's id")
+        return {"ended": await self._ports.live_end(principal, session)}
 
     async def _audio_level(self, _principal: str, _data: dict[str, Any]) -> dict[str, Any]:
         try:

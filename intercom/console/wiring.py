@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intercom.calls import Calls
+from intercom.calls.whep import LiveView, ViewRefusedError
 from intercom.config import MqttConfig, Settings
 from intercom.configwriter import ConfigWriter, refuse_fixed
 from intercom.console.api import Console, ConsolePorts
@@ -49,6 +50,7 @@ class ConsoleWiring:
     lock_state: Callable[[], str]
     door_state: Callable[[], str | None]
     health: Callable[[], dict[str, Any]]
+    liveview: LiveView | None = None  # the redacted live view the console's picture is of
     pressed: dict[str, float] = field(default_factory=dict)  # button name -> last press
 
     def __post_init__(self) -> None:
@@ -67,9 +69,21 @@ class ConsoleWiring:
             selftest=self.run_selftest, end_installer=self.end_installer,
             role_of=self.role_of, sheets=self.sheets, mqtt_test=self.mqtt_test,
             audio_level=self.audio_level, tone=self.tone,
+            live=self.live, live_end=self.live_end,
             pulse_s=hw.relay.pulse_s,
             door_contact=hw.door_contact is not None,
         ), self.bus)
+
+    async def live(self, principal: str, offer: str) -> dict[str, Any]:
+        """The redacted live picture for the console's principal (a WHEP view session)."""
+        if self.liveview is None:
+            raise ViewRefusedError(503, "no live view on this station")
+        return await self.liveview.console_view(principal, offer)
+
+    async def live_end(self, principal: str, session: str) -> bool:
+        """End the principal's own live picture."""
+        return self.liveview is not None and await self.liveview.end_console_view(principal,
+                                                                                 session)
 
     async def change(self, changes: dict[str, Any], actor: str) -> dict[str, Any]:
         """A change for the one config writer, with the principal as actor."""

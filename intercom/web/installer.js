@@ -11,6 +11,7 @@ const DB = "intercom-installer"; // apart from the resident app's device record
 
 const con = {
   device: null, zones: [], drawing: [], buttons: [], selected: null, dragging: false,
+  live: null, // { pc, session }: the live picture while "Live" is on
 };
 
 function show(name) {
@@ -425,22 +426,73 @@ function removePoint() {
   drawZones();
 }
 
-/** Refresh the picture every second while "Live" is on (the zones stay as drawn). */
+// The live picture: a session of the station's redacted live view (the WHEP view's
+// track: zones masked, faces blurred), asked for with this phone's signed request; the
+// zones are drawn on the canvas over the video. The station ends it at the hand-off.
+
+/** The offer with every candidate (the station takes no trickle), within 5 s. */
+function gathered(pc) {
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
+    pc.addEventListener("icegatheringstatechange", done);
+    done();
+    setTimeout(resolve, 5000);
+  });
+}
+
+async function startLive() {
+  const pc = new RTCPeerConnection();
+  const video = $("zone-video");
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.ontrack = (event) => { video.srcObject = new MediaStream([event.track]); };
+  con.live = { pc, session: null };
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
+  const answer = await ask("POST", "live", { sdp: pc.localDescription.sdp });
+  if (con.live?.pc !== pc) { // stopped meanwhile
+    ask("POST", "live-end", { session: answer.session }).catch(() => {});
+    return;
+  }
+  con.live.session = answer.session;
+  await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+  pc.onconnectionstatechange = () => {
+    if (["failed", "closed", "disconnected"].includes(pc.connectionState) && con.live?.pc === pc) {
+      stopLive("The live picture ended.");
+    }
+  };
+  video.onloadeddata = () => { video.dataset.live = "playing"; };
+  video.hidden = false;
+  $("zone-picture").hidden = true;
+}
+
+function stopLive(why) {
+  const live = con.live;
+  con.live = null;
+  const video = $("zone-video");
+  video.srcObject = null;
+  video.hidden = true;
+  delete video.dataset.live;
+  $("zone-picture").hidden = false;
+  $("zone-live").setAttribute("aria-pressed", "false");
+  if (why) $("zones-result").textContent = why;
+  if (!live) return;
+  live.pc.close();
+  if (live.session) ask("POST", "live-end", { session: live.session }).catch(() => {});
+}
+
+/** "Live": the live picture on or off (off: the still picture, refreshed on demand). */
 async function live() {
   const button = $("zone-live");
-  const on = button.getAttribute("aria-pressed") !== "true";
-  button.setAttribute("aria-pressed", String(on));
-  while (button.getAttribute("aria-pressed") === "true") {
-    const zones = con.zones;
-    try {
-      await refreshPicture();
-    } catch (err) {
-      $("zones-result").textContent = String(err.message ?? err);
-      button.setAttribute("aria-pressed", "false");
-    }
-    con.zones = zones;
-    drawZones();
-    await new Promise((resolve) => { setTimeout(resolve, 1000); });
+  if (button.getAttribute("aria-pressed") === "true") {
+    stopLive("");
+    await refreshPicture().catch(() => {});
+    return;
+  }
+  button.setAttribute("aria-pressed", "true");
+  try {
+    await startLive();
+  } catch (err) {
+    stopLive(`No live picture: ${err.message ?? err}`);
   }
 }
 
@@ -578,6 +630,7 @@ function saveUrl() {
 
 async function handOff() {
   const checklist = {};
+  stopLive("");
   for (const box of $("checklist").querySelectorAll("input[data-item]")) {
     checklist[box.dataset.item] = box.checked;
   }
