@@ -387,7 +387,8 @@ def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
     # The writer's answer, then the file itself as the powered-off disk holds it.
     assert "written; takes effect at the next start: hardware.buttons[0].name" in text, (
         text[-3000:])
-    assert "Finished intercom-config-test.service" in text, text[-3000:]
+    # A oneshot whose stop starts the power-off is "Deactivated", not "Finished".
+    assert "intercom-config-test.service: Deactivated successfully" in text, text[-3000:]
     assert "reboot: Power down" in text, text[-2000:]
     written = tomllib.loads(debugfs(root, "cat /etc/intercom/intercom.toml"))
     assert written["hardware"]["buttons"][0] == {"pin": 17, "flat": "1", "name": "porch"}
