@@ -133,6 +133,13 @@ class TamperDetected(Event):
     sensor: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class TamperCleared(Event):
+    """The tamper switch closed again after a trip (the cover is back on)."""
+
+    sensor: str
+
+
 # --- commands ------------------------------------------------------------------------
 
 
@@ -398,6 +405,7 @@ for _cls in (
     DoorHeldOpen,
     DoorForcedOpen,
     TamperDetected,
+    TamperCleared,
     UnlockGranted,
     UnlockDenied,
     UnlockDenialsSuppressed,

@@ -78,4 +78,28 @@ async def test_tamper(pin_factory, bus, recorder):
     await settle()
     pin.drive_high()
     await settle()
-    assert recorder.types() == ["TamperDetected", "TamperDetected"]
+    # Each trip and each closing after it, once: a closed cover at start clears nothing.
+    assert recorder.types() == ["TamperDetected", "TamperCleared", "TamperDetected"]
+    assert switch.tripped_at is not None
+    pin.drive_low()
+    await settle()
+    pin.drive_low()  # no edge: nothing more
+    await settle()
+    assert recorder.types() == ["TamperDetected", "TamperCleared", "TamperDetected",
+                                "TamperCleared"]
+    assert switch.tripped_at is None
+    switch.close()
+
+
+async def test_a_cover_open_at_start_clears_when_shut(pin_factory, bus, recorder):
+    pin = pin_factory.pin(23)
+    switch = TamperSwitch(TamperConfig(pin=23), pin_factory, bus)
+    pin.drive_high()  # the cover is off when the station starts
+    switch.start(asyncio.get_running_loop())
+    assert recorder.types() == ["TamperDetected"]
+    pin.drive_low()
+    await settle()
+    assert recorder.types() == ["TamperDetected", "TamperCleared"]
+    (cleared,) = recorder.of("TamperCleared")
+    assert cleared.sensor == "cover"
+    switch.close()

@@ -40,6 +40,7 @@ async def test_sim_door_and_tamper(station: Station):
     await recorder.wait_for("DoorClosed")
     await request(station.state_dir, {"request": "sim", "action": "tamper"})
     await recorder.wait_for("TamperDetected")
+    await recorder.wait_for("TamperCleared")  # the simulator shuts the cover again
 
 
 async def test_bad_control_requests_are_refused_and_station_carries_on(station: Station):

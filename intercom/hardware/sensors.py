@@ -16,6 +16,7 @@ from intercom.events import (
     DoorHeldOpen,
     DoorOpened,
     EventBus,
+    TamperCleared,
     TamperDetected,
 )
 from intercom.hardware.pins import EdgeRelay, open_device
@@ -115,7 +116,7 @@ class DoorContact:
 
 
 class TamperSwitch:
-    """Raises ``TamperDetected`` when the station's cover is opened."""
+    """Raises ``TamperDetected`` when the station's cover is opened, ``TamperCleared`` when shut."""
 
     def __init__(self, config: TamperConfig, pin_factory: Any, bus: EventBus) -> None:
         from gpiozero import DigitalInputDevice  # noqa: PLC0415
@@ -149,8 +150,10 @@ class TamperSwitch:
                 self.tripped_at = time.time()
                 log.warning("tamper switch tripped")
                 self._bus.publish(TamperDetected(sensor="cover"))
-        else:
+        elif self.tripped_at is not None:
             self.tripped_at = None
+            log.info("tamper switch closed again")
+            self._bus.publish(TamperCleared(sensor="cover"))
 
     def close(self) -> None:
         """Release the pin."""

@@ -47,7 +47,8 @@ DENIED_REPLIES_PER_S = 20.0  # beyond this, denied commands go unanswered (a flo
 # How call events move one call; the station's call state is the busiest of its calls.
 CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallMissed": None,
                "CallEnded": None}
-# Events that raise an alarm (on <p>/alarm, and on in <p>/state/alarms until the door closes).
+# Events that raise an alarm (on <p>/alarm, and on in <p>/state/alarms until the door closes,
+# or for tamper until TamperCleared).
 ALARM_EVENTS = {"TamperDetected": TAMPER, "DoorForcedOpen": FORCED_OPEN,
                 "DoorHeldOpen": HELD_OPEN}
 TRANSITIONS = 256  # state changes kept, in order, for the next publish round
@@ -179,13 +180,19 @@ class MqttBridge:
             "door": {"state": state.get("door", "unknown"), "door": self._door, "at": now},
             "call": {"state": state.get("call", "idle"), "at": now},
             # Forced and held open are on from their event until the door closes; tamper
-            # until a restart (the station reports no closed cover). A cover found open at
-            # start was reported before the bridge listened: the bus's history has it.
+            # until the cover is shut again. A cover found open at start was reported
+            # before the bridge listened: the bus's history has it.
             "alarms": {**dict.fromkeys(ALARMS, False), "door": self._door, "at": now,
-                       TAMPER: any(e.type == "TamperDetected" for e in self._bus.recent)},
+                       TAMPER: self._tampered_before()},
         }
         self._unsubscribe = self._bus.on(self._on_event)
         self.link.start()
+
+    def _tampered_before(self) -> bool:
+        """Whether the bus's history ends with the cover open (tripped, not cleared)."""
+        tamper = [e.type for e in self._bus.recent if e.type in {"TamperDetected",
+                                                                  "TamperCleared"}]
+        return bool(tamper) and tamper[-1] == "TamperDetected"
 
     async def stop(self) -> None:
         """Publish ``offline`` and disconnect."""
@@ -231,6 +238,8 @@ class MqttBridge:
                                 "door": self._door})
             if kind == "DoorClosed":
                 self._alarms_changed({FORCED_OPEN: False, HELD_OPEN: False})
+        elif kind == "TamperCleared":
+            self._alarms_changed({TAMPER: False})
         elif kind in ALARM_EVENTS:
             alarm = ALARM_EVENTS[kind]
             self._alarms_changed({alarm: True})
