@@ -312,6 +312,13 @@ class MqttConfig(Model):
         default=4.0, gt=0, le=600, description="Cap of the doubling reconnect delay."
     )
     discovery: bool = Field(default=True, description="Publish Home Assistant discovery.")
+    ring_image: bool = Field(
+        default=False,
+        description="At each ring, publish a frame with faces redacted and the privacy "
+        "zones masked on <prefix>/ring_image, shown by Home Assistant's image entity "
+        "'Last ring' (JPEG, never retained; a plain grey image replaces it after "
+        "[privacy] snapshot_retention_hours and at each start).",
+    )
     discovery_prefix: str = Field(
         default="homeassistant",
         pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",

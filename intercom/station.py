@@ -274,10 +274,11 @@ class Station:
                 door = contact.state.value if contact is not None else "unknown"
                 return {"lock": lock.state.value if lock else "locked", "door": door}
 
-            components.append(
-                mqtt_bridge(settings, bus, self.eventlog, self.verifier.submit, initial_state,
-                            known=lambda kid: registry.get(kid) is not None)
-            )
+            bridge = mqtt_bridge(settings, bus, self.eventlog, self.verifier.submit,
+                                 initial_state, known=lambda kid: registry.get(kid) is not None)
+            if settings.mqtt.ring_image:
+                privacy.show_ring_images(bridge.note_ring_image)
+            components.append(bridge)
         return components
 
     def _build_liveview(self, registry: Registry, verifier: Verifier, calls: Calls) -> LiveView:

@@ -51,6 +51,7 @@ CALL_STATES = {"CallRinging": "ringing", "CallAnswered": "in_call", "CallMissed"
 # or for tamper until TamperCleared).
 ALARM_EVENTS = {"TamperDetected": TAMPER, "DoorForcedOpen": FORCED_OPEN,
                 "DoorHeldOpen": HELD_OPEN}
+SENSOR_EVENTS = {"DoorOpened", "DoorClosed", "TamperCleared", *ALARM_EVENTS}
 TRANSITIONS = 256  # state changes kept, in order, for the next publish round
 LIVE = 64  # presses and alarms kept for the next publish round (while the broker is away)
 
@@ -155,6 +156,7 @@ class MqttBridge:
         self._calls: dict[str, str] = {}
         self._state_changed = asyncio.Event()
         self._live: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=LIVE)
+        self._ring_image: bytes | None = None  # the latest only: an image is large
         self._acks: collections.deque[tuple[float, int]] = collections.deque()
         self._lost_at: float | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -227,23 +229,23 @@ class MqttBridge:
         self._state["selftest"] = dict(report)
         self._state_changed.set()
 
+    def note_ring_image(self, jpeg: bytes) -> None:
+        """Publish a ring's redacted JPEG on ``<p>/ring_image``, once, not retained.
+
+        While the broker is away only the latest waits (a newer frame, or the blank one
+        that replaces an expired frame, takes the older one's place).
+        """
+        self._ring_image = jpeg
+        self._state_changed.set()
+
     # --- from the bus (runs at publication: must stay quick) -------------------------
 
     def _on_event(self, event: Event) -> None:
         kind = event.type
         if kind == "LockStateChanged":
             self._note("lock", {"state": getattr(event, "state", "unknown"), "door": self._door})
-        elif kind in {"DoorOpened", "DoorClosed"}:
-            self._note("door", {"state": "open" if kind == "DoorOpened" else "closed",
-                                "door": self._door})
-            if kind == "DoorClosed":
-                self._alarms_changed({FORCED_OPEN: False, HELD_OPEN: False})
-        elif kind == "TamperCleared":
-            self._alarms_changed({TAMPER: False})
-        elif kind in ALARM_EVENTS:
-            alarm = ALARM_EVENTS[kind]
-            self._alarms_changed({alarm: True})
-            self._send_live(self.topics.alarm, {"event_type": alarm})
+        elif kind in SENSOR_EVENTS:
+            self._sensor_changed(kind)
         elif kind in CALL_STATES:
             self._call_changed(str(getattr(event, "call", "")), CALL_STATES[kind])
         elif kind in {"UnlockGranted", "UnlockDenied"}:
@@ -259,6 +261,20 @@ class MqttBridge:
             self._send_live(self.topics.doorbell, press)
             if event.button in self._wiring.buttons:  # a name the config checked
                 self._send_live(self.topics.doorbell_button(event.button), press)
+
+    def _sensor_changed(self, kind: str) -> None:
+        """The door contact's or the tamper switch's event: door state and alarms."""
+        if kind in {"DoorOpened", "DoorClosed"}:
+            self._note("door", {"state": "open" if kind == "DoorOpened" else "closed",
+                                "door": self._door})
+            if kind == "DoorClosed":
+                self._alarms_changed({FORCED_OPEN: False, HELD_OPEN: False})
+        elif kind == "TamperCleared":
+            self._alarms_changed({TAMPER: False})
+        else:
+            alarm = ALARM_EVENTS[kind]
+            self._alarms_changed({alarm: True})
+            self._send_live(self.topics.alarm, {"event_type": alarm})
 
     def _call_changed(self, call: str, state: str | None) -> None:
         if state is None:
@@ -361,12 +377,24 @@ class MqttBridge:
             while self._live:
                 topic, payload = self._live.popleft()
                 await client.publish(topic, payload, qos=1)
+            await self._publish_ring_image(client)
             checkpoint = self._log.latest_checkpoint() if self._log is not None else None
             if checkpoint is not None and checkpoint != sent_checkpoint:
                 await client.publish(self.topics.checkpoint, json.dumps(checkpoint, default=str),
                                      qos=1, retain=True)
                 sent_checkpoint = checkpoint
             await self._state_changed.wait()
+
+    async def _publish_ring_image(self, client: aiomqtt.Client) -> None:
+        if self._ring_image is None:
+            return
+        image, self._ring_image = self._ring_image, None
+        try:
+            await client.publish(self.topics.ring_image, image, qos=1, retain=False)
+        except BaseException:
+            if self._ring_image is None:  # not sent, nor replaced: it goes out next session
+                self._ring_image = image
+            raise
 
     async def _publish_events(self, client: aiomqtt.Client, source: EventSource) -> None:
         while True:
@@ -468,6 +496,7 @@ def mqtt_bridge(
         buttons=tuple(b.name for b in hardware.buttons),
         door_contact=hardware.door_contact is not None,
         tamper=hardware.tamper is not None,
+        ring_image=settings.mqtt.ring_image,
     )
     return MqttBridge(
         settings.mqtt,

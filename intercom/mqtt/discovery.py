@@ -65,6 +65,7 @@ class Wiring:
     buttons: tuple[str, ...] = ()
     door_contact: bool = False
     tamper: bool = False
+    ring_image: bool = False  # [mqtt] ring_image: the image entity of the latest ring
 
 
 def entity_slug(text: str) -> str:
@@ -166,6 +167,9 @@ def discovery_messages(topics: Topics, wiring: Wiring) -> Messages:
                             state_topic=topics.state_alarms,
                             value_template=f"{{{{ 'ON' if value_json.{alarm} else 'OFF' }}}}"))
         pairs.append(trigger(alarm, ALARM_TRIGGER, subtype, topics.alarm, alarm))
+    if wiring.ring_image:
+        pairs.append(entity("image", "ring_image", name="Last ring",
+                            image_topic=topics.ring_image, content_type="image/jpeg"))
     return dict(pairs) | _diagnostics(make)
 
 

@@ -84,6 +84,11 @@ class Topics:
         return f"{self.prefix}/alarm"
 
     @property
+    def ring_image(self) -> str:
+        """A JPEG of the latest ring, redacted, not retained (Home Assistant's image entity)."""
+        return f"{self.prefix}/ring_image"
+
+    @property
     def command(self) -> str:
         """In: a signed command (compact JWS)."""
         return f"{self.prefix}/command"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from intercom.events import Event, EventBus, PrincipalPaired, PrivilegedAction
 from intercom.privacy.audit import CONFIG_ACTOR, PAIRING_ACTOR
 from intercom.privacy.camera import still_frame
+from intercom.privacy.ringimage import RingImage, Show
 from intercom.privacy.snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -50,7 +51,12 @@ class Privacy:
         self._register = register
         # Shredding runs even with snapshots switched off: earlier ones still expire.
         self.snapshots = Snapshots(settings, bus, camera, eventlog)
+        self.ring_image: RingImage | None = None
         self._unsubscribe: Any = None
+
+    def show_ring_images(self, show: Show) -> None:
+        """Hand a redacted frame of each ring to ``show`` (before start; [mqtt] ring_image)."""
+        self.ring_image = RingImage(self.config, self._bus, self._camera, show)
 
     async def start(self) -> None:
         """Audit a changed config; start taking snapshots when they are switched on."""
@@ -58,12 +64,16 @@ class Privacy:
         self._unsubscribe = self._bus.on(self._on_event)
         self._register("privacy-preview", self._preview_request)
         await self.snapshots.start(take=self.config.snapshots)
+        if self.ring_image is not None:
+            await self.ring_image.start()
 
     async def stop(self) -> None:
         """Stop auditing and taking snapshots."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self.ring_image is not None:
+            await self.ring_image.stop()
         await self.snapshots.stop()
 
     def set_zones(self, zones: list[list[tuple[float, float]]]) -> None:
@@ -116,10 +126,13 @@ class Privacy:
     def status(self) -> dict[str, Any]:
         """Zones, redaction and snapshot counts for ``intercom status``."""
         snapshots = {"enabled": self.config.snapshots, **self.snapshots.counts()}
+        ring = self.ring_image
+        ring_image = {"enabled": ring is not None, **(ring.counts() if ring else {})}
         return {
             "privacy": {
                 "zones": len(self.config.zones),
                 "redact_all_outputs": self.config.redact_all_outputs,
                 "snapshots": snapshots,
+                "ring_image": ring_image,
             }
         }

@@ -50,6 +50,19 @@ def last_expired_hour(now: float, keep_hours: float) -> int:
     return int((now - keep_hours * 3600) // BUCKET_S) - 1
 
 
+def manager_jpeg(jpeg: bytes, *, redacted: bool) -> bytes:
+    """A still as managers get it: face-redacted thoroughly unless it was at the camera.
+
+    The one redaction of stills for managers: their snapshots (``read_snapshots``) and
+    the ring image sent to the building's broker (``ringimage``).
+    """
+    if redacted:
+        return jpeg
+    from intercom.privacy.redact import shared_redactor  # noqa: PLC0415
+
+    return bytes(shared_redactor(thorough=True).redact_jpeg(jpeg))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One readable snapshot from the log."""
@@ -79,7 +92,6 @@ def read_snapshots(
     """
     if audience not in AUDIENCES:
         raise IntercomError(f"unknown audience {audience!r}; one of {', '.join(AUDIENCES)}")
-    redactor = None
     for event in reader.query(Query(since=since, types=frozenset({"SnapshotTaken"}))):
         image = event.details.get("image")
         flat = str(event.details.get("flat", ""))
@@ -91,12 +103,8 @@ def read_snapshots(
             log.warning("snapshots: record %d holds no valid image", event.seq)
             continue
         redacted = bool(event.details.get("redacted"))
-        if audience == "manager" and not redacted:
-            if redactor is None:
-                from intercom.privacy.redact import shared_redactor  # noqa: PLC0415
-
-                redactor = shared_redactor(thorough=True)
-            jpeg, redacted = redactor.redact_jpeg(jpeg), True
+        if audience == "manager":
+            jpeg, redacted = manager_jpeg(jpeg, redacted=redacted), True
         yield Snapshot(event.seq, event.at, str(event.details.get("button", "")), flat,
                        redacted, jpeg)
 
