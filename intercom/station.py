@@ -302,8 +302,12 @@ class Station:
         def ice_servers() -> list[Any]:
             return calls.ice.station_servers(self.id) if calls.ice is not None else []
 
+        def keyframe() -> None:
+            if calls.media is not None:
+                calls.media.request_keyframe()
+
         camera = Camera(gate=gate, masks=lambda: masked.masks if masked is not None else fixed,
-                        redactor=shared_redactor)
+                        redactor=shared_redactor, keyframe=keyframe)
         return LiveView(self.settings.whep, camera, verifier.check_bearer, signer_refusal,
                         registry.watch, self.bus, ice_servers,
                         relay_only=self.settings.web.ice_policy == "relay")

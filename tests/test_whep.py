@@ -150,6 +150,31 @@ async def test_a_manager_sees_the_door_redacted_while_a_resident_sees_it_as_it_i
     assert ended["at"] >= started["at"]
 
 
+async def test_an_h264_camera_is_decoded_redacted_and_seen(
+    tmp_path: Path, video: Path, viewers: list[Viewer]
+):
+    """The camera hands out H.264 (encode-once here; picamera2 and passthrough on a Pi):
+    the live view decodes it before redacting, and the viewer sees the door, no face."""
+    data = whep_settings(tmp_path / "state", video).model_dump(mode="json")
+    data["media"]["camera"]["encode_once"] = True
+    station = Station(Settings.model_validate(data))
+    await station.start()
+    try:
+        assert station.registry is not None
+        manager = await add_principal(station.registry, time.time, "mgr", Role.MANAGER)
+        viewer = viewer_of(station, viewers)
+        status, _, answer = await viewer.post(bearer(manager, station.id))
+        assert status == 201, answer
+        await viewer.wait_frames(20)
+        received = list(viewer.frames)
+        assert (received[-1].width, received[-1].height) == (640, 480)
+        assert received[-1].to_ndarray(format="gray")[:, 80:560].mean() > 60
+        detector = FaceDetector()
+        assert [f for f in received if detector.faces(f)] == [], "no face in any frame"
+    finally:
+        await station.stop("test finished")
+
+
 async def test_only_an_active_manager_bearer_for_whep_gets_an_answer(
     whep_station: Station, viewers: list[Viewer],
 ):

@@ -104,6 +104,7 @@ class Camera:
     gate: Callable[[], MediaStreamTrack]  # an open gate on the calls' shared camera
     masks: Callable[[], ZoneMasks]  # the zones as they are now
     redactor: Callable[[], Any]  # the live face redactor (loaded at start: fail closed)
+    keyframe: Callable[[], None] = lambda: None  # ask an H.264 camera for an IDR
 
 
 class LiveView:
@@ -336,7 +337,8 @@ class LiveView:
     def _subscribe(self) -> MediaStreamTrack:
         """A viewer's track on the one redacted feed (started for the first viewer)."""
         if self._feed is None or self._relay is None:
-            self._feed = RedactedTrack(self._camera.gate(), self._camera.masks, self._redactor)
+            self._feed = RedactedTrack(self._camera.gate(), self._camera.masks, self._redactor,
+                                       self._camera.keyframe)
             self._relay = MediaRelay()
         return self._relay.subscribe(self._feed, buffered=False)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from intercom.privacy.camera import redacted_copy
 from intercom.privacy.zones import ZoneMasks
 
 log = logging.getLogger(__name__)
+
+KEYFRAME_ASK_S = 1.0  # at most one IDR asked for a second while packets do not decode
 
 
 class RedactedTrack(MediaStreamTrack):
@@ -36,11 +39,14 @@ class RedactedTrack(MediaStreamTrack):
         source: MediaStreamTrack,
         masks: Callable[[], ZoneMasks],
         redactor: Any,
+        keyframe: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
         self._source = source
         self._masks = masks  # called per frame: zones drawn later apply at once
         self._redactor = redactor
+        self._keyframe = keyframe  # asks an H.264 camera for an IDR
+        self._asked_at = -KEYFRAME_ASK_S
         self._decoder: Any = None
         self.frames = 0  # frames handed out, redacted
 
@@ -54,6 +60,12 @@ class RedactedTrack(MediaStreamTrack):
             if frame is not None:
                 self.frames += 1
                 return frame
+            # A packet that did not decode (no keyframe yet, or a reference lost): ask the
+            # camera for an IDR, as a device's picture loss indication does, once a second.
+            now = time.monotonic()
+            if _is_packet(item) and now - self._asked_at >= KEYFRAME_ASK_S:
+                self._asked_at = now
+                self._keyframe()
 
     def _redact(self, item: Any) -> Any:
         """In a worker thread: decode when needed, then redact the newest frame."""
