@@ -7,6 +7,7 @@ receives is judged by scikit-image's own face detector (not the station's OpenCV
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any
 
 import aiohttp
 import av
+import cv2
+import numpy as np
 import pytest
 from joserfc.jwk import OKPKey
 
@@ -385,11 +388,18 @@ async function decoded() {
   });
   return frames;
 }
+function shown() {  // the picture the page presents now, as PNG
+  const video = document.querySelector("video");
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [video.videoWidth, video.videoHeight];
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  return canvas.toDataURL("image/png");
+}
 </script>
 """
 
 
-async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station):
+async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station, video: Path):
     """Debian's Chromium, a page of the station's origin (served by the test) speaking WHEP."""
     from playwright.async_api import async_playwright  # noqa: PLC0415
 
@@ -420,6 +430,13 @@ async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station)
                     "() => document.querySelector('video').videoWidth") == 640
                 await page.wait_for_function("async () => (await decoded()) >= 20",
                                              timeout=20000, polling=200)
+                shown = []
+                for _ in range(5):  # what the page presents: her face pixelated
+                    url = await page.evaluate("shown")
+                    png = base64.b64decode(url.split(",", 1)[1])
+                    bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+                    shown.append(av.VideoFrame.from_ndarray(bgr, format="bgr24"))
+                    await asyncio.sleep(0.2)
                 deleted = await page.evaluate(
                     "async () => (await fetch(window.session, {method: 'DELETE'})).status")
                 assert deleted == 200
@@ -427,3 +444,6 @@ async def test_chromium_watches_through_a_plain_whep_page(whep_station: Station)
                 await browser.close()
     assert station.status()["whep"]["sessions"] == []
     assert station.status()["whep"]["sessions_started"] == 1
+    with av.open(str(video)) as played:
+        sent = next(played.decode(video=0))
+    assert_redacted(FaceDetector(), sent, shown)
