@@ -1,5 +1,6 @@
 """Documentation and data files that must stay true to the code."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def test_the_vulnerability_disclosure_policy_is_there_and_linked():
                    "Which versions receive fixes"):
         assert needed in policy, needed
     assert "(SECURITY.md)" in (ROOT / "README.md").read_text()
+
+
+def test_the_docs_stand_on_their_own():
+    """No page points at a file outside the repository or at an issue tracker's thread."""
+    pages = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "hw").rglob("*.md")), *sorted((ROOT / "integrations").rglob("*.md"))]
+    outside = re.compile(r"/work/|/notes/|\bSTYLE\.md\b|\bissues? ?#\d+"
+                         r"|\b(?:the|this|that) (?:\w+ )?issue\b", re.IGNORECASE)
+    found = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+             for page in pages
+             for number, line in enumerate(page.read_text().splitlines(), 1)
+             if outside.search(line)]
+    assert found == []
