@@ -203,6 +203,15 @@ def test_simulated_settings_keep_wiring_and_use_mock(tmp_path: Path):
     assert sim.simulated
 
 
+def test_a_simulated_station_keeps_the_config_s_web_port_on_loopback(tmp_path: Path):
+    """``run --simulate --config`` listens where the config says: a paired browser finds it
+    again after a restart (scripts/demo relies on it)."""
+    base = parse_settings(GOOD + '\n[web]\nhost = "0.0.0.0"\nport = 18443\n')
+    sim = simulated_settings(tmp_path, base)
+    assert (sim.web.host, sim.web.port) == ("127.0.0.1", 18443)
+    assert simulated_settings(tmp_path).web.port == 0  # no config: a free port
+
+
 def test_check_config_cli(tmp_path: Path):
     good = tmp_path / "good.toml"
     good.write_text(GOOD)
