@@ -152,7 +152,10 @@ async def request(state_dir: Path, payload: dict[str, Any], timeout: float = 10)
             asyncio.open_unix_connection(str(path), limit=16 * MAX_REQUEST), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise StationNotRunningError(f"no station is running with state dir {state_dir}") from exc
+        raise StationNotRunningError(
+            f"no station is running with state dir {state_dir}; start it (intercom run) or "
+            "point elsewhere with --state-dir DIR, $INTERCOM_STATE_DIR or --config FILE"
+        ) from exc
     try:
         writer.write(json.dumps(payload).encode() + b"\n")
         await writer.drain()

@@ -117,7 +117,10 @@ def test_simulated_station_end_to_end(daemon):
 def test_status_without_station(tmp_path: Path):
     res = cli("status", "--state-dir", str(tmp_path))
     assert res.returncode == 1
-    assert res.stderr.strip() == f"intercom: no station is running with state dir {tmp_path}"
+    assert res.stderr.strip() == (
+        f"intercom: no station is running with state dir {tmp_path}; start it (intercom run) "
+        "or point elsewhere with --state-dir DIR, $INTERCOM_STATE_DIR or --config FILE")
+    assert list(tmp_path.iterdir()) == []  # nothing made on the way
 
 
 def test_unknown_argument_is_one_line_exit_2():
