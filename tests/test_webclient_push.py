@@ -121,6 +121,20 @@ def tap(worker: Worker, action: str) -> None:
     }""", action)
 
 
+def answer_opens(context: BrowserContext, worker: Worker, blank: Page,
+                 ring: dict[str, Any]) -> str:
+    """Show ``ring``, tap its Answer action: the one address the worker opens for it."""
+    deliver(context, blank, ring)
+    wait_until(lambda: notifications(worker), "the ring's notification")
+    worker.evaluate("""() => { Clients.prototype.openWindow = async function (url) {
+        self.__opened = [...(self.__opened ?? []), url]; return null; }; }""")
+    tap(worker, "answer")
+    opened = wait_until(lambda: worker.evaluate("self.__opened"), "the app opened")
+    assert len(opened) == 1, opened
+    assert notifications(worker) == [], "the tapped notification is closed"
+    return str(opened[0])
+
+
 def closed_app(
     chrome: Any, station: SimStation, phone: Browser
 ) -> tuple[BrowserContext, Worker, Page]:
@@ -200,10 +214,11 @@ def test_a_push_rings_the_closed_app_and_answer_opens_the_ringing_call(
                                      "state": "taken"})
             wait_until(lambda: notifications(worker) == [], "cleared by its push")
             # The resident taps Answer on the station's ringing call. Headless Chromium
-            # cannot open a window for an event it did not dispatch itself, so the test
-            # opens the address the worker's handler opens (its own callUrl): the app signs
-            # in, is rung at once (the call still rings), shows the door and answers.
-            url = worker.evaluate("([call]) => callUrl(call, true).href", [ring["call"]])
+            # cannot open a window for an event it did not dispatch itself, so the worker's
+            # clients.openWindow is replaced by one that notes the address the Answer
+            # handler asks for, and the test opens that address: the app signs in, is rung
+            # at once (the call still rings), shows the door and answers.
+            url = answer_opens(context, worker, blank, ring)
             assert url == f"{station.url}?call={ring['call']}&answer=1"
             app = context.new_page()
             app.goto(url)
