@@ -147,11 +147,25 @@ def test_cli_beside_a_live_daemon_changes_what_the_daemon_sees(daemon: SimStatio
         purged = cli("log", "purge", "--older-than", "1000", "--state-dir", state)
         assert "shredded" in purged.stdout
         assert_one_copy(daemon)
+
+        installer = f"installer{round_}"  # the hand-off verbs: extend, then revoke
+        cli("principals", "add", "--role", "installer", "--public-key", str(alice.public),
+            "--id", installer, "--no-qr", "--state-dir", state)
+        assert_one_copy(daemon)
+        before = cli("principals", "show", installer, "--state-dir", state).stdout
+        cli("privacy", "installer", "extend", installer, "--hours", "1", "--state-dir", state)
+        assert_one_copy(daemon)
+        assert cli("principals", "show", installer, "--state-dir", state).stdout != before
+        cli("privacy", "installer", "revoke", installer, "--state-dir", state)
+        assert_one_copy(daemon)
+        assert "revoked" in cli("principals", "show", installer, "--state-dir", state).stdout
     # The audit trail of every change is in the daemon's one log, with the local actor.
     shown = cli("log", "show", "--json", "--type", "PrivilegedAction", "--state-dir", state)
     actions = [json.loads(line)["details"]["action"] for line in shown.stdout.splitlines()]
-    for action in ("principal-add", "principal-revoke", "principal-reset", "erase"):
-        assert actions.count(action) == 2, (action, actions)
+    expected = {"principal-add": 4, "principal-revoke": 2, "principal-reset": 2, "erase": 2,
+                "installer-extend": 2, "revoke": 2}  # 'revoke': an installer's, at hand-off
+    for action, count in expected.items():
+        assert actions.count(action) == count, (action, actions)
 
 
 def test_a_token_granted_before_kill_9_is_denied_after_restart(tmp_path: Path) -> None:
