@@ -146,6 +146,31 @@ async def test_config_change_refused_with_its_key_then_taken(console_station):
     assert state["buttons"][0]["flat"] == "2"
 
 
+async def test_the_public_url_is_set_refused_and_cleared_from_the_console(console_station):
+    """The console's network section: the residents' URL, through the one config writer."""
+    station = console_station
+    installer = Installer(station)
+    await installer.pair()
+
+    async def public_url() -> object:
+        answer = await ask_station(station.state_dir, {"request": "config-get"})
+        return answer["config"].get("web", {}).get("public_url")
+
+    status, body = await installer.ask("POST", "api/console/config",
+                                       {"changes": {"web.public_url": "http://door.example"}})
+    assert status == 422
+    assert [r["key"] for r in body["refused"]] == ["web.public_url"]
+    url = "https://door.example.org/"
+    status, body = await installer.ask("POST", "api/console/config",
+                                       {"changes": {"web.public_url": url}})
+    assert status == 200, body
+    assert await public_url() == url
+    status, body = await installer.ask("POST", "api/console/config",  # the field emptied
+                                       {"changes": {"web.public_url": None}})
+    assert status == 200, body
+    assert await public_url() in (None, "")
+
+
 async def test_relay_test_goes_through_the_verifier_and_waits_for_the_door(console_station):
     station = console_station
     installer = Installer(station)
