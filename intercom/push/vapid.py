@@ -2,9 +2,10 @@
 
 An ECDSA P-256 key in ``STATE_DIR/keys/vapid.key`` (PKCS#8 PEM, mode 0600), made at the
 station's first start like its other keys (``create_vapid_key``, called by the daemon's
-start only: first boot makes the other keys, not this one) and read everywhere else. Its public half is the
-``applicationServerKey`` a browser subscribes with; the push service then accepts for
-that subscription only requests carrying a JWT signed with this key.
+start only: first boot makes the other keys, not this one) and read everywhere else.
+Its public half is the ``applicationServerKey`` a browser subscribes with; the push
+service then accepts for that subscription only requests carrying a JWT signed with
+this key.
 """
 
 from __future__ import annotations
