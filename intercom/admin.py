@@ -293,3 +293,64 @@ async def offline(state_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
     finally:
         await registry.close()
         lock.release()
+
+
+def offline_pair(state_dir: Path, config: Path | None, request: dict[str, Any]) -> dict[str, Any]:
+    """A pairing code made with no station running: spooled for the station to take at start.
+
+    The same answer as the running station's ``pair`` and ``pair-installer`` requests,
+    made under the instance lock from the station's config (its flats and address) and
+    its certificate; only the code's hash goes into the spool (``pairing-spool.json``),
+    which the station empties into its pending codes when it starts. The code expires
+    10 minutes after it is made, as any other.
+    """
+    from intercom.calls.pairing import MAX_PENDING  # noqa: PLC0415
+    from intercom.calls.tls import StationCert  # noqa: PLC0415
+    from intercom.config import load_settings  # noqa: PLC0415
+    from intercom.deploy.tlscert import station_url  # noqa: PLC0415
+    from intercom.security.pairingcodes import spool_code, spooled  # noqa: PLC0415
+    from intercom.statedir import InstanceLock  # noqa: PLC0415
+
+    if config is None:
+        raise CommandRefusedError(
+            f"no station is running at {state_dir}, and without a config file the flats and "
+            "the station's address are unknown: start the station, or pass --config FILE"
+        )
+    settings = load_settings(config)
+    web = settings.web
+    if web.port == 0 and web.public_url is None:
+        raise CommandRefusedError(
+            f"no station is running at {state_dir}, and {config} leaves web.port to be chosen "
+            "at start (0): only the running station knows its address; start it and ask again"
+        )
+    _check_owner(state_dir)
+    installer = request.get("request") == "pair-installer"
+    flat = "" if installer else str(request.get("flat"))
+    flats = sorted({button.flat for button in settings.hardware.buttons})
+    if not installer and flat not in flats:
+        raise CommandRefusedError(
+            f"flat {flat!r} is not served by this station (its flats: {', '.join(flats)})"
+        )
+    hours = float(settings.privacy.installer_valid_hours) if installer else 0.0
+    lock = InstanceLock(state_dir, "cli")
+    lock.acquire()
+    try:
+        now = time.time()
+        if len(spooled(state_dir, now)) >= MAX_PENDING:
+            raise CommandRefusedError("too many pairing codes pending; wait for some to expire")
+        cert = StationCert(state_dir, settings.station.id, web)
+        cert.load()  # the station's own CA (made at its first start), or the owner's
+        code, expires_at = spool_code(state_dir, flat, now, hours)
+    finally:
+        lock.release()
+    url = station_url(web)
+    page = f"{url}installer.html" if installer else url
+    answer: dict[str, Any] = {
+        "ok": True, "code": code, "url": f"{page}#pair={code}&fp={cert.fingerprint}",
+        "station_url": url, "fingerprint": cert.fingerprint,
+        "trust_url": "" if cert.owner else f"{url}trust.html",
+        "expires_at": expires_at, "spooled": True,
+    }
+    if installer:
+        answer["valid_hours"] = hours
+    return answer

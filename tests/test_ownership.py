@@ -262,3 +262,58 @@ def test_without_a_station_only_the_state_dir_s_owner_may_change_it(tmp_path: Pa
     assert "belongs to nobody" in done.stderr
     assert "sudo -u nobody" in done.stderr
     assert not (state / "instance.lock").read_text()  # nobody took the lock
+
+
+def test_pair_without_a_daemon_spools_a_code_the_station_takes_at_start(
+    tmp_path: Path,
+) -> None:
+    """``intercom pair`` with no station: made from the config under the lock, spooled."""
+    import ssl  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    import tomli_w  # noqa: PLC0415
+
+    from intercom.config import simulated_settings  # noqa: PLC0415
+
+    from .mosquitto import free_port  # noqa: PLC0415
+    from .test_calls_client import DeviceKey  # noqa: PLC0415
+
+    state = tmp_path / "state"
+    settings = simulated_settings(state).model_dump(mode="json", exclude_none=True)
+    del settings["simulated"]
+    settings["web"]["port"] = port = free_port()
+    config = tmp_path / "intercom.toml"
+    config.write_text(tomli_w.dumps(settings))
+    SimStation(state, ("--config", str(config))).stop()  # its keys and CA, made at start
+
+    lost = cli("pair", "--flat", "1", "--no-qr", "--state-dir", str(state), check=False)
+    assert lost.returncode == 1
+    assert "pass --config FILE" in lost.stderr  # no config: flats and address unknown
+    wrong = cli("pair", "--flat", "9", "--no-qr", "--config", str(config), check=False)
+    assert wrong.returncode == 1
+    assert "flat '9' is not served by this station (its flats: 1" in wrong.stderr
+    made = cli("pair", "--flat", "1", "--no-qr", "--config", str(config)).stdout
+    assert "no station is running: it takes this code when it starts" in made
+    link = next(line.split()[-1] for line in made.splitlines() if line.startswith("link:"))
+    assert link.startswith(f"https://127.0.0.1:{port}/#pair=")
+    code = link.split("#pair=")[1].split("&")[0]
+    assert code not in (state / "pairing-spool.json").read_text()  # only its hash
+    installer = cli("pair", "--installer", "--no-qr", "--config", str(config)).stdout
+    assert f"https://127.0.0.1:{port}/installer.html#pair=" in installer
+    assert "pairing code for an installer, valid 72 h once paired" in installer
+
+    station = SimStation(state, ("--config", str(config)))
+    try:
+        online = station.request({"request": "pair", "flat": "1"})
+        assert link.endswith("&fp=" + online["fingerprint"])  # the CA the station serves
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # loopback, this test's
+        body = json.dumps({"code": code, "jwk": DeviceKey().jwk()}).encode()
+        redeem = urllib.request.Request(f"https://127.0.0.1:{port}/api/pair", data=body,
+                                        headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(redeem, context=tls, timeout=10) as answer:  # noqa: S310 - https, a literal URL
+            assert answer.status == 200
+            assert json.loads(answer.read())["flat"] == "1"
+    finally:
+        station.stop()
+    assert not (state / "pairing-spool.json").exists()  # taken at the start

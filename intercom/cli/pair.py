@@ -9,10 +9,11 @@ from pathlib import Path
 
 import segno
 
-from intercom.cli.common import add_state_dir, state_dir
+from intercom.cli.common import add_state_dir, resolved
 from intercom.control import request_sync
 from intercom.deploy.stationca import grouped
-from intercom.errors import IntercomError
+from intercom.errors import IntercomError, StationNotRunningError
+from intercom.privacy.audit import local_actor
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +23,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="make a one-time pairing code for a resident's device (or an installer's phone)",
         description="Ask the running station for a one-time pairing code (single use, "
         "expires in 10 minutes) for a resident of FLAT, and print the code, the pairing "
-        "link and a QR code of the link. The link holds the station URL, the code and "
+        "link and a QR code of the link. With no station running, the code is made here "
+        "from the config file (--config: its flats and address) and spooled for the station "
+        "to take when it starts (as the state directory's owner, under its instance lock). "
+        "The link holds the station URL, the code and "
         "the SHA-256 fingerprint of the station's CA certificate (of the owner's "
         "certificate with [web] tls_cert_file); the page the CA is installed from "
         "(trust.html) shows the same fingerprint.",
@@ -46,7 +50,14 @@ def cmd_pair(args: argparse.Namespace) -> int:
     """Print a pairing code, its link and QR code."""
     request = ({"request": "pair-installer"} if args.installer
                else {"request": "pair", "flat": args.flat})
-    answer = request_sync(state_dir(args), request)
+    where = resolved(args)
+    try:
+        answer = request_sync(where.state_dir, request)
+    except StationNotRunningError:
+        from intercom.admin import offline_pair  # noqa: PLC0415
+
+        station = where.require_station()
+        answer = offline_pair(station, where.config, {**request, "actor": local_actor()})
     if not answer.get("ok"):
         raise IntercomError(str(answer.get("error", "the station refused the request")))
     link = str(answer["url"])
@@ -63,6 +74,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
             else f"flat {args.flat}")
     print(f"pairing code for {whom}{who}: {answer['code']}")
     print(f"expires:     {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
+    if answer.get("spooled"):
+        print("             no station is running: it takes this code when it starts, "
+              "so start it before then")
     print(f"fingerprint: {grouped(str(answer['fingerprint']))}")
     if answer.get("trust_url"):
         print(f"trust:       {answer['trust_url']} (install the station's CA of this fingerprint)")

@@ -40,14 +40,13 @@ from intercom.deploy.stationca import grouped
 from intercom.deploy.tlscert import (
     load_or_create_tls,
     load_owner_pair,
-    machine_name,
     names_for,
+    station_url,
 )
 from intercom.errors import ConfigError, IntercomError
 from intercom.eventlog.keys import create_master_key, master_key_source
 from intercom.events import EventBus
 from intercom.identity import create_identity
-from intercom.netaddr import ANY_HOSTS
 from intercom.safefiles import replace_atomically
 from intercom.security.pairingcodes import spool_code
 from intercom.security.principals import Principal, Role, public_jwk_from_file
@@ -282,8 +281,9 @@ class FirstBoot:
             return pair.fingerprint
         tls = load_or_create_tls(self.state_dir, station, names_for(station, web))
         new = " (new)" if "CA certificate made" in tls.made else ""
+        url = station_url(settings.web)
         self.report.add(f"TLS certificate SHA-256 {grouped(tls.fingerprint)}{new}: the station's "
-                        f"own CA, which residents install from {self._url(settings)}trust.html")
+                        f"own CA, which residents install from {url}trust.html")
         for what in tls.made:
             if "replaces" in what:
                 self.report.add(f"TLS: {what}")
@@ -301,7 +301,7 @@ class FirstBoot:
         code, expires = spool_code(self.state_dir, flat, self.now())
         until = time.strftime("%H:%M UTC", time.gmtime(expires))
         self.report.add(f"first pairing code for flat {flat}: {code} (single use, until {until})")
-        self.report.add(f"pairing link: {self._url(settings)}#pair={code}&fp={fingerprint}")
+        self.report.add(f"pairing link: {station_url(settings.web)}#pair={code}&fp={fingerprint}")
 
     def _installer_phone_code(
         self, settings: Settings, section: dict[str, Any], fingerprint: str, default_hours: float
@@ -316,16 +316,8 @@ class FirstBoot:
         until = time.strftime("%H:%M UTC", time.gmtime(expires))
         self.report.add(f"installer pairing code: {code} (single use, until {until}; the "
                         f"installer stays valid {hours:g} h once paired)")
-        self.report.add(f"installer link: {self._url(settings)}installer.html#pair={code}"
+        self.report.add(f"installer link: {station_url(settings.web)}installer.html#pair={code}"
                         f"&fp={fingerprint}")
-
-    def _url(self, settings: Settings) -> str:
-        """The address residents and the installer open (public_url, else this machine)."""
-        web = settings.web
-        host = web.host
-        if host in ANY_HOSTS:  # any address: name the machine
-            host = machine_name()
-        return (web.public_url or f"https://{host}:{web.port}/").rstrip("/") + "/"
 
     def _installer_principal(self, section: Any, station_id: str, default_hours: float) -> None:
         """Register a time-boxed installer with a fresh TOTP secret; print its enrolment."""

@@ -82,6 +82,12 @@ def machine_name() -> str:
     return name if "." in name else f"{name}.local"
 
 
+def station_url(web: WebConfig) -> str:
+    """The address residents and the installer open (public_url, else this machine)."""
+    host = machine_name() if web.host in ANY_HOSTS else web.host  # any address: the name
+    return (web.public_url or f"https://{host}:{web.port}/").rstrip("/") + "/"
+
+
 def names_for(station_id: str, web: WebConfig) -> StationNames:
     """The names the station's certificate should carry with this ``[web]`` config."""
     addresses = machine_addresses() if web.host in ANY_HOSTS else []

@@ -31,10 +31,17 @@ def new_code() -> str:
     return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
 
 
+def spooled(state_dir: Path, now: float) -> list[dict[str, object]]:
+    """The spool's entries that have not expired (none when there is no spool)."""
+    path = state_dir / SPOOL
+    entries: list[dict[str, object]] = json.loads(path.read_text()) if path.exists() else []
+    return [e for e in entries if float(str(e.get("expires_at", 0))) > now]
+
+
 def spool_code(
     state_dir: Path, flat: str, now: float, installer_hours: float = 0.0
 ) -> tuple[str, float]:
-    """A code made while the station is not running (first boot); it takes it at start.
+    """A code made while no station runs (first boot, ``pair``); taken at the start.
 
     Only the code's hash, its flat (empty for an installer's code, which carries the
     hours the installer stays valid) and its expiry are written (``pairing-spool.json``,
@@ -43,7 +50,7 @@ def spool_code(
     code = new_code()
     expires_at = now + CODE_TTL_S
     path = state_dir / SPOOL
-    entries = json.loads(path.read_text()) if path.exists() else []
+    entries = spooled(state_dir, now)  # the expired ones are dropped as it is written
     entry: dict[str, object] = {"digest": digest(code), "flat": flat, "expires_at": expires_at}
     if installer_hours > 0:
         entry["installer_hours"] = installer_hours
