@@ -8,8 +8,8 @@ worked example of RFC 8291 (Appendix A) in tests/test_push.py.
 
 The stand-in checks each request as a push service does (``Authorization: vapid``
 with aud, exp at most 24 h ahead and sub; ``TTL``; ``Content-Encoding: aes128gcm``)
-and records it with the time it arrived. ``gone`` makes it answer 410 Gone for an
-endpoint once, as for a subscription the browser dropped.
+and records it with the time it arrived. ``gone`` (``not_found``) makes it answer 410
+Gone (404 Not Found) for an endpoint once, as for a subscription the browser dropped.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ class PushService:
         self.pushes: list[Push] = []
         self.refused: list[str] = []
         self.gone: set[str] = set()  # endpoints answered 410 once
+        self.not_found: set[str] = set()  # endpoints answered 404 once
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -208,6 +209,9 @@ class PushService:
         if endpoint in self.gone:
             self.gone.discard(endpoint)
             return web.Response(status=410, text="subscription gone")
+        if endpoint in self.not_found:
+            self.not_found.discard(endpoint)
+            return web.Response(status=404, text="no such subscription")
         self.pushes.append(Push(endpoint, arrived, dict(request.headers), await request.read(),
                                 claims))
         return web.Response(status=201, headers={"Location": f"{endpoint}/m/{len(self.pushes)}"})

@@ -212,13 +212,14 @@ async def test_decline_from_the_notification_ends_the_ring_without_opening_the_a
     assert station.calls.ring_group.last_call.state.value == "missed"
 
 
+@pytest.mark.parametrize("status", [410, 404])
 async def test_a_subscription_the_push_service_says_is_gone_is_dropped(
-    station: Station, push_service: PushService, devices: list[Device]
+    station: Station, push_service: PushService, devices: list[Device], status: int
 ):
     phone, browser = await subscribed(station, push_service, devices)
     assert station.registry is not None
     assert station.registry.push_subscription(phone.principal) is not None
-    push_service.gone.add(browser.endpoint)
+    (push_service.gone if status == 410 else push_service.not_found).add(browser.endpoint)
     station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
     await eventually(lambda: station.registry.push_subscription(phone.principal) is None,  # type: ignore[union-attr]
                      what="the subscription dropped")
@@ -242,6 +243,34 @@ async def test_subscriptions_are_sealed_at_rest_and_go_with_a_revoked_principal(
     assert push_service.pushes == [], "a revoked device is not pushed to"
     assert station.calls is not None
     assert station.calls.state == "idle", "no device: missed at once"
+
+
+async def test_an_erased_principal_s_subscription_goes_with_it(
+    station: Station, push_service: PushService, devices: list[Device]
+):
+    phone, _browser = await subscribed(station, push_service, devices)
+    assert station.registry is not None
+    assert await station.registry.erase(phone.principal)  # what `privacy erase` runs
+    assert station.registry.push_subscription(phone.principal) is None
+    station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
+    await asyncio.sleep(0.5)
+    assert push_service.pushes == [], "an erased device is not pushed to"
+
+
+async def test_a_device_online_is_rung_on_its_socket_not_pushed(
+    station: Station, push_service: PushService, devices: list[Device]
+):
+    phone, browser = await subscribed(station, push_service, devices)
+    _tablet, tablet_browser = await subscribed(station, push_service, devices)
+    opened = again(phone)  # the phone's app open again: online
+    devices.append(opened)
+    await opened.connect()
+    station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
+    await opened.expect("ring")
+    await eventually(lambda: len(push_service.pushes) == 1, what="the offline tablet's push")
+    await asyncio.sleep(0.5)  # and nothing more arrives for the online phone
+    assert [p.endpoint for p in push_service.pushes] == [tablet_browser.endpoint]
+    assert browser.endpoint != tablet_browser.endpoint
 
 
 async def test_an_unusable_subscription_is_refused_and_the_socket_stays(
