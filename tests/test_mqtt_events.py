@@ -201,3 +201,23 @@ async def test_restart_resumes_from_the_cursor(tmp_path, sim_settings):
                 assert all(seq > cursor for seq in watcher.received[copies:])
     finally:
         broker.kill()
+
+
+async def test_a_press_and_the_call_it_causes_reach_the_wire_in_that_order(
+    tmp_path, sim_settings
+):
+    """The call's events are published from inside the press's handler: on MQTT they
+    still come after the press (by arrival and by seq)."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        async with Watcher(broker.port) as watcher, \
+                running(mqtt_settings(sim_settings, port=broker.port)) as station:
+            station.bus.publish(DoorbellPressed(button="bell0", flat="1"))
+            await until(lambda: any(b["type"] == "CallMissed" for b in watcher.seqs.values()))
+            arrived = [watcher.seqs[seq]["type"] for seq in watcher.received]
+            call = [kind for kind in arrived if kind.startswith(("Doorbell", "Call"))]
+            assert call == ["DoorbellPressed", "CallRinging", "CallMissed"], arrived
+            assert watcher.received == sorted(watcher.received)  # seq order is arrival order
+    finally:
+        broker.kill()
