@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,11 @@ from tests.mosquitto import free_port  # noqa: E402
 RESIDENTS = Path(__file__).resolve().parent / "soak_residents.py"
 READY_RING_S = 5.0  # after a restart, every device is rung within this of READY=1
 SETTLE_S = 3.0  # after every resident is online, before the first press
+TOTP_STEP_S = 30  # the residents' TOTP time step (RFC 6238's default, the station's)
 
+# Linux's SO_TIMESTAMP (asm-generic/socket.h, x86_64 and arm64), which Python does not name
+SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)
+TIMEVAL_SPACE = socket.CMSG_SPACE(struct.calcsize("@ll"))  # struct timeval
 WEB_PORT_0 = 'host = "127.0.0.1"\nport = 0'
 MORE_CONFIG = """
 [mqtt]
@@ -49,7 +54,9 @@ class StationDied(Exception):  # noqa: N818 - what happened, not an error of the
 class SoakStation(bench.Station):
     """bench_devices' station (one flat) with MQTT, a short ring timeout and fast epochs.
 
-    It tells a notify socket of its own when it is READY, as it would tell systemd.
+    It tells a notify socket of its own when it is READY, as it would tell systemd; the
+    kernel stamps each datagram as it arrives (SO_TIMESTAMP), so READY's time is when
+    the station sent it, however late the soak reads it.
     """
 
     def __init__(self, work: Path, broker_port: int, ring_timeout_s: float) -> None:
@@ -64,6 +71,7 @@ class SoakStation(bench.Station):
         self.prefix = "intercom/bench"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(work / "notify.sock"))
+        self.notify.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         self.notify.setblocking(False)
         os.environ["NOTIFY_SOCKET"] = str(work / "notify.sock")  # for the station processes
         self._last_press = -bench.COALESCE_S
@@ -97,14 +105,16 @@ class SoakStation(bench.Station):
                               "(see station.log)")
 
     async def ready(self, timeout: float = 60) -> float:
-        """Wait for the next READY=1 on the notify socket; when it came (unix seconds)."""
-        loop = asyncio.get_running_loop()
+        """Wait for the next READY=1 on the notify socket; when it arrived (unix seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                data = await asyncio.wait_for(loop.sock_recv(self.notify, 4096), 1.0)
-                if b"READY=1" in data.split(b"\n"):
-                    return time.time()
+            try:
+                data, ancillary, _flags, _addr = self.notify.recvmsg(4096, TIMEVAL_SPACE)
+            except BlockingIOError:
+                await asyncio.sleep(0.02)
+                continue
+            if b"READY=1" in data.split(b"\n"):
+                return arrival(ancillary)
         raise SystemExit(f"no READY=1 within {timeout} s; see station.log")
 
     def drain_notify(self) -> None:
@@ -122,6 +132,15 @@ class SoakStation(bench.Station):
         self.drain_notify()
         await self.start()
         return await self.ready()
+
+
+def arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's SO_TIMESTAMP of a datagram (unix seconds) from recvmsg's ancillary data."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP:
+            seconds, micros = struct.unpack("@ll", data[: struct.calcsize("@ll")])
+            return seconds + micros / 1e6
+    raise RuntimeError("the notify socket gave no SO_TIMESTAMP")
 
 
 def jti_of(token: str) -> str:
@@ -349,7 +368,9 @@ class Residents:
         """The answering device's signed command, sent on MQTT; what went wrong."""
         collector = self.collector
         index = next(d["index"] for d in self.devices if d["principal"] == who)
-        if not await collector.until(lambda: collector.of("unlock", d=index, call=call), 10):
+        # up to a TOTP step late: a device waits for a code it has not sent before
+        wait_s = TOTP_STEP_S + 10
+        if not await collector.until(lambda: collector.of("unlock", d=index, call=call), wait_s):
             saw = [k for k in ("ring", "frame", "call") if collector.of(k, d=index, call=call)]
             return [f"the answering device made no unlock command (it saw: {saw or 'nothing'})"]
         token = collector.of("unlock", d=index, call=call)[0]["token"]

@@ -48,6 +48,8 @@ class SoakDevice(BenchDevice):
         self.station = station
         self.door = door
         self.plan: dict[str, Any] = {"plan": "ignore"}
+        self.last_step = -1  # the TOTP time step of this device's last command
+        self._signing: asyncio.Task[None] | None = None
 
     async def on_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "ring":
@@ -60,16 +62,31 @@ class SoakDevice(BenchDevice):
         await super().on_message(msg)
         if msg["type"] == "call" and msg.get("state") == "answered" and self.answerer:
             self.answerer = False
-            self.emit("unlock", call=self.call, token=self.sign_unlock())
+            # off the message loop: the call's signalling goes on while it waits
+            self._signing = asyncio.create_task(self.unlock(self.call), name="soak-unlock")
 
-    def sign_unlock(self) -> str:
-        """A signed unlock command for this station's door, with the current TOTP code."""
+    async def unlock(self, call: str | None) -> None:
+        """Report a signed unlock command for ``call``, in a TOTP step not used before.
+
+        The station takes each code of a principal once ("TOTP step already used"), so
+        a device answering again within the same 30 s step waits for the next one, as a
+        person would for the next code of an authenticator app.
+        """
+        step_s = int(self.totp.interval)
+        now = time.time()
+        if int(now) // step_s <= self.last_step:
+            await asyncio.sleep((self.last_step + 1) * step_s - now + 0.05)
+            now = time.time()
+        self.last_step = int(now) // step_s
+        self.emit("unlock", call=call, token=self.sign_unlock(self.totp.at(int(now))))
+
+    def sign_unlock(self, code: str) -> str:
+        """A signed unlock command for this station's door with TOTP ``code``."""
         from intercom.security import command  # noqa: PLC0415
 
         key = command.load_private_key(self.pem)
-        return command.sign(
-            key, kid=self.principal, station=self.station, door=self.door, totp=self.totp.now()
-        )
+        return command.sign(key, kid=self.principal, station=self.station, door=self.door,
+                            totp=code)
 
 
 async def device_worker(spec_path: str) -> None:
