@@ -289,7 +289,8 @@ id = "door-qemu"
 [hardware]
 pin_factory = "mock"
 buttons = [{ pin = 17, flat = "1" }]
-relay = { pin = 27 }
+# A long pulse: the relay is still energised when the watchdog test freezes the daemon.
+relay = { pin = 27, pulse_s = 30, max_open_s = 30 }
 
 [media.camera]
 source = "synthetic"
@@ -299,19 +300,67 @@ input = "synthetic"
 output = "levels"
 """
 
+# Run once the daemon is READY (only in the test's copy of the image), as root, from
+# outside the daemon: a resident's signed unlock energises the relay, then SIGSTOP
+# freezes the daemon's main process, its event loop with it, so that no WATCHDOG=1
+# comes. systemd must kill it (WatchdogSignal=, SIGABRT) and restart it
+# (Restart=on-failure); the script waits for the new process to be READY (active) and
+# prints the relay's state as the new daemon reports it. The daemon has no code for this.
+WATCHDOG_SCRIPT = """\
+#!/bin/sh
+set -eu
+bin=/opt/intercom/current/bin
+work=$(mktemp -d)
+openssl genpkey -algorithm ed25519 -out "$work/key.pem"
+openssl pkey -in "$work/key.pem" -pubout -out "$work/pub.pem"
+"$bin/intercom" principals add --role resident --flat 1 --id resident-watchdog \\
+  --public-key "$work/pub.pem" --no-qr > "$work/enrolment"
+grep '^otpauth://' "$work/enrolment" > "$work/totp"
+token=$("$bin/intercom" sign-command --key "$work/key.pem" --kid resident-watchdog \\
+  --station door-qemu --door front --totp-secret-file "$work/totp")
+echo "watchdog-test: unlock $("$bin/intercom" unlock "$token")"
+pid=$(systemctl show -P MainPID intercom.service)
+kill -STOP "$pid"
+echo "watchdog-test: froze pid $pid"
+while :; do
+  now=$(systemctl show -P MainPID intercom.service)
+  state=$(systemctl is-active intercom.service || true)
+  if [ "$state" = active ] && [ "$now" != 0 ] && [ "$now" != "$pid" ]; then break; fi
+  sleep 1
+done
+echo "watchdog-test: pid $now ready, restarts $(systemctl show -P NRestarts intercom.service)"
+echo "watchdog-test: $("$bin/intercom" status | grep '^lock ')"
+"""
 
-# Run once the daemon is READY (only in the test's copy of the image): a change through
-# the daemon's one config writer, as root over the control socket like an installer's
-# `intercom config set`, then a clean power-off so that the file can be read back.
-CONFIG_SET_UNIT = """\
+WATCHDOG_UNIT = """\
 [Unit]
-Description=Intercom config set through the daemon's writer (image test)
-Requires=intercom.service
+Description=Intercom frozen past WatchdogSec (image test)
+Wants=intercom.service
 After=intercom.service
 
 [Service]
 Type=oneshot
-ExecStart=/opt/intercom/current/bin/intercom config set --state-dir /var/lib/intercom \
+ExecStart=/bin/sh /usr/local/sbin/intercom-watchdog-test
+TimeoutStartSec=10min
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Then (also test-only): a change through the daemon's one config writer, as root over
+# the control socket like an installer's `intercom config set`, then a clean power-off
+# so that the file can be read back.
+CONFIG_SET_UNIT = """\
+[Unit]
+Description=Intercom config set through the daemon's writer (image test)
+Requires=intercom.service
+After=intercom.service intercom-watchdog-test.service
+
+[Service]
+Type=oneshot
+ExecStart=/opt/intercom/current/bin/intercom config set --state-dir /var/lib/intercom \\
   hardware.buttons[0].name porch
 ExecStopPost=/usr/bin/systemctl --no-block poweroff
 StandardOutput=journal+console
@@ -329,39 +378,50 @@ def debugfs(disk: str, command: str, *, write: bool = False) -> str:
     return result.stdout
 
 
-def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
-    """The image's own kernel and systemd: first boot provisions, intercom.service READY.
+def write_into(root: str, local: Path, path: str, mode: int) -> None:
+    """Copy ``local`` to ``path`` on the ext4 root (debugfs keeps the local file's mode)."""
+    local.chmod(mode)
+    debugfs(root, f"write {local} {path}", write=True)
 
-    Then the daemon, under its unit's ProtectSystem=strict, changes its config file
-    through its writer, and the changed file is read back from the powered-off disk.
+
+@pytest.fixture(scope="module")
+def qemu_boot(image, table, tmp_path_factory) -> dict[str, str]:
+    """One boot of a copy of the image with the test units; the serial console and disks.
+
+    The image's own kernel and initrd, systemd as PID 1: first boot provisions,
+    intercom.service becomes READY, the watchdog test unit freezes the daemon and waits
+    for it to come back, the config test unit changes the config and powers off.
     """
-    disk = tmp_path / "disk.img"
+    work = tmp_path_factory.mktemp("qemu")
+    disk = work / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
     boot = f"{disk}@@{table['partitions'][0]['start'] * 512}"
     root = f"{disk}?offset={table['partitions'][1]['start'] * 512}"
-    unit = tmp_path / "intercom-config-test.service"
-    unit.write_text(CONFIG_SET_UNIT)
-    unit.chmod(0o644)
-    debugfs(root, f"write {unit} /etc/systemd/system/{unit.name}", write=True)
-    debugfs(root, f"symlink /etc/systemd/system/multi-user.target.wants/{unit.name} "
-                  f"/etc/systemd/system/{unit.name}", write=True)
+    (work / "watchdog-test.sh").write_text(WATCHDOG_SCRIPT)
+    write_into(root, work / "watchdog-test.sh", "/usr/local/sbin/intercom-watchdog-test", 0o755)
+    for name, text in (("intercom-watchdog-test.service", WATCHDOG_UNIT),
+                       ("intercom-config-test.service", CONFIG_SET_UNIT)):
+        (work / name).write_text(text)
+        write_into(root, work / name, f"/etc/systemd/system/{name}", 0o644)
+        debugfs(root, f"symlink /etc/systemd/system/multi-user.target.wants/{name} "
+                      f"/etc/systemd/system/{name}", write=True)
     mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
                            check=True, env=mtools).stdout.split()
     kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
     initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
     for name in (kernel, initrd):
-        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(tmp_path / name)], check=True,
+        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(work / name)], check=True,
                        env=mtools)
-    (tmp_path / "intercom.toml").write_text(BOOT_CONFIG)
-    subprocess.run(["mcopy", "-i", boot, str(tmp_path / "intercom.toml"), "::/intercom.toml"],
+    (work / "intercom.toml").write_text(BOOT_CONFIG)
+    subprocess.run(["mcopy", "-i", boot, str(work / "intercom.toml"), "::/intercom.toml"],
                    check=True, env=mtools)
-    serial = tmp_path / "serial.log"
+    serial = work / "serial.log"
     with serial.open("wb") as out:
         qemu = subprocess.Popen(
             ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a53", "-smp", "2",
              "-m", "1536", "-nographic", "-no-reboot",
-             "-kernel", str(tmp_path / kernel), "-initrd", str(tmp_path / initrd),
+             "-kernel", str(work / kernel), "-initrd", str(work / initrd),
              "-append", ("root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait "
              "systemd.journald.forward_to_console=1"),
              "-drive", f"file={disk},if=virtio,format=raw",
@@ -369,17 +429,28 @@ def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
         try:
-            # The test unit powers the machine off once it ran (or failed): qemu exits.
-            qemu.wait(timeout=1200)
+            # The config test unit powers the machine off once it ran (or failed): qemu exits.
+            qemu.wait(timeout=1500)
         except subprocess.TimeoutExpired:
             qemu.kill()
             qemu.wait()
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", serial.read_bytes().decode(errors="replace"))
+    return {"text": text, "boot": boot, "root": root}
+
+
+def test_image_boots_under_qemu_to_first_boot_and_ready(qemu_boot):
+    """The image's own kernel and systemd: first boot provisions, intercom.service READY.
+
+    Then the daemon, under its unit's ProtectSystem=strict, changes its config file
+    through its writer, and the changed file is read back from the powered-off disk.
+    """
+    text, boot, root = qemu_boot["text"], qemu_boot["boot"], qemu_boot["root"]
     assert "Finished intercom-firstboot.service" in text, text[-3000:]
     assert "TLS certificate SHA-256" in text
     assert "Started intercom.service" in text, text[-3000:]
     assert "station door-qemu ready" in text
     assert "sys-subsystem-net-devices-wlan0.device" not in text  # nothing waits for Wi-Fi
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     after = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
                            check=True, env=mtools).stdout
     assert "intercom.toml" not in after
@@ -403,3 +474,41 @@ def test_image_boots_under_qemu_to_first_boot_and_ready(image, table, tmp_path):
     assert re.search(r"Mode:\s+01770\b", folder), folder
     # Only the daemon's writer wrote there: no temporary file left behind.
     assert ".tmp" not in debugfs(root, "ls -l /etc/intercom")
+
+
+def test_a_station_frozen_past_watchdogsec_is_killed_and_comes_back_ready_relay_off(qemu_boot):
+    """Its loop stopped with the relay energised: systemd kills it, restarts it, READY again.
+
+    What the serial console shows, in this order: the relay energised by a granted
+    unlock, the freeze, systemd's watchdog timeout and its kill of the frozen process,
+    the restart, the second ``ready``, and the new daemon's lock ``locked``.
+    """
+    text = qemu_boot["text"]
+    assert "watchdog-test: unlock granted" in text, text[-3000:]
+    froze = re.search(r"watchdog-test: froze pid (\d+)", text)
+    assert froze, text[-3000:]
+    pid = froze.group(1)
+    unit = r"intercom\.service: "
+    expected = [
+        r"lock front: relay energised \(unlock via \w+\)",
+        rf"watchdog-test: froze pid {pid}\b",
+        rf"{unit}Watchdog timeout \(limit 30s\)!",
+        rf"{unit}Killing process {pid} \(\S+\) with signal SIGABRT\.",
+        rf"{unit}Failed with result 'watchdog'\.",
+        rf"{unit}Scheduled restart job, restart counter is at 1\.",
+        r"station door-qemu ready",
+        r"watchdog-test: pid (\d+) ready, restarts 1\b",
+        r"watchdog-test: lock +locked",
+    ]
+    at = 0
+    spans = []
+    for pattern in expected:
+        match = re.compile(pattern).search(text, at)
+        assert match, f"no {pattern!r} after offset {at}:\n{text[at:][-4000:]}"
+        spans.append(match)
+        at = match.end()
+    # The frozen daemon never released the relay: the one that says locked is a new one.
+    frozen = text[spans[0].end():spans[2].start()]
+    assert "relay released" not in frozen, frozen[-3000:]
+    assert spans[7].group(1) != pid
+    assert text.count("station door-qemu ready") == 2, text[-3000:]
