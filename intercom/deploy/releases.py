@@ -148,10 +148,17 @@ def install(layout: Layout, bundle: Path, manifest: Manifest) -> Path:
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=layout.releases) as staging:
         wheels = extract_wheels(bundle, manifest, Path(staging))
         try:
-            venv.EnvBuilder(symlinks=True, with_pip=False).create(target)
+            # Debian's hardware bindings (python3-pyaudio; picamera2 on Raspberry Pi OS) are
+            # system packages, seen as the image's first release sees them; every signed
+            # wheel is still installed into the venv (--ignore-installed), none taken from
+            # the system instead.
+            venv.EnvBuilder(symlinks=True, with_pip=False, system_site_packages=True).create(
+                target
+            )
             result = subprocess.run(
                 [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"),
-                 "install", "--no-index", "--no-deps", "--disable-pip-version-check",
+                 "install", "--no-index", "--no-deps", "--ignore-installed",
+                 "--disable-pip-version-check",
                  "--no-input", "--quiet", *map(str, wheels)],
                 capture_output=True, text=True, check=False, timeout=1800, env=_clean_env(),
             )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from intercom.errors import HardwareError
@@ -16,6 +18,14 @@ def make_pin_factory(kind: Literal["lgpio", "mock"]) -> Any:
         from gpiozero.pins.mock import MockFactory  # noqa: PLC0415
 
         return MockFactory()
+    if not os.access(".", os.W_OK | os.X_OK):
+        # lgpio's edge notifications are FIFOs it makes in the working directory and
+        # opens by a relative name: elsewhere the first button fails obscurely.
+        raise HardwareError(
+            f"hardware.pin_factory: lgpio needs a writable working directory for its "
+            f"notification FIFOs, and {Path.cwd()} is not (intercom.service runs in "
+            "/run/intercom)"
+        )
     try:
         from gpiozero.pins.lgpio import LGPIOFactory  # noqa: PLC0415
 
