@@ -9,6 +9,7 @@ build step (the checks are the same).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -23,6 +24,20 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from intercom.control import request
+from tests.image_devices import (
+    QEMU_CPU,
+    Agent,
+    RemoteStation,
+    fetch_ca,
+    free_port,
+    install_test_parts,
+    kernel_of,
+    pair_remote,
+    pi_dtb,
+)
+from tests.test_calls_client import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "image-build" / "build"
@@ -512,3 +527,236 @@ def test_a_station_frozen_past_watchdogsec_is_killed_and_comes_back_ready_relay_
     assert "relay released" not in frozen, frozen[-3000:]
     assert spans[7].group(1) != pid
     assert text.count("station door-qemu ready") == 2, text[-3000:]
+
+
+# The station as a Pi runs it, on the kernel's simulated devices: lgpio on a gpio-sim chip
+# wired as hw/wiring.md (the relay from a pin map of hw/pinmaps/), the V4L2 camera on
+# vivid, pyaudio on the ALSA loopback card.
+PIN_MAP = REPO / "hw/pinmaps/generic-1ch-active-high.toml"
+BUTTON, DOOR, TAMPER = 17, 22, 23
+
+
+def devices_config(station_id: str, relay: dict[str, object], *, simulated: bool) -> str:
+    """The station's config: real pins and media in the image, mock ones on the host."""
+    hardware = "mock" if simulated else "lgpio"
+    media = ('[media.camera]\nsource = "synthetic"\n\n[media.audio]\ninput = "synthetic"\n'
+             'output = "levels"\n') if simulated else (
+             '[media.camera]\nsource = "v4l2"\ndevice = "/dev/video0"\nwidth = 640\n'
+             'height = 480\nfps = 15\n\n[media.audio]\ninput = "pyaudio"\noutput = "pyaudio"\n')
+    return (f'[station]\nid = "{station_id}"\n\n[hardware]\npin_factory = "{hardware}"\n'
+            f'buttons = [{{ pin = {BUTTON}, flat = "1" }}]\n'
+            f'relay = {{ pin = {relay["pin"]}, active_high = '
+            f'{str(relay["active_high"]).lower()} }}\n'
+            f"door_contact = {{ pin = {DOOR} }}\ntamper = {{ pin = {TAMPER} }}\n\n{media}")
+
+
+@pytest.fixture(scope="module")
+def gpio_sim_module(rootfs) -> Path:
+    """gpio-sim.ko for the image's kernel (Debian's has none; scripts/gpio-sim-module)."""
+    release, version = kernel_of(rootfs)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "intercom/gpio-sim"
+    out = subprocess.run([str(REPO / "scripts/gpio-sim-module"), release, version, str(cache)],
+                         capture_output=True, text=True, timeout=1800, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def serial_text(path: Path) -> str:
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", path.read_bytes().decode(errors="replace"))
+
+
+def wait_serial(path: Path, pattern: str, qemu: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first match of ``pattern`` on the serial console, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if match := re.search(pattern, serial_text(path)):
+            return match.group(0)
+        assert qemu.poll() is None, serial_text(path)[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"no {pattern!r} on the console: {serial_text(path)[-3000:]}")
+
+
+def host_figures(tmp: Path, relay: dict[str, object]) -> dict[str, float]:
+    """start -> READY and press -> ring on this machine, same config, simulated parts."""
+    config = tmp / "host.toml"
+    config.write_text(devices_config("door-host", relay, simulated=True)
+                      + f'\n[web]\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    state = tmp / "host-state"
+    notify = tmp / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [str(REPO / ".venv/bin/intercom"), "run", "--simulate", "--config", str(config),
+             "--state-dir", str(state)],
+            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            ready = None
+            while ready is None and proc.poll() is None:
+                if select.select([sock], [], [], 1)[0] and "READY=1" in sock.recv(4096).decode():
+                    ready = time.monotonic() - started
+            assert ready is not None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            press_ring = asyncio.run(host_press_ring(state))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    return {"ready_s": ready, "press_ring_s": press_ring}
+
+
+async def host_press_ring(state: Path) -> float:
+    """Seconds from a simulated press to the ring at a paired resident, on this machine."""
+    paired = await request(state, {"request": "pair", "flat": "1"})
+    url = paired["station_url"]
+    ca = await fetch_ca(url, paired["fingerprint"])
+    phone = await pair_remote(RemoteStation(url, ca, "door-host"), paired["code"])
+    try:
+        await phone.connect()
+        await phone.wait_connected(30)
+        pressed = time.time()
+        await request(state, {"request": "sim", "action": "press", "button": None})
+        ring = await phone.expect("ring", timeout=30)
+    finally:
+        await phone.close()
+    return float(ring["received_at"] - pressed)
+
+
+def prepare_disk(image: Path, table: dict, module: Path, relay: dict[str, object],
+                 tmp_path: Path) -> tuple[Path, str, str]:
+    """A copy of the image with the test's parts and the installer file; kernel, initrd."""
+    disk = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
+    boot = f"{disk}@@{table['partitions'][0]['start'] * 512}"
+    root = f"{disk}?offset={table['partitions'][1]['start'] * 512}"
+    install_test_parts(root, module, tmp_path)
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
+                           check=True, env=mtools).stdout.split()
+    kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
+    initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
+    for name in (kernel, initrd):
+        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(tmp_path / name)], check=True,
+                       env=mtools)
+    (tmp_path / "intercom.toml").write_text(devices_config("door-pi", relay, simulated=False))
+    subprocess.run(["mcopy", "-i", boot, str(tmp_path / "intercom.toml"), "::/intercom.toml"],
+                   check=True, env=mtools)
+    return disk, kernel, initrd
+
+
+def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim_module, tmp_path):
+    """The image's station on gpio-sim, vivid and snd-aloop, rung and opened from the host.
+
+    A resident on this machine (aiortc) pairs with the first-boot code through QEMU's
+    port forward, is rung by the button line pulled low through gpio-sim, answers, sees
+    vivid's frames, hears the tone played into the loopback card, is heard out of it,
+    and opens the door with a TOTP code: the relay line rises and falls. The door
+    contact and tamper lines raise their events. Prints the emulated/host ratios of
+    start -> READY and press -> ring (docs/benchmarks.md); asserts no speed.
+    """
+    relay = tomllib.loads(PIN_MAP.read_text())["hardware"]["relay"]
+    disk, kernel, initrd = prepare_disk(image, table, gpio_sim_module, relay, tmp_path)
+    port = free_port()
+    agent_sock = tmp_path / "agent.sock"
+    serial = tmp_path / "serial.log"
+    # User networking without restrict=on: the station's media (UDP) reaches the host's
+    # resident through slirp, which learns the path as a peer-reflexive candidate.
+    qemu_args = [
+        "qemu-system-aarch64", "-M", "virt", *QEMU_CPU, "-nographic", "-no-reboot",
+        "-dtb", str(pi_dtb(tmp_path)),
+        "-kernel", str(tmp_path / kernel), "-initrd", str(tmp_path / initrd),
+        "-append", "root=LABEL=RASPIROOT rw console=ttyAMA0 rootwait",
+        "-drive", f"file={disk},if=virtio,format=raw",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:8443",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=org.intercom.agent",
+    ]
+    agent = Agent(agent_sock)
+    figures: dict[str, float] = {}
+    with serial.open("wb") as out:
+        qemu = subprocess.Popen(qemu_args, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            agent.connect()
+            link = wait_serial(serial, r"pairing link: \S+#pair=\S+&fp=[0-9a-f]+", qemu, 1500)
+            code, fingerprint = re.search(r"#pair=([^&\s]+)&fp=([0-9a-f]+)", link).groups()
+            hello = agent.line(timeout=900)
+            assert hello == {"hello": True}
+            started = agent.ask("started", timeout=600)
+            assert started["NRestarts"] == 0
+            figures["ready_s"] = (started["ActiveEnterTimestampMonotonic"]
+                                  - started["ExecMainStartTimestampMonotonic"]) / 1e6
+            text = serial_text(serial)
+            assert "station door-pi ready" in text, text[-3000:]
+            assert re.search(r"agent: gpio-sim gpiochip0 .*/dev/video0.*pcm", text), text[-3000:]
+            # The wiring at rest: the magnet closes the reed switch, the cover is on.
+            for pin in (DOOR, TAMPER):
+                agent.ask("pull", pin=pin, level="down")
+            assert agent.ask("value", pin=BUTTON)["value"] == 1  # the lgpio pull-up
+            assert agent.ask("value", pin=relay["pin"])["value"] == 0
+            figures |= asyncio.run(resident_session(agent, port, code, fingerprint, relay))
+            events = [e["type"] for e in agent.ask("events")["events"]]
+            for kind in ("DoorbellPressed", "CallRinging", "CallAnswered", "UnlockGranted",
+                         "DoorOpened", "DoorClosed", "TamperDetected", "TamperCleared"):
+                assert kind in events, events
+            assert "DoorForcedOpen" not in events[events.index("UnlockGranted"):], events
+            agent.ask("poweroff")
+            qemu.wait(timeout=300)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+    host = host_figures(tmp_path, relay)
+    print(f"\nemulated arm64 image / host ({os.cpu_count()} cores): "  # noqa: T201
+          f"start->READY {figures['ready_s']:.2f} s / {host['ready_s']:.2f} s = "
+          f"{figures['ready_s'] / host['ready_s']:.1f}x; "
+          f"press->ring {figures['press_ring_s']:.3f} s / {host['press_ring_s']:.3f} s = "
+          f"{figures['press_ring_s'] / host['press_ring_s']:.1f}x")
+
+
+async def resident_session(agent, port: int, code: str, fingerprint: str,
+                           relay: dict[str, object]) -> dict[str, float]:
+    """Pair, be rung by the button line, answer, see, hear, be heard, open the door."""
+
+    url = f"https://127.0.0.1:{port}/"
+    station = RemoteStation(url, await fetch_ca(url, fingerprint), "door-pi")
+    phone = await pair_remote(station, code)
+    try:
+        await phone.connect()
+        await phone.wait_connected(120)
+        pressed = time.time()
+        await agent.ask_async("pull", pin=BUTTON, level="down")
+        ring = await phone.expect("ring", timeout=60)
+        await agent.ask_async("pull", pin=BUTTON, level="up")
+        await phone.send({"type": "accept", "call": ring["call"]})
+        await phone.expect("call", timeout=30, state="answered")
+        # vivid's frames, through the station's V4L2 source, to the resident.
+        await eventually(lambda: len(phone.video_frames) >= 15, 120, "video frames")
+        # Silence from the loopback card until the tone is played into it.
+        await asyncio.sleep(3)
+        quiet = phone.audible_frames
+        assert phone.audio_frames > 50, phone.audio_frames
+        assert quiet < 10, quiet
+        await agent.ask_async("tone", seconds=20, frequency=1000)
+        await eventually(lambda: phone.audible_frames >= quiet + 50, 60, "the tone")
+        # The resident's microphone (a 660 Hz tone) out of the station's speaker.
+        levels = (await agent.ask_async("listen", seconds=3))["levels"]
+        assert sum(level > 0.01 for level in levels) > 50, levels
+        # Open with a TOTP code: the relay line rises, then falls after the pulse.
+        agent.send("watch", pin=relay["pin"], seconds=8)
+        phone.channel.send(phone.unlock_token())
+        result = await asyncio.wait_for(phone.channel_messages.get(), 60)
+        assert (result["type"], result["result"]) == ("unlock-result", "granted"), result
+        changes = (await asyncio.get_running_loop().run_in_executor(
+            None, agent.line, 30))["changes"]
+        assert [level for _, level in changes] == [0, 1, 0], changes
+        # The visitor walks in: door open, then shut; the cover is lifted, then put back.
+        for pin in (DOOR, TAMPER):
+            await agent.ask_async("pull", pin=pin, level="up")
+            await asyncio.sleep(1)
+            await agent.ask_async("pull", pin=pin, level="down")
+        await asyncio.sleep(2)
+        return {"press_ring_s": ring["received_at"] - pressed}
+    finally:
+        await phone.close()
