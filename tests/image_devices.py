@@ -259,6 +259,7 @@ class RemoteDevice(Device):
                  totp_uri: str) -> None:
         super().__init__(station, key, principal, totp_uri)  # type: ignore[arg-type]
         self.remote = station
+        self.patience = 12.0
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         if self.http is not None:

@@ -135,6 +135,7 @@ class Device:
         self.number = 0  # the station's number of the current connection
         self.answers = True  # answer the station's offers (the renegotiations too)
         self.ready: dict[str, Any] = {}  # the station's ready message
+        self.patience = 1.0  # times the sign-in's waits (a station under emulation: more)
 
     async def open_socket(self) -> aiohttp.ClientWebSocketResponse:
         assert self.station.calls is not None
@@ -149,18 +150,18 @@ class Device:
     async def connect(self, answer: bool = True) -> None:
         """Sign in and set up the peer connection the station offers."""
         ws = await self.open_socket()
-        challenge = await ws.receive_json(timeout=5)
+        challenge = await ws.receive_json(timeout=5 * self.patience)
         assert challenge["type"] == "challenge"
         data = f"intercom-auth:{challenge['station']}:{challenge['nonce']}".encode()
         await ws.send_json(
             {"type": "auth", "principal": self.principal, "signature": b64url(self.key.sign(data))}
         )
-        reply = await ws.receive(timeout=5)
+        reply = await ws.receive(timeout=5 * self.patience)
         assert reply.type == aiohttp.WSMsgType.TEXT, f"refused: {reply.type} {ws.close_code}"
         ready = json.loads(reply.data)
         assert ready["type"] == "ready", ready
         self.ready = ready
-        offer = await ws.receive_json(timeout=10)
+        offer = await ws.receive_json(timeout=10 * self.patience)
         assert offer["type"] == "offer"
         self.answers = answer
         self._tasks.append(asyncio.create_task(self._read()))
