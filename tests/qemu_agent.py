@@ -110,6 +110,12 @@ class Pcm:
 
     def __init__(self, capture: bool) -> None:
         self.lib = ctypes.CDLL("libasound.so.2")
+        for name in ("snd_pcm_readi", "snd_pcm_writei"):
+            function = getattr(self.lib, name)
+            function.restype = ctypes.c_long
+            function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong]
+        self.lib.snd_strerror.restype = ctypes.c_char_p
+        self.errors: list[str] = []
         self.handle = ctypes.c_void_p()
         err = self.lib.snd_pcm_open(ctypes.byref(self.handle), AGENT_PCM, int(capture), 0)
         if err < 0:
@@ -123,14 +129,16 @@ class Pcm:
         """Play 20 ms, recovering from an underrun."""
         done = self.lib.snd_pcm_writei(self.handle, pcm, FRAME)
         if done < 0:
-            self.lib.snd_pcm_recover(self.handle, done, 1)
+            self.lib.snd_pcm_recover(self.handle, int(done), 1)
 
     def read(self) -> bytes:
         """Record 20 ms, recovering from an overrun."""
         buf = ctypes.create_string_buffer(FRAME * 2)
         done = self.lib.snd_pcm_readi(self.handle, buf, FRAME)
         if done < 0:
-            self.lib.snd_pcm_recover(self.handle, done, 1)
+            self.errors.append(self.lib.snd_strerror(int(done)).decode())
+            self.lib.snd_pcm_recover(self.handle, int(done), 1)
+            time.sleep(0.02)
             return b""
         return buf.raw[: done * 2]
 
@@ -165,7 +173,17 @@ def listen(seconds: float) -> dict[str, Any]:
         if samples:
             levels.append(round(math.sqrt(sum(s * s for s in samples) / len(samples)) / 32768, 5))
     pcm.close()
-    return {"levels": levels}
+    return {"levels": levels, "errors": sorted(set(pcm.errors)), "alsa": alsa_state()}
+
+
+def alsa_state() -> dict[str, str]:
+    """The loopback card's open streams and their parameters (/proc/asound)."""
+    state = {}
+    for path in sorted(Path("/proc/asound/card0").glob("pcm*/sub0/*_params")):
+        state[str(path.relative_to("/proc/asound/card0"))] = path.read_text().strip()
+    for path in sorted(Path("/proc/asound/card0").glob("pcm*/sub0/status")):
+        state[str(path.relative_to("/proc/asound/card0"))] = path.read_text().strip()
+    return state
 
 
 def started() -> dict[str, Any]:

@@ -744,8 +744,8 @@ async def resident_session(agent, port: int, code: str, fingerprint: str,
         await agent.ask_async("tone", seconds=60, frequency=1000)
         await eventually(lambda: phone.audible_frames >= quiet + 50, 120, "the tone")
         # The resident's microphone (a 660 Hz tone) out of the station's speaker.
-        levels = (await agent.ask_async("listen", seconds=6))["levels"]
-        assert sum(level > 0.01 for level in levels) >= 25, levels
+        heard = await agent.ask_async("listen", seconds=6)
+        assert sum(level > 0.01 for level in heard["levels"]) >= 25, heard
         # Open with a TOTP code: the relay line rises, then falls after the pulse.
         agent.send("watch", pin=relay["pin"], seconds=15)
         phone.channel.send(phone.unlock_token())
