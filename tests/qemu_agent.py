@@ -22,6 +22,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -108,7 +109,7 @@ def watch(pin: int, seconds: float) -> dict[str, Any]:
 class Pcm:
     """One ALSA PCM of the loopback card through libasound (s16 mono 48 kHz)."""
 
-    def __init__(self, capture: bool) -> None:
+    def __init__(self, capture: bool, channels: int = 1, rate: int = RATE) -> None:
         self.lib = ctypes.CDLL("libasound.so.2")
         for name in ("snd_pcm_readi", "snd_pcm_writei"):
             function = getattr(self.lib, name)
@@ -121,7 +122,8 @@ class Pcm:
         if err < 0:
             raise OSError(f"snd_pcm_open: {err}")
         # S16_LE = 2, RW_INTERLEAVED = 3, 1 channel, 48 kHz, resampling allowed, 100 ms.
-        err = self.lib.snd_pcm_set_params(self.handle, 2, 3, 1, RATE, 1, 100_000)
+        self.channels = channels
+        err = self.lib.snd_pcm_set_params(self.handle, 2, 3, channels, rate, 1, 100_000)
         if err < 0:
             raise OSError(f"snd_pcm_set_params: {err}")
 
@@ -133,14 +135,14 @@ class Pcm:
 
     def read(self) -> bytes:
         """Record 20 ms, recovering from an overrun."""
-        buf = ctypes.create_string_buffer(FRAME * 2)
+        buf = ctypes.create_string_buffer(FRAME * 2 * self.channels)
         done = self.lib.snd_pcm_readi(self.handle, buf, FRAME)
         if done < 0:
             self.errors.append(self.lib.snd_strerror(int(done)).decode())
             self.lib.snd_pcm_recover(self.handle, int(done), 1)
             time.sleep(0.02)
             return b""
-        return buf.raw[: done * 2]
+        return buf.raw[: done * 2 * self.channels]
 
     def close(self) -> None:
         """Close the PCM."""
@@ -165,8 +167,15 @@ def tone(seconds: float, frequency: float) -> dict[str, Any]:
 
 
 def listen(seconds: float) -> dict[str, Any]:
-    """Record from the loopback card: the RMS level (0-1) of each 20 ms."""
-    pcm = Pcm(capture=True)
+    """Record from the loopback card: the RMS level (0-1) of each 20 ms.
+
+    The loopback refuses (EIO) a capture whose channels or rate differ from those of
+    the playback it mirrors, the station's speaker: take them from it.
+    """
+    played = Path("/proc/asound/card0/pcm0p/sub0/hw_params").read_text()
+    channels = int(re.search(r"channels: (\d+)", played).group(1))  # type: ignore[union-attr]
+    rate = int(re.search(r"rate: (\d+)", played).group(1))  # type: ignore[union-attr]
+    pcm = Pcm(capture=True, channels=channels, rate=rate)
     levels: list[float] = []
     for _ in range(int(seconds * RATE / FRAME)):
         samples = array.array("h", pcm.read())

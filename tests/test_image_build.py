@@ -745,6 +745,7 @@ async def resident_session(agent, port: int, code: str, fingerprint: str,
         await eventually(lambda: phone.audible_frames >= quiet + 50, 120, "the tone")
         # The resident's microphone (a 660 Hz tone) out of the station's speaker.
         heard = await agent.ask_async("listen", seconds=6)
+        print("loopback:", json.dumps(heard["alsa"]), heard["errors"])  # noqa: T201
         assert sum(level > 0.01 for level in heard["levels"]) >= 25, heard
         # Open with a TOTP code: the relay line rises, then falls after the pulse.
         agent.send("watch", pin=relay["pin"], seconds=15)
