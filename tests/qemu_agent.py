@@ -166,23 +166,51 @@ def tone(seconds: float, frequency: float) -> dict[str, Any]:
     return {"at": time.monotonic()}
 
 
-def listen(seconds: float) -> dict[str, Any]:
-    """Record from the loopback card: the RMS level (0-1) of each 20 ms.
+class Recorder:
+    """Records the loopback card from the agent's start, reopening after an error.
 
-    The loopback refuses (EIO) a capture whose channels or rate differ from those of
-    the playback it mirrors, the station's speaker: take them from it.
+    The loopback's capture mirrors the station's speaker, whose short buffer underruns
+    under emulation and restarts: a capture started at one of those moments fails (EIO),
+    so it is kept running, and opened again whenever it fails.
     """
-    played = Path("/proc/asound/card0/pcm0p/sub0/hw_params").read_text()
-    channels = int(re.search(r"channels: (\d+)", played).group(1))  # type: ignore[union-attr]
-    rate = int(re.search(r"rate: (\d+)", played).group(1))  # type: ignore[union-attr]
-    pcm = Pcm(capture=True, channels=channels, rate=rate)
-    levels: list[float] = []
-    for _ in range(int(seconds * RATE / FRAME)):
-        samples = array.array("h", pcm.read())
-        if samples:
-            levels.append(round(math.sqrt(sum(s * s for s in samples) / len(samples)) / 32768, 5))
-    pcm.close()
-    return {"levels": levels, "errors": sorted(set(pcm.errors)), "alsa": alsa_state()}
+
+    def __init__(self) -> None:
+        self.levels: list[tuple[float, float]] = []
+        self.errors: list[str] = []
+        threading.Thread(target=self._run, daemon=True, name="recorder").start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                played = Path("/proc/asound/card0/pcm0p/sub0/hw_params").read_text()
+                channels = re.search(r"channels: (\d+)", played)
+                rate = re.search(r"rate: (\d+)", played)
+                pcm = Pcm(capture=True, channels=int(channels.group(1)) if channels else 1,
+                          rate=int(rate.group(1)) if rate else RATE)
+            except (OSError, ValueError) as exc:
+                self.errors.append(str(exc))
+                time.sleep(0.2)
+                continue
+            while not pcm.errors:
+                samples = array.array("h", pcm.read())
+                if samples:
+                    rms = math.sqrt(sum(s * s for s in samples) / len(samples)) / 32768
+                    self.levels.append((time.monotonic(), round(rms, 5)))
+            self.errors += pcm.errors
+            pcm.close()
+            time.sleep(0.1)
+
+
+RECORDER: Recorder | None = None
+
+
+def listen(seconds: float) -> dict[str, Any]:
+    """What came out of the station's speaker for a while: RMS levels (0-1) per 20 ms."""
+    assert RECORDER is not None
+    start = time.monotonic()
+    time.sleep(seconds)
+    levels = [level for at, level in RECORDER.levels if at >= start]
+    return {"levels": levels, "errors": sorted(set(RECORDER.errors)), "alsa": alsa_state()}
 
 
 def alsa_state() -> dict[str, str]:
@@ -231,6 +259,8 @@ COMMANDS = {
 
 def serve(port: str) -> None:
     """Answer the test's requests on the virtio serial port until it says poweroff."""
+    global RECORDER  # noqa: PLW0603 - one recorder for the agent's life
+    RECORDER = Recorder()
     fd = os.open(port, os.O_RDWR)
     with os.fdopen(fd, "r+b", buffering=0) as channel:
         channel.write(b'{"hello": true}\n')
