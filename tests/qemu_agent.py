@@ -9,8 +9,8 @@ test units, as root, with the image's own Python:
             loopback, one substream per direction).
 ``serve``   answers the test over a virtio serial port, one JSON line in, one out: pull a
             GPIO line up or down and read it back (the pins' simulated wiring), play a
-            tone into the loopback card or record what comes out of it, read the event
-            log and the unit's start times.
+            tone into the loopback card, show its streams, read the event log and the
+            unit's start times.
 
 Runs in the image: the standard library only (ALSA through ctypes on libasound).
 """
@@ -22,7 +22,6 @@ import ctypes
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -166,53 +165,6 @@ def tone(seconds: float, frequency: float) -> dict[str, Any]:
     return {"at": time.monotonic()}
 
 
-class Recorder:
-    """Records the loopback card from the agent's start, reopening after an error.
-
-    The loopback's capture mirrors the station's speaker, whose short buffer underruns
-    under emulation and restarts: a capture started at one of those moments fails (EIO),
-    so it is kept running, and opened again whenever it fails.
-    """
-
-    def __init__(self) -> None:
-        self.levels: list[tuple[float, float]] = []
-        self.errors: list[str] = []
-        threading.Thread(target=self._run, daemon=True, name="recorder").start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                played = Path("/proc/asound/card0/pcm0p/sub0/hw_params").read_text()
-                channels = re.search(r"channels: (\d+)", played)
-                rate = re.search(r"rate: (\d+)", played)
-                pcm = Pcm(capture=True, channels=int(channels.group(1)) if channels else 1,
-                          rate=int(rate.group(1)) if rate else RATE)
-            except (OSError, ValueError) as exc:
-                self.errors.append(str(exc))
-                time.sleep(0.2)
-                continue
-            while not pcm.errors:
-                samples = array.array("h", pcm.read())
-                if samples:
-                    rms = math.sqrt(sum(s * s for s in samples) / len(samples)) / 32768
-                    self.levels.append((time.monotonic(), round(rms, 5)))
-            self.errors += pcm.errors
-            pcm.close()
-            time.sleep(0.1)
-
-
-RECORDER: Recorder | None = None
-
-
-def listen(seconds: float) -> dict[str, Any]:
-    """What came out of the station's speaker for a while: RMS levels (0-1) per 20 ms."""
-    assert RECORDER is not None
-    start = time.monotonic()
-    time.sleep(seconds)
-    levels = [level for at, level in RECORDER.levels if at >= start]
-    return {"levels": levels, "errors": sorted(set(RECORDER.errors)), "alsa": alsa_state()}
-
-
 def alsa_state() -> dict[str, str]:
     """The loopback card's open streams and their parameters (/proc/asound)."""
     state = {}
@@ -250,7 +202,7 @@ COMMANDS = {
     "value": lambda a: value(a["pin"]),
     "watch": lambda a: watch(a["pin"], a["seconds"]),
     "tone": lambda a: tone(a["seconds"], a["frequency"]),
-    "listen": lambda a: listen(a["seconds"]),
+    "alsa": lambda _a: {"alsa": alsa_state()},
     "started": lambda _a: started(),
     "events": lambda _a: events(),
     "journal": lambda a: journal(a["unit"]),
@@ -259,8 +211,6 @@ COMMANDS = {
 
 def serve(port: str) -> None:
     """Answer the test's requests on the virtio serial port until it says poweroff."""
-    global RECORDER  # noqa: PLW0603 - one recorder for the agent's life
-    RECORDER = Recorder()
     fd = os.open(port, os.O_RDWR)
     with os.fdopen(fd, "r+b", buffering=0) as channel:
         channel.write(b'{"hello": true}\n')
