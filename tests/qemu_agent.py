@@ -9,8 +9,8 @@ test units, as root, with the image's own Python:
             loopback, one substream per direction).
 ``serve``   answers the test over a virtio serial port, one JSON line in, one out: pull a
             GPIO line up or down and read it back (the pins' simulated wiring), play a
-            tone into the loopback card, show its streams, read the event log and the
-            unit's start times.
+            tone into the loopback card and record what the station plays into it, show
+            its streams, read the event log and the unit's start times.
 
 Runs in the image: the standard library only (ALSA through ctypes on libasound).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -108,7 +109,8 @@ def watch(pin: int, seconds: float) -> dict[str, Any]:
 class Pcm:
     """One ALSA PCM of the loopback card through libasound (s16 mono 48 kHz)."""
 
-    def __init__(self, capture: bool, channels: int = 1, rate: int = RATE) -> None:
+    def __init__(self, capture: bool, channels: int = 1, rate: int = RATE, *,
+                 nonblock: bool = False, latency_us: int = 100_000) -> None:
         self.lib = ctypes.CDLL("libasound.so.2")
         for name in ("snd_pcm_readi", "snd_pcm_writei"):
             function = getattr(self.lib, name)
@@ -117,12 +119,13 @@ class Pcm:
         self.lib.snd_strerror.restype = ctypes.c_char_p
         self.errors: list[str] = []
         self.handle = ctypes.c_void_p()
-        err = self.lib.snd_pcm_open(ctypes.byref(self.handle), AGENT_PCM, int(capture), 0)
+        mode = 1 if nonblock else 0  # SND_PCM_NONBLOCK
+        err = self.lib.snd_pcm_open(ctypes.byref(self.handle), AGENT_PCM, int(capture), mode)
         if err < 0:
             raise OSError(f"snd_pcm_open: {err}")
         # S16_LE = 2, RW_INTERLEAVED = 3, 1 channel, 48 kHz, resampling allowed, 100 ms.
         self.channels = channels
-        err = self.lib.snd_pcm_set_params(self.handle, 2, 3, channels, rate, 1, 100_000)
+        err = self.lib.snd_pcm_set_params(self.handle, 2, 3, channels, rate, 1, latency_us)
         if err < 0:
             raise OSError(f"snd_pcm_set_params: {err}")
 
@@ -165,6 +168,47 @@ def tone(seconds: float, frequency: float) -> dict[str, Any]:
     return {"at": time.monotonic()}
 
 
+def listen(seconds: float) -> dict[str, Any]:
+    """What comes out of the station's speaker for a while: RMS levels (0-1) per 20 ms,
+    and the median pitch of the audible ones (Hz).
+
+    The loopback's capture of device 1 mirrors what the station plays on device 0. It is
+    read without blocking: under emulation the loopback's period wake-ups come late, and
+    a blocking read gives up with EIO after the kernel's wait (110 ms for this buffer),
+    while the capture's position itself moves with the clock and is read when asked
+    for. Half a second of buffer keeps the loop ahead of an overrun.
+    """
+    pcm = Pcm(capture=True, nonblock=True, latency_us=500_000)
+    pcm.lib.snd_pcm_start(pcm.handle)
+    buf = ctypes.create_string_buffer(RATE * 2)
+    pending = array.array("h")
+    levels: list[float] = []
+    pitches: list[float] = []
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        done = pcm.lib.snd_pcm_readi(pcm.handle, buf, RATE // 10)
+        if done == -11:  # EAGAIN: nothing captured since the last read
+            time.sleep(0.01)
+            continue
+        if done < 0:
+            pcm.errors.append(pcm.lib.snd_strerror(int(done)).decode())
+            pcm.lib.snd_pcm_recover(pcm.handle, int(done), 1)
+            pcm.lib.snd_pcm_start(pcm.handle)
+            continue
+        pending.frombytes(buf.raw[: done * 2])
+        while len(pending) >= FRAME:
+            frame, pending = pending[:FRAME], pending[FRAME:]
+            level = math.sqrt(sum(s * s for s in frame) / FRAME) / 32768
+            levels.append(round(level, 5))
+            if level > 0.01:  # its pitch: sign changes, two a cycle
+                crossings = sum((a < 0) != (b < 0) for a, b in itertools.pairwise(frame))
+                pitches.append(crossings / 2 / (FRAME / RATE))
+    pcm.close()
+    pitches.sort()
+    return {"levels": levels, "errors": sorted(set(pcm.errors)),
+            "hz": pitches[len(pitches) // 2] if pitches else 0.0}
+
+
 def alsa_state() -> dict[str, str]:
     """The loopback card's open streams and their parameters (/proc/asound)."""
     state = {}
@@ -202,6 +246,7 @@ COMMANDS = {
     "value": lambda a: value(a["pin"]),
     "watch": lambda a: watch(a["pin"], a["seconds"]),
     "tone": lambda a: tone(a["seconds"], a["frequency"]),
+    "listen": lambda a: listen(a["seconds"]),
     "alsa": lambda _a: {"alsa": alsa_state()},
     "started": lambda _a: started(),
     "events": lambda _a: events(),

@@ -651,9 +651,9 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
 
     A resident on this machine (aiortc) pairs with the first-boot code through QEMU's
     port forward, is rung by the button line pulled low through gpio-sim, answers, sees
-    vivid's frames, hears the tone played into the loopback card, and opens the door
-    with a TOTP code: the relay line rises and falls. The door contact and tamper lines
-    raise their events. Prints the emulated/host ratios of
+    vivid's frames, hears the tone played into the loopback card, is heard out of it,
+    and opens the door with a TOTP code: the relay line rises and falls. The door
+    contact and tamper lines raise their events. Prints the emulated/host ratios of
     start -> READY and press -> ring (docs/benchmarks.md); asserts no speed.
     """
     relay = tomllib.loads(PIN_MAP.read_text())["hardware"]["relay"]
@@ -743,6 +743,14 @@ async def resident_session(agent, port: int, code: str, fingerprint: str,
         assert quiet < 10, quiet
         await agent.ask_async("tone", seconds=60, frequency=1000)
         await eventually(lambda: phone.audible_frames >= quiet + 50, 120, "the tone")
+        # The resident's microphone (its 660 Hz tone) out of the station's speaker, into
+        # the loopback card: most 20 ms frames audible (the speaker's short buffer
+        # underruns under emulation), at the resident's pitch.
+        heard = await agent.ask_async("listen", timeout=180, seconds=6)
+        levels = heard["levels"]
+        assert len(levels) >= 200, heard
+        assert sum(level > 0.01 for level in levels) >= len(levels) // 2, heard
+        assert 600 <= heard["hz"] <= 720, heard
         # Open with a TOTP code: the relay line rises, then falls after the pulse.
         agent.send("watch", pin=relay["pin"], seconds=15)
         phone.channel.send(phone.unlock_token())
