@@ -170,7 +170,7 @@ def tone(seconds: float, frequency: float) -> dict[str, Any]:
 
 def listen(seconds: float) -> dict[str, Any]:
     """What comes out of the station's speaker for a while: RMS levels (0-1) per 20 ms,
-    and the median pitch of the audible ones (Hz).
+    and the pitch of what it played (Hz).
 
     The loopback's capture of device 1 mirrors what the station plays on device 0. It is
     read without blocking: under emulation the loopback's period wake-ups come late, and
@@ -183,7 +183,7 @@ def listen(seconds: float) -> dict[str, Any]:
     buf = ctypes.create_string_buffer(RATE * 2)
     pending = array.array("h")
     levels: list[float] = []
-    pitches: list[float] = []
+    crossings = sounded = 0
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         done = pcm.lib.snd_pcm_readi(pcm.handle, buf, RATE // 10)
@@ -200,13 +200,14 @@ def listen(seconds: float) -> dict[str, Any]:
             frame, pending = pending[:FRAME], pending[FRAME:]
             level = math.sqrt(sum(s * s for s in frame) / FRAME) / 32768
             levels.append(round(level, 5))
-            if level > 0.01:  # its pitch: sign changes, two a cycle
-                crossings = sum((a < 0) != (b < 0) for a, b in itertools.pairwise(frame))
-                pitches.append(crossings / 2 / (FRAME / RATE))
+            # Its pitch: sign changes, two a cycle, over the samples played (an underrun
+            # inside a frame leaves zeros, which are not counted).
+            played = [sample for sample in frame if sample]
+            crossings += sum((a < 0) != (b < 0) for a, b in itertools.pairwise(played))
+            sounded += len(played)
     pcm.close()
-    pitches.sort()
     return {"levels": levels, "errors": sorted(set(pcm.errors)),
-            "hz": pitches[len(pitches) // 2] if pitches else 0.0}
+            "hz": round(crossings / 2 / (sounded / RATE), 1) if sounded else 0.0}
 
 
 def alsa_state() -> dict[str, str]:
