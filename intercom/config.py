@@ -210,11 +210,21 @@ class CameraConfig(Model):
         description="Frame sources (synthetic, v4l2, file): encode H.264 once with libx264 "
         "and send the same packets to every peer, instead of one encoder per peer.",
     )
+    vp8_per_device: bool = Field(
+        default=False,
+        description="Frame sources without encode_once: let aiortc encode VP8 separately "
+        "for each rung device (each at the bitrate its congestion feedback allows) instead "
+        "of one shared VP8 encoder at a fixed bitrate for every device.",
+    )
 
     @model_validator(mode="after")
     def _device_when_needed(self) -> Self:
         if self.encode_once and (self.passthrough or self.source == "picamera2"):
             raise ValueError("encode_once: the source is already H.264 (picamera2, passthrough)")
+        if self.vp8_per_device and (self.encode_once or self.passthrough
+                                    or self.source == "picamera2"):
+            raise ValueError("vp8_per_device: the devices are sent H.264 from this source "
+                             "(picamera2, passthrough, encode_once), not VP8")
         if self.source in {"v4l2", "file"} and not self.device:
             raise ValueError(f"device: required when source is {self.source!r}")
         if self.passthrough and self.source not in {"v4l2", "file"}:
@@ -647,7 +657,7 @@ def simulated_settings(state_dir: Path, base: Settings | None = None) -> Setting
         data["media"] = media
         if camera["source"] == "file":  # a video file plays the same anywhere
             data["media"]["camera"] = camera
-        keep = ("width", "height", "fps", "encode_once")
+        keep = ("width", "height", "fps", "encode_once", "vp8_per_device")
         data["media"]["camera"].update({k: camera[k] for k in keep})
         data["station"]["state_dir"] = str(state_dir)
         data["simulated"] = True

@@ -288,9 +288,10 @@ class Station:
         def gate() -> Any:
             if calls.media is None:
                 raise RuntimeError("whep: a viewer before the calls' media started")
-            track = calls.media.video_track()
+            track = calls.media.camera_track()  # the camera itself, not the devices' VP8
             track.open()
-            calls.media.request_keyframe()
+            if calls.media.camera.encoded:
+                calls.media.camera.request_keyframe()
             return track
 
         def signer_refusal(pid: str) -> str | None:
@@ -303,8 +304,8 @@ class Station:
             return calls.ice.station_servers(self.id) if calls.ice is not None else []
 
         def keyframe() -> None:
-            if calls.media is not None:
-                calls.media.request_keyframe()
+            if calls.media is not None and calls.media.camera.encoded:
+                calls.media.camera.request_keyframe()
 
         camera = Camera(gate=gate, masks=lambda: masked.masks if masked is not None else fixed,
                         redactor=shared_redactor, keyframe=keyframe)

@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
+import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
@@ -331,3 +332,121 @@ def test_only_a_device_on_the_stations_own_network_is_a_device_at_home():
                        home)
     assert not on_link(answer("1 1 udp 2122 x.local 5000 typ host"), home)
     assert not on_link(answer("1 1 udp 2122 192.168.77.9 5000 typ host"), [])
+
+
+def video_section(sdp: str) -> str:
+    return sdp.split("m=video")[1].split("m=audio", maxsplit=1)[0]
+
+
+async def test_devices_rung_at_once_get_decodable_vp8_from_one_shared_encoder():
+    camera = SyntheticCamera(160, 120, 15)
+    hub, *first = await station_end(camera)
+    ends = [tuple(first), local_peer(hub), local_peer(hub)]
+    clients = []
+    try:
+        assert hub.encoder is not None
+        for peer, device in ends:
+            clients.append((await connect(peer, device))[0])
+            video = video_section(device.offers[0])
+            assert "VP8/90000" in video
+            assert "H264" not in video
+        await asyncio.sleep(0.3)
+        assert hub.encoder.codecs_made == 0, "nothing is encoded before a ring"
+        for peer, _device in ends:  # a ring of the flat: every gate opens in one turn
+            peer.start_video()
+        for index, (_peer, device) in enumerate(ends):
+            await eventually(lambda d=device: len(d.frames) >= 5, what=f"device {index}")
+            assert (device.frames[0].width, device.frames[0].height) == (160, 120)
+        assert hub.encoder.codecs_made == 1
+        # one keyframe for the three devices (the gates and their requests came together)
+        assert hub.encoder.keyframes == 1
+        for peer, _device in ends:
+            # aiortc's own VP8 encoder only packetised the shared packets: never opened
+            encoder = peer.video_sender._RTCRtpSender__encoder
+            assert type(encoder).__name__ == "Vp8Encoder"
+            assert encoder.codec is None
+        for peer, _device in ends:
+            peer.stop_video()
+        assert hub.watching == 0
+    finally:
+        for (peer, _device), client in zip(ends, clients, strict=False):
+            await peer.close()
+            await client.close()
+        hub.close()
+        await camera.close()
+
+
+async def test_a_device_joining_a_running_shared_encoder_gets_a_keyframe_at_once():
+    """The shared encoder makes keyframes only when asked (no periodic ones): a device
+    that joins while another already receives decodes nothing until it gets one."""
+    camera = SyntheticCamera(160, 120, 15)
+    hub, *first = await station_end(camera)
+    ends = [tuple(first), local_peer(hub)]
+    clients = []
+    try:
+        assert hub.encoder is not None
+        for peer, device in ends:
+            clients.append((await connect(peer, device))[0])
+        (early, early_device), (late, late_device) = ends
+        early.start_video()
+        await eventually(lambda: len(early_device.frames) >= 10, what="the first device")
+        keyframes = hub.encoder.keyframes
+        late.start_video()
+        await eventually(lambda: len(late_device.frames) >= 3, what="the late device")
+        assert hub.encoder.keyframes == keyframes + 1
+        assert hub.encoder.codecs_made == 1
+        # a device's picture loss indication (RTCP PLI) reaches the shared encoder too
+        (receiver,) = [r for r in clients[1].getReceivers() if r.track and r.track.kind == "video"]
+        await receiver._send_rtcp_pli(late.video_sender._ssrc)
+        await eventually(lambda: hub.encoder.keyframes == keyframes + 2, what="PLI forwarded")
+        count = len(early_device.frames)
+        await eventually(lambda: len(early_device.frames) >= count + 5, what="the first goes on")
+    finally:
+        for (peer, _device), client in zip(ends, clients, strict=False):
+            await peer.close()
+            await client.close()
+        hub.close()
+        await camera.close()
+
+
+async def test_vp8_per_device_is_still_there_when_asked_for():
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink(), shared_vp8=False)
+    hub.start()
+    peer, device = local_peer(hub)
+    client, frames = await connect(peer, device)
+    try:
+        assert hub.encoder is None
+        assert not hub.encoded
+        peer.start_video()
+        await eventually(lambda: len(frames) >= 5, what="frames decoded")
+        encoder = peer.video_sender._RTCRtpSender__encoder
+        assert encoder.codec is not None, "aiortc encoded for this device itself"
+    finally:
+        await peer.close()
+        await client.close()
+        hub.close()
+        await camera.close()
+
+
+async def test_the_live_views_gate_reads_the_camera_not_the_devices_encoder():
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = ToneSource()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    view = hub.camera_track()
+    try:
+        view.open()
+        frame = await asyncio.wait_for(view.recv(), 2)
+        assert isinstance(frame, av.VideoFrame)  # frames, for the redaction
+        assert hub.watching == 0
+        assert hub.encoder is not None
+        assert hub.encoder.codecs_made == 0, "a live view alone starts no VP8 encoder"
+    finally:
+        view.stop()
+        hub.close()
+        await camera.close()

@@ -64,6 +64,8 @@ class Calls:
         self.door = settings.hardware.relay.door
         self.flats = frozenset(b.flat for b in settings.hardware.buttons)
         self._devices = media
+        self._shared_vp8 = not settings.media.camera.vp8_per_device
+        self._fps = settings.media.camera.fps
         self._bus = bus
         self._registry = registry
         self._submit = submit
@@ -122,7 +124,8 @@ class Calls:
         self.cert = StationCert(self.state_dir, self.station_id, self.web_config)
         await asyncio.to_thread(self.cert.load)
         self.pairing.open()
-        self.media = MediaHub(devices.camera, devices.microphone, devices.speaker)
+        self.media = MediaHub(devices.camera, devices.microphone, devices.speaker,
+                              shared_vp8=self._shared_vp8, fps=self._fps)
         self.media.start()
         self.signalling = Signalling(
             self.station_id,

@@ -220,9 +220,10 @@ class DevicePeer:
         # The video is ready for a ring (its gate closed); the audio waits for an answer.
         self._video_tx = self.pc.addTransceiver(self.video, direction="sendonly")
         self.video_sender = self._video_tx.sender
-        if media.encoded:  # hardware H.264 packets go out as they are
+        if media.encoded:  # packets (hardware H.264, the shared VP8) go out as they are
             codecs = RTCRtpSender.getCapabilities("video").codecs
-            self._video_tx.setCodecPreferences([c for c in codecs if c.mimeType == "video/H264"])
+            wanted = {media.mime_type, "video/rtx"} if media.encoder else {media.mime_type}
+            self._video_tx.setCodecPreferences([c for c in codecs if c.mimeType in wanted])
             self._forward_keyframe_requests()
         self._audio_tx = self.pc.addTransceiver(self.audio, direction="inactive")
         for sender, track in ((self.video_sender, self.video), (self._audio_tx.sender, self.audio)):

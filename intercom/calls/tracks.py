@@ -5,7 +5,9 @@ frame only, no queue). Each device's peer connection gets a ``GatedTrack`` attac
 the start: its ``recv`` blocks while the gate is closed, so nothing is sent and nothing
 is encoded, and returns the newest frame at once when the gate opens (a ring only opens
 the video's; the audio section is negotiated on while the device rings). Encoded camera packets
-(the Pi's hardware H.264) pass through unchanged.
+(the Pi's hardware H.264) pass through unchanged; a camera of frames is encoded once, VP8,
+for every device whose gate is open (``intercom.media.sharedvp8``), unless the hub is made
+with ``shared_vp8=False``: then each device's aiortc sender encodes its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from intercom.media import AudioSink, AudioSource, CameraSource
+from intercom.media.sharedvp8 import SharedVp8Encoder
 
 log = logging.getLogger(__name__)
 
@@ -145,43 +148,78 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
 class MediaHub:
     """The door's camera, microphone and speaker, shared by every device's connection."""
 
-    def __init__(self, camera: CameraSource, microphone: AudioSource, speaker: AudioSink) -> None:
+    def __init__(
+        self,
+        camera: CameraSource,
+        microphone: AudioSource,
+        speaker: AudioSink,
+        *,
+        shared_vp8: bool = True,
+        fps: int = 15,
+    ) -> None:
         self.camera = camera
         self.speaker = speaker
-        self.encoded = bool(camera.encoded)
         self._relay = MediaRelay()
         self._camera = SourceTrack("video", camera.next)
         self._microphone = SourceTrack("audio", microphone.next)
         self._keepers: list[GatedTrack] = []
+        # A camera of frames, encoded once for every device (see intercom.media.sharedvp8),
+        # reads the camera through a relay subscription of its own.
+        self.encoder: SharedVp8Encoder | None = None
+        self._video = self._camera
+        if shared_vp8 and not camera.encoded:
+            raw = self._relay.subscribe(self._camera, buffered=False)
+            self.encoder = SharedVp8Encoder(raw.recv, fps, camera.name)
+            self._video = SourceTrack("video", self.encoder.next)
+        # What the devices' video senders get: packets (sent as they are) or frames.
+        self.encoded = bool(camera.encoded) or self.encoder is not None
+        self.mime_type = self.encoder.mime_type if self.encoder is not None else "video/H264"
         # An encoding camera that keeps a keyframe ready while nobody watches is told
         # how many video gates are open (see intercom.media.encodeonce).
         watch = getattr(camera, "watch", None)
         self._watch: Callable[[int], None] | None = watch if callable(watch) else None
-        self.watching = 0
-        if self._watch is not None:
-            self._watch(0)
+        self.watching = 0  # the devices' open video gates
+        self.viewing = 0  # the live view's open gates on the camera itself
+        self._tell_watchers()
 
     def start(self) -> None:
         """Start reading the microphone (it must not fall behind while no one listens)."""
         self._keepers.append(self.audio_track())
 
     def video_track(self) -> GatedTrack:
-        """A closed video gate on the shared camera."""
-        proxy = self._relay.subscribe(self._camera, buffered=False)
+        """A closed video gate for a device: the camera's packets, or the shared VP8."""
+        proxy = self._relay.subscribe(self._video, buffered=False)
         return GatedTrack("video", proxy, wait_keyframe=self.encoded, on_gate=self._video_gate)
+
+    def camera_track(self) -> GatedTrack:
+        """A closed gate on the camera itself (frames, or its own packets): the live view."""
+        proxy = self._relay.subscribe(self._camera, buffered=False)
+        encoded = bool(self.camera.encoded)
+        return GatedTrack("video", proxy, wait_keyframe=encoded, on_gate=self._camera_gate)
 
     def _video_gate(self, opened: bool) -> None:
         self.watching += 1 if opened else -1
-        if self._watch is not None:
-            self._watch(self.watching)
+        self._tell_watchers()
+
+    def _camera_gate(self, opened: bool) -> None:
+        self.viewing += 1 if opened else -1
+        self._tell_watchers()
+
+    def _tell_watchers(self) -> None:
+        if self.encoder is not None:
+            self.encoder.watch(self.watching)
+        elif self._watch is not None:
+            self._watch(self.watching + self.viewing)
 
     def audio_track(self) -> GatedTrack:
         """A closed audio gate on the shared microphone."""
         return GatedTrack("audio", self._relay.subscribe(self._microphone, buffered=False))
 
     def request_keyframe(self) -> None:
-        """Ask an encoding camera for an IDR now."""
-        if self.encoded:
+        """Ask the encoder (the shared one, or an encoding camera's) for a keyframe now."""
+        if self.encoder is not None:
+            self.encoder.request_keyframe()
+        elif self.camera.encoded:
             self.camera.request_keyframe()
 
     async def consume(
@@ -210,5 +248,8 @@ class MediaHub:
         """Stop the shared sources."""
         for keeper in self._keepers:
             keeper.stop()
+        if self.encoder is not None:
+            self._video.stop()
+            self.encoder.close()
         self._camera.stop()
         self._microphone.stop()
