@@ -21,11 +21,13 @@ CPU (--cpu-sources, --peers 1,2,4,8): the station process's CPU time (utime + st
 and with the same N pages rung. Every source is configured through the station's own
 config file ([media.camera]) and shows the same picture, an H.264 file this script makes
 once with libx264 (Annex-B, 640x480, 15 fps, an IDR every second):
-  software     the file decoded by PyAV, VP8 encoded by aiortc for each peer
+  software     the file decoded by PyAV, VP8 encoded once for every rung peer (the default)
+  software-per-device  the same, VP8 encoded by aiortc for each peer (vp8_per_device)
   encode-once  the file decoded by PyAV, H.264 encoded once (libx264) for every peer
   passthrough  the file's H.264 packets as they are (H264PassthroughCamera), no codec
 
-Latency sources: synthetic (the simulated station's camera, VP8 per peer) and
+Latency sources: synthetic (the simulated station's camera, VP8 encoded once for every
+rung peer), synthetic-per-device (the same, VP8 encoded by aiortc per peer) and
 synthetic-encode-once (the same camera, H.264 encoded once), or any CPU source.
 
 Usage: scripts/bench call [--calls N] [--latency-sources A,B] [--busy-core]
@@ -66,8 +68,10 @@ VIDEO = {"width": 640, "height": 480, "fps": 15, "idr_every": 15, "seconds": 20}
 # [media.camera] of each source; "file" is replaced by the H.264 file's path.
 CAMERAS: dict[str, dict[str, Any]] = {
     "synthetic": {"source": "synthetic"},
+    "synthetic-per-device": {"source": "synthetic", "vp8_per_device": True},
     "synthetic-encode-once": {"source": "synthetic", "encode_once": True},
     "software": {"source": "file", "device": "file"},
+    "software-per-device": {"source": "file", "device": "file", "vp8_per_device": True},
     "encode-once": {"source": "file", "device": "file", "encode_once": True},
     "passthrough": {"source": "file", "device": "file", "passthrough": True},
 }

@@ -22,7 +22,8 @@ Measured, all on the machine's wall clock (``time.time()`` in every process):
 track attached from the start, i.e. 50 audio packets/s from every idle device.
 
 Usage: scripts/bench devices [--devices 1,10,50,100] [--flats 10] [--idle-seconds 30]
-       [--presses 20] [--per-process 10] [--camera encode-once|software|passthrough]
+       [--presses 20] [--per-process 10]
+       [--camera encode-once|software|software-per-device|passthrough]
        [--idle-audio] [--keep DIR]
 """
 
@@ -227,6 +228,8 @@ def camera_keys(camera: str, work: Path) -> str:
 
         video = make_h264(work / "door.h264")
         return f'source = "file"\ndevice = "{video}"\npassthrough = true'
+    if camera == "software-per-device":  # aiortc's own VP8 encoder in every rung sender
+        return 'source = "synthetic"\nvp8_per_device = true'
     encode_once = "true" if camera == "encode-once" else "false"
     return f'source = "synthetic"\nencode_once = {encode_once}'
 
@@ -667,12 +670,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--per-process", type=int, default=10, help="devices in one worker process")
     parser.add_argument(
         "--camera",
-        choices=("encode-once", "software", "passthrough"),
+        choices=("encode-once", "software", "software-per-device", "passthrough"),
         default="encode-once",
         help="encode-once: one H.264 encoder for every peer (libx264 standing in for the "
-        "Pi's hardware encoder), its packets passed through (default); software: aiortc "
-        "encodes VP8 per peer; passthrough: the packets of an H.264 file (an IDR a second) "
-        "as they are, the station's own part of the Pi's path",
+        "Pi's hardware encoder), its packets passed through (default); software: the "
+        "synthetic camera's frames, one VP8 encoder shared by every rung peer (the "
+        "station's default for frame sources); software-per-device: aiortc encodes VP8 "
+        "per peer (vp8_per_device = true); passthrough: the packets of an H.264 file (an "
+        "IDR a second) as they are, the station's own part of the Pi's path",
     )
     parser.add_argument(
         "--idle-audio", action="store_true", help="idle devices send silence (the old client)"
