@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -52,6 +53,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The buttons' pins: not 22, 23, 27 (contact, tamper, relay)
 PINS = [5, 6, 12, 13, 16, 17, 19, 20, 21, 24, 25, 26, 4, 18]
 COALESCE_S = 3.2
+CAMERA_FPS = 15  # the config below
 RING_WAIT_S = 5.0
 CONNECT_WAIT_S = 180.0
 
@@ -527,6 +529,7 @@ async def presses(
     missed_rings = no_frame = 0
     last_press: dict[int, float] = defaultdict(lambda: -1e9)
     began, cpu0 = time.time(), station.proc_figures()["cpu_s"]
+    phase = random.Random(len(online))  # noqa: S311 - a spread of pauses, not a secret
     for number in range(args.presses if online else 0):
         flat = 1 + number % args.flats
         rung = [d["index"] for d in online if d["flat"] == str(flat)]
@@ -534,7 +537,11 @@ async def presses(
             continue
         await asyncio.sleep(max(0.0, last_press[flat] + COALESCE_S - time.monotonic()))
         last_press[flat] = time.monotonic()
-        await asyncio.sleep(0.2)
+        # 0.2 s and a random part of a frame interval: the last press ended on a frame's
+        # arrival, so a fixed pause would press at one phase of the camera's frame clock
+        # for the whole run (and the next frame, which the device's jitter buffer waits
+        # for, would come equally late each time: 30-61 ms at one device over four runs).
+        await asyncio.sleep(0.2 + phase.uniform(0.0, 1 / CAMERA_FPS))
         pressed = await station.press(flat)
         answerer = answerers[str(flat)]
 

@@ -64,6 +64,11 @@ async def test_rung_device_receives_frames_with_the_zones_masked(tmp_path, devic
     await station.start()
     try:
         phone, frame = await rung_frame(station, devices, "bell0")
+        assert station.calls is not None
+        assert station.calls.media is not None
+        encoder = station.calls.media.encoder  # the frames went through the shared VP8
+        assert encoder is not None
+        assert encoder.codecs_made == 1
     finally:
         await station.stop("test finished")
     assert len(phone.video_frames) >= 5, "video decoded while ringing"

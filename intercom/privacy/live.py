@@ -3,8 +3,9 @@
 Managers may watch the door (``intercom.calls.whep``), but never see it as residents
 answering a call do: every frame they get has gone through ``redacted_copy``, the
 station's one live redaction (``intercom.privacy.camera``). One ``RedactedTrack`` reads
-the shared camera through a gate of the calls' ``MediaHub`` (the same relay the
-residents' peers read, so the camera is read once) and redacts each frame once, in a
+the shared camera through a gate of the calls' ``MediaHub`` on the camera itself
+(``camera_track``: the same relay the residents' peers read, so the camera is read once,
+but its frames, not the VP8 the residents' devices share) and redacts each frame once, in a
 worker thread, for every viewer; an aiortc ``MediaRelay`` hands the result to each
 viewer's encoder. A camera that gives H.264 packets (the Pi's hardware encoder,
 ``encode_once``, passthrough) is decoded here first: redaction needs pixels.
