@@ -9,6 +9,7 @@ against the installed aiomqtt and paho, and run the override over a real Mosquit
 from __future__ import annotations
 
 import asyncio
+import fractions
 import inspect
 import logging
 import re
@@ -444,3 +445,23 @@ async def test_a_device_that_takes_playout_delay_gets_it_on_every_video_packet(a
         await peer.close()
         await client.close()
         hub.close()
+
+
+def test_aiortc_packetises_encoded_vp8_packets_through_its_public_pack():
+    """The shared VP8 encoder (intercom/media/sharedvp8.py) hands aiortc's video senders
+    ``av.Packet``s; aiortc sends anything that is not a frame through the negotiated
+    codec's public ``Encoder.pack``, which for VP8 only adds the payload descriptor."""
+    import av  # noqa: PLC0415
+    from aiortc import RTCRtpSender  # noqa: PLC0415
+    from aiortc.codecs.base import Encoder  # noqa: PLC0415
+    from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload  # noqa: PLC0415
+
+    assert "pack" in vars(Encoder)
+    encode = inspect.getsource(RTCRtpSender._next_encoded_frame)
+    assert "isinstance(data, Frame)" in encode
+    assert "self.__encoder.pack(data)" in encode
+    packet = av.Packet(bytes(range(256)) * 8)
+    packet.pts, packet.time_base = 9_000, fractions.Fraction(1, 90_000)
+    payloads, timestamp = Vp8Encoder().pack(packet)
+    assert timestamp == 9_000
+    assert b"".join(vp8_depayload(p) for p in payloads) == bytes(packet)

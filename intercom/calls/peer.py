@@ -242,22 +242,24 @@ class DevicePeer:
         self._refusals = RefusalLog(log)
 
     def _forward_keyframe_requests(self) -> None:
-        """Send the device's PLI/FIR to the camera's encoder.
+        """Send the device's PLI/FIR to the encoder of the packets (camera's or shared VP8).
 
         aiortc answers a keyframe request by flagging its own encoder, which packets from
-        the camera bypass; the sender looks the method up on the instance, so wrapping it
-        here reaches the hardware encoder too.
+        the camera or the shared VP8 encoder bypass; the sender looks the method up on the
+        instance, so wrapping it here reaches that encoder too.
 
         This is aiortc's private ``RTCRtpSender._send_keyframe``, on purpose: aiortc (1.16
         checked) has no public way to learn of a device's PLI/FIR (no event, callback or
         public method on the sender; its RTCP handling and encoder are private), and a
-        passthrough camera needs one. ``tests/test_contracts.py`` pins the hook against
-        the installed aiortc: its name and ``(self)`` signature, that RTCP PLI and FIR
-        call it through the instance and that its flag drives aiortc's own encoder, and,
-        over a real aiortc loopback, that a device's PLI and FIR reach the camera; it
-        also fails once aiortc grows a public keyframe method, to switch to it. Should
-        the hook vanish anyway, nothing breaks: nothing is wrapped, and a viewer waits
-        for the camera's next periodic keyframe (``start_video`` still asks the camera).
+        passthrough camera and the shared VP8 encoder need one. ``tests/test_contracts.py``
+        pins the hook against the installed aiortc: its name and ``(self)`` signature, that
+        RTCP PLI and FIR call it through the instance and that its flag drives aiortc's own
+        encoder, and, over a real aiortc loopback, that a device's PLI and FIR reach the
+        camera; it also fails once aiortc grows a public keyframe method, to switch to it.
+        Should the hook vanish anyway, nothing breaks: nothing is wrapped, and a viewer
+        waits for the camera's next periodic keyframe (``start_video`` still asks the
+        camera; the shared VP8 encoder, like aiortc's own, makes keyframes only when
+        asked, so a device's PLI would go unanswered as it would with aiortc's).
         """
         sender = self.video_sender
         flag = getattr(sender, "_send_keyframe", None)
