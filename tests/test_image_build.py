@@ -399,6 +399,26 @@ def write_into(root: str, local: Path, path: str, mode: int) -> None:
     debugfs(root, f"write {local} {path}", write=True)
 
 
+def boot_files(boot: str, work: Path, config: str) -> tuple[str, str]:
+    """The boot partition's kernel and initrd copied to ``work``; the installer file in.
+
+    ``boot`` is the FAT partition as mtools names it (``disk@@offset``); ``config`` is
+    written there as ``intercom.toml``, as an installer does.
+    """
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
+                           check=True, env=mtools).stdout.split()
+    kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
+    initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
+    for name in (kernel, initrd):
+        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(work / name)], check=True,
+                       env=mtools)
+    (work / "intercom.toml").write_text(config)
+    subprocess.run(["mcopy", "-i", boot, str(work / "intercom.toml"), "::/intercom.toml"],
+                   check=True, env=mtools)
+    return kernel, initrd
+
+
 @pytest.fixture(scope="module")
 def qemu_boot(image, table, tmp_path_factory) -> dict[str, str]:
     """One boot of a copy of the image with the test units; the serial console and disks.
@@ -420,17 +440,7 @@ def qemu_boot(image, table, tmp_path_factory) -> dict[str, str]:
         write_into(root, work / name, f"/etc/systemd/system/{name}", 0o644)
         debugfs(root, f"symlink /etc/systemd/system/multi-user.target.wants/{name} "
                       f"/etc/systemd/system/{name}", write=True)
-    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
-                           check=True, env=mtools).stdout.split()
-    kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
-    initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
-    for name in (kernel, initrd):
-        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(work / name)], check=True,
-                       env=mtools)
-    (work / "intercom.toml").write_text(BOOT_CONFIG)
-    subprocess.run(["mcopy", "-i", boot, str(work / "intercom.toml"), "::/intercom.toml"],
-                   check=True, env=mtools)
+    kernel, initrd = boot_files(boot, work, BOOT_CONFIG)
     serial = work / "serial.log"
     with serial.open("wb") as out:
         qemu = subprocess.Popen(
@@ -632,17 +642,7 @@ def prepare_disk(image: Path, table: dict, module: Path, relay: dict[str, object
     boot = f"{disk}@@{table['partitions'][0]['start'] * 512}"
     root = f"{disk}?offset={table['partitions'][1]['start'] * 512}"
     install_test_parts(root, module, tmp_path)
-    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    names = subprocess.run(["mdir", "-b", "-i", boot, "::/"], capture_output=True, text=True,
-                           check=True, env=mtools).stdout.split()
-    kernel = next(Path(n).name for n in names if Path(n).name.startswith("vmlinuz-"))
-    initrd = next(Path(n).name for n in names if Path(n).name.startswith("initrd.img-"))
-    for name in (kernel, initrd):
-        subprocess.run(["mcopy", "-i", boot, f"::/{name}", str(tmp_path / name)], check=True,
-                       env=mtools)
-    (tmp_path / "intercom.toml").write_text(devices_config("door-pi", relay, simulated=False))
-    subprocess.run(["mcopy", "-i", boot, str(tmp_path / "intercom.toml"), "::/intercom.toml"],
-                   check=True, env=mtools)
+    kernel, initrd = boot_files(boot, tmp_path, devices_config("door-pi", relay, simulated=False))
     return disk, kernel, initrd
 
 
