@@ -22,10 +22,10 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from intercom.control import request
 from tests.image_devices import (
     QEMU_CPU,
     Agent,
@@ -566,7 +566,11 @@ def devices_config(station_id: str, relay: dict[str, object], *, simulated: bool
 @pytest.fixture(scope="module")
 def gpio_sim_module(rootfs) -> Path:
     """gpio-sim.ko for the image's kernel (Debian's has none; scripts/gpio-sim-module)."""
-    release, version = kernel_of(rootfs)
+    return gpio_sim_for(*kernel_of(rootfs))
+
+
+def gpio_sim_for(release: str, version: str) -> Path:
+    """gpio-sim.ko built for this kernel release and Debian version (made once, cached)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "intercom/gpio-sim"
     out = subprocess.run([str(REPO / "scripts/gpio-sim-module"), release, version, str(cache)],
                          capture_output=True, text=True, timeout=1800, check=False)
@@ -589,51 +593,6 @@ def wait_serial(path: Path, pattern: str, qemu: subprocess.Popen[bytes], timeout
     raise AssertionError(f"no {pattern!r} on the console: {serial_text(path)[-3000:]}")
 
 
-def host_figures(tmp: Path, relay: dict[str, object]) -> dict[str, float]:
-    """start -> READY and press -> ring on this machine, same config, simulated parts."""
-    config = tmp / "host.toml"
-    config.write_text(devices_config("door-host", relay, simulated=True)
-                      + f'\n[web]\nhost = "127.0.0.1"\nport = {free_port()}\n')
-    state = tmp / "host-state"
-    notify = tmp / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(notify))
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [str(REPO / ".venv/bin/intercom"), "run", "--simulate", "--config", str(config),
-             "--state-dir", str(state)],
-            env={**os.environ, "NOTIFY_SOCKET": str(notify)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            ready = None
-            while ready is None and proc.poll() is None:
-                if select.select([sock], [], [], 1)[0] and "READY=1" in sock.recv(4096).decode():
-                    ready = time.monotonic() - started
-            assert ready is not None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-            press_ring = asyncio.run(host_press_ring(state))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-    return {"ready_s": ready, "press_ring_s": press_ring}
-
-
-async def host_press_ring(state: Path) -> float:
-    """Seconds from a simulated press to the ring at a paired resident, on this machine."""
-    paired = await request(state, {"request": "pair", "flat": "1"})
-    url = paired["station_url"]
-    ca = await fetch_ca(url, paired["fingerprint"])
-    phone = await pair_remote(RemoteStation(url, ca, "door-host"), paired["code"])
-    try:
-        await phone.connect()
-        await phone.wait_connected(30)
-        pressed = time.time()
-        await request(state, {"request": "sim", "action": "press", "button": None})
-        ring = await phone.expect("ring", timeout=30)
-    finally:
-        await phone.close()
-    return float(ring["received_at"] - pressed)
-
-
 def prepare_disk(image: Path, table: dict, module: Path, relay: dict[str, object],
                  tmp_path: Path) -> tuple[Path, str, str]:
     """A copy of the image with the test's parts and the installer file; kernel, initrd."""
@@ -653,11 +612,18 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
     port forward, is rung by the button line pulled low through gpio-sim, answers, sees
     vivid's frames, hears the tone played into the loopback card, is heard out of it,
     and opens the door with a TOTP code: the relay line rises and falls. The door
-    contact and tamper lines raise their events. Prints the emulated/host ratios of
-    start -> READY and press -> ring (docs/benchmarks.md); asserts no speed.
+    contact and tamper lines raise their events. (``scripts/bench image-devices`` runs
+    the same session for its figures.)
     """
+    devices_session(image, table, gpio_sim_module, tmp_path)
+
+
+def devices_session(image: Path, table: dict, module: Path, tmp_path: Path) -> dict[str, Any]:
+    """Boot a copy of the image on the simulated devices and go through the resident's
+    session, asserting each step; the stamps a benchmark needs (systemd's start and
+    READY on the guest's clock, the press and the ring on this machine's)."""
     relay = tomllib.loads(PIN_MAP.read_text())["hardware"]["relay"]
-    disk, kernel, initrd = prepare_disk(image, table, gpio_sim_module, relay, tmp_path)
+    disk, kernel, initrd = prepare_disk(image, table, module, relay, tmp_path)
     port = free_port()
     agent_sock = tmp_path / "agent.sock"
     serial = tmp_path / "serial.log"
@@ -677,7 +643,7 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
         "-device", "virtserialport,chardev=agent,name=org.intercom.agent",
     ]
     agent = Agent(agent_sock)
-    figures: dict[str, float] = {}
+    stamps: dict[str, Any] = {}
     with serial.open("wb") as out:
         qemu = subprocess.Popen(qemu_args, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -689,8 +655,7 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
             assert hello == {"hello": True}
             started = agent.ask("started", timeout=600)
             assert started["NRestarts"] == 0
-            figures["ready_s"] = (started["ActiveEnterTimestampMonotonic"]
-                                  - started["ExecMainStartTimestampMonotonic"]) / 1e6
+            stamps["started"] = started
             text = serial_text(serial)
             assert "station door-pi ready" in text, text[-3000:]
             assert re.search(r"agent: gpio-sim gpiochip0 .*/dev/video0.*pcm", text), text[-3000:]
@@ -699,7 +664,7 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
                 agent.ask("pull", pin=pin, level="down")
             assert agent.ask("value", pin=BUTTON)["value"] == 1  # the lgpio pull-up
             assert agent.ask("value", pin=relay["pin"])["value"] == 0
-            figures |= asyncio.run(resident_session(agent, port, code, fingerprint, relay))
+            stamps |= asyncio.run(resident_session(agent, port, code, fingerprint, relay))
             events = [e["type"] for e in agent.ask("events")["events"]]
             # In the order the test made them happen (what the lines did at start-up, when
             # lgpio's pull-ups lifted the contact and tamper lines, is before them).
@@ -711,16 +676,11 @@ def test_image_meets_simulated_devices_under_qemu(image, table, rootfs, gpio_sim
             if qemu.poll() is None:
                 qemu.kill()
                 qemu.wait()
-    host = host_figures(tmp_path, relay)
-    print(f"\nemulated arm64 image / host ({os.cpu_count()} cores): "  # noqa: T201
-          f"start->READY {figures['ready_s']:.2f} s / {host['ready_s']:.2f} s = "
-          f"{figures['ready_s'] / host['ready_s']:.1f}x; "
-          f"press->ring {figures['press_ring_s']:.3f} s / {host['press_ring_s']:.3f} s = "
-          f"{figures['press_ring_s'] / host['press_ring_s']:.1f}x")
+    return stamps
 
 
 async def resident_session(agent, port: int, code: str, fingerprint: str,
-                           relay: dict[str, object]) -> dict[str, float]:
+                           relay: dict[str, object]) -> dict[str, Any]:
     """Pair, be rung by the button line, answer, see, hear, be heard, open the door."""
 
     url = f"https://127.0.0.1:{port}/"
@@ -765,6 +725,6 @@ async def resident_session(agent, port: int, code: str, fingerprint: str,
             await asyncio.sleep(1)
             await agent.ask_async("pull", pin=pin, level="down")
         await asyncio.sleep(2)
-        return {"press_ring_s": ring["received_at"] - pressed}
+        return {"pressed": pressed, "rung": ring["received_at"]}
     finally:
         await phone.close()
