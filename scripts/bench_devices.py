@@ -18,13 +18,23 @@ Measured, all on the machine's wall clock (``time.time()`` in every process):
     the flat), and the first video frame decoded by the device that answers (the flat's
     first device, which accepts on that frame). The door then hangs up.
 
+A breakdown beside the first frame: press -> the station releases the call's first
+video frame to a device (``first_frame_at`` of ``last_call`` in the control socket's
+status, the station's clock, the same machine's).
+
 --idle-audio makes the devices behave as the web client did before: a (silent) audio
 track attached from the start, i.e. 50 audio packets/s from every idle device.
+--split-cores runs the station on the first CPU and every device process on the others
+(``taskset``), so the devices' own work (decoding what they are sent, their jitter
+buffers) does not share the station's core: phones do their own decoding. The answering
+devices (each flat's first) then run in processes of their own, and the others at the
+lowest priority (``nice -n 19``), so that the ten rung devices' decoders on the bench's
+one core do not queue before the answerer's as they would not on ten phones.
 
 Usage: scripts/bench devices [--devices 1,10,50,100] [--flats 10] [--idle-seconds 30]
        [--presses 20] [--per-process 10]
        [--camera encode-once|software|software-per-device|passthrough]
-       [--idle-audio] [--keep DIR]
+       [--idle-audio] [--split-cores] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # The buttons' pins: not 22, 23, 27 (contact, tamper, relay)
 PINS = [5, 6, 12, 13, 16, 17, 19, 20, 21, 24, 25, 26, 4, 18]
 COALESCE_S = 3.2
+NICE = ["nice", "-n", "19"]  # --split-cores: the devices that do not answer
 CAMERA_FPS = 15  # the config below
 RING_WAIT_S = 5.0
 CONNECT_WAIT_S = 180.0
@@ -271,7 +282,8 @@ ring_timeout_s = 30
 class Station:
     """``intercom run --simulate --config`` as its own process."""
 
-    def __init__(self, work: Path, flats: int, camera: str) -> None:
+    def __init__(self, work: Path, flats: int, camera: str, cpus: list[str]) -> None:
+        self.cpus = cpus
         self.state_dir = work / "state"
         self.config = work / "intercom.toml"
         write_config(self.config, self.state_dir, flats, camera)
@@ -283,6 +295,7 @@ class Station:
     async def start(self) -> None:
         env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
         self.proc = await asyncio.create_subprocess_exec(
+            *self.cpus,
             sys.executable,
             "-m",
             "intercom",
@@ -464,8 +477,15 @@ async def start_workers(
     answerers = answerers_of(online)
     collector = Collector()
     procs = []
-    for start in range(0, len(online), args.per_process):
-        chunk = online[start : start + args.per_process]
+    chunks = [online[i : i + args.per_process] for i in range(0, len(online), args.per_process)]
+    if args.split_cores:  # the answering devices in processes of their own, first in line
+        first = [d for d in online if answerers[d["flat"]] == d["index"]]
+        rest = [d for d in online if answerers[d["flat"]] != d["index"]]
+        chunks = [first[i : i + args.per_process] for i in range(0, len(first), args.per_process)]
+        chunks += [rest[i : i + args.per_process] for i in range(0, len(rest), args.per_process)]
+    for number, chunk in enumerate(chunks):
+        answering = all(answerers[d["flat"]] == d["index"] for d in chunk)
+        prefix = cpu_split(args)[1] + ([] if answering or not args.split_cores else NICE)
         spec = {
             "url": station.url,
             "fp": station.fp,
@@ -473,10 +493,11 @@ async def start_workers(
             "stagger_s": 0.05,
             "devices": [{**d, "answerer": answerers[d["flat"]] == d["index"]} for d in chunk],
         }
-        spec_path = work / f"worker-{start}.json"
+        spec_path = work / f"worker-{number}.json"
         spec_path.write_text(json.dumps(spec))
         with (work / "workers.log").open("a") as errors:
             proc = await asyncio.create_subprocess_exec(
+                *prefix,
                 sys.executable,
                 __file__,
                 "--worker",
@@ -489,6 +510,17 @@ async def start_workers(
         if proc.stdout is not None:
             collector.readers.append(asyncio.create_task(collector.read(proc.stdout)))
     return procs, collector
+
+
+def cpu_split(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The command prefixes for the station and the device processes (--split-cores)."""
+    if not args.split_cores:
+        return [], []
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--split-cores: needs at least two CPUs")
+    rest = ",".join(str(c) for c in cpus[1:])
+    return ["taskset", "-c", str(cpus[0])], ["taskset", "-c", rest]
 
 
 def answerers_of(online: list[dict[str, Any]]) -> dict[str, int]:
@@ -526,6 +558,7 @@ async def presses(
     ring_each: list[float] = []
     ring_flat: list[float] = []
     first_frame: list[float] = []
+    released: list[float] = []
     missed_rings = no_frame = 0
     last_press: dict[int, float] = defaultdict(lambda: -1e9)
     began, cpu0 = time.time(), station.proc_figures()["cpu_s"]
@@ -563,12 +596,16 @@ async def presses(
             first_frame.append((frames[answerer] - pressed) * 1000)
         else:
             no_frame += 1
+        timing = (await station.ask({"request": "status"}))["status"]["calls"]["last_call"]
+        if timing and timing.get("first_frame_at"):
+            released.append((timing["first_frame_at"] - pressed) * 1000)
         await station.hangup()
     seconds = max(time.time() - began, 1e-9)
     return {
         "ring_each": fmt(ring_each),
         "ring_flat": fmt(ring_flat),
         "first_frame": fmt(first_frame),
+        "released": fmt(released),
         "missed_rings": missed_rings,
         "no_frame": no_frame,
         "press_cpu": (station.proc_figures()["cpu_s"] - cpu0) / seconds * 100,
@@ -579,7 +616,7 @@ async def one_round(
     args: argparse.Namespace, work: Path, count: int, paired: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Start a station and ``count`` devices; the idle figures, then the presses."""
-    station = Station(work, args.flats, args.camera)
+    station = Station(work, args.flats, args.camera, cpu_split(args)[0])
     await station.start()
     online = paired[:count]
     procs: list[asyncio.subprocess.Process] = []
@@ -622,6 +659,8 @@ async def main(args: argparse.Namespace) -> None:
     load = os.getloadavg()
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     audio = "idle devices send silence" if args.idle_audio else "no audio from idle devices"
+    if args.split_cores:
+        audio += "; station and devices on separate cores"
     print(
         f"bench devices: {when} UTC, {os.cpu_count()} cores, load average "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; devices {counts}, {args.flats} flats, "
@@ -635,7 +674,7 @@ async def main(args: argparse.Namespace) -> None:
             json.loads(paired_file.read_text()) if paired_file.exists() else []
         )
         if len(paired) < max(counts):
-            station = Station(work, args.flats, args.camera)
+            station = Station(work, args.flats, args.camera, cpu_split(args)[0])
             await station.start()
             try:
                 paired = await pair_all(station, max(counts), args.flats)
@@ -653,15 +692,16 @@ async def main(args: argparse.Namespace) -> None:
     print(
         "| devices | RSS | threads / fds | idle CPU | UDP drops | devices lost while idle "
         "| press -> ring, each device p50 / p95 | whole flat p50 / p95 "
-        "| first frame at the answerer | rings missed | CPU while pressing |"
+        "| first frame at the answerer | station releases first frame | rings missed "
+        "| CPU while pressing |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['devices']} | {r['rss_mib']:.0f} MiB | {r['threads']} / {r['fds']} "
             f"| {r['idle_cpu']:.1f} % | {r['udp_drops_per_s']:.0f}/s | {r['idle_lost']} "
             f"| {r['ring_each']} | {r['ring_flat']} | {r['first_frame']} (none: {r['no_frame']}) "
-            f"| {r['missed_rings']} | {r['press_cpu']:.0f} % |"
+            f"| {r['released']} | {r['missed_rings']} | {r['press_cpu']:.0f} % |"
         )
 
 
@@ -688,6 +728,11 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--idle-audio", action="store_true", help="idle devices send silence (the old client)"
+    )
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="the station on the first CPU, the device processes on the others (taskset)",
     )
     parser.add_argument("--keep", help="work folder to keep (and reuse its paired devices)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
