@@ -201,7 +201,10 @@ class Calls:
         return info
 
     def last_call_timing(self) -> dict[str, Any] | None:
-        """Press, ring sent and first frame released, for benchmarks (unix times)."""
+        """Press, ring sent and first frame released, for benchmarks (unix times).
+
+        The first frame is released to the first and to the last of the rung devices.
+        """
         call = self.ring_group.last_call
         if call is None:
             return None
@@ -215,6 +218,7 @@ class Calls:
             "pressed_at": call.pressed_at,
             "ring_sent_at": call.ring_sent_at,
             "first_frame_at": min(firsts) if firsts else None,
+            "last_first_frame_at": max(firsts) if firsts else None,  # the last device's
             "answered_at": call.answered_at,
             "first_audio_at": heard,
         }
