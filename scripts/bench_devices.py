@@ -12,11 +12,12 @@ Measured, all on the machine's wall clock (``time.time()`` in every process):
     process's RSS, threads, descriptors and CPU (% of one core, from /proc/PID/stat),
     the kernel's UDP receive-buffer drops (/proc/net/snmp, machine-wide) and how many
     devices lost their connection and signed in again;
-  * --presses presses, rotating over the flats; the press time is taken just before the
-    press request goes to the station's control socket; the ends are a device's
-    receipt of the ``ring`` message (every rung device; "whole flat" is the last device of
-    the flat), and the first video frame decoded by the device that answers (the flat's
-    first device, which accepts on that frame). The door then hangs up.
+  * --presses presses, rotating over the flats that have a device online; the press time
+    is taken just before the press request goes to the station's control socket; the
+    ends are a device's receipt of the ``ring`` message (every rung device; "whole flat"
+    is the last device of the flat), and the first video frame decoded by the device
+    that answers (the flat's first device, which accepts on that frame). The door then
+    hangs up.
 
 A breakdown beside the first frame: press -> the station releases the call's first
 video frame to the first of the rung devices' senders, and to the last of them
@@ -567,8 +568,11 @@ async def presses(
     last_press: dict[int, float] = defaultdict(lambda: -1e9)
     began, cpu0 = time.time(), station.proc_figures()["cpu_s"]
     phase = random.Random(len(online))  # noqa: S311 - a spread of pauses, not a secret
+    # Only flats with a device online: with fewer devices than flats (one device: flat 1
+    # alone), every press still rings someone.
+    flats = sorted({int(d["flat"]) for d in online})
     for number in range(args.presses if online else 0):
-        flat = 1 + number % args.flats
+        flat = flats[number % len(flats)]
         rung = [d["index"] for d in online if d["flat"] == str(flat)]
         if not rung:
             continue
