@@ -23,8 +23,18 @@ datagrams dropped; the phone answers, talks and opens the door, and the call goe
 --call-seconds; the figures are Chromium's own for the call's video (inbound-rtp:
 freezeCount, totalFreezesDuration, packetsLost, nackCount).
 
+A slow link (--rate-kbps K): the phone's path to coturn is also a bottleneck of K kbit/s
+each way with a drop-tail queue of --queue-ms (tests/udpdelay.py); its own counts of
+datagrams sent and dropped are printed. --encoder chooses the station's VP8: one shared
+encoder at a fixed bitrate (``shared``, the default) or aiortc's per device
+(``per-device``: ``vp8_per_device = true``). --camera: the simulated station's
+synthetic colour bars (the default) or ``file``, bench_call's moving noisy test picture
+(an H.264 file, 640x480 at 15 fps), which needs the bitrate a real camera does.
+
 Usage: scripts/bench remote [--calls N] [--rtt-ms MS] [--idle-minutes M]
        scripts/bench remote --lossy-calls N [--rtt-ms MS] [--loss P] [--call-seconds S]
+           [--rate-kbps K] [--queue-ms MS] [--encoder shared|per-device]
+           [--camera synthetic|file]
 (needs root)
 """
 
@@ -41,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_call import FIRST_FRAME, clock_skew, summary  # noqa: E402
+from bench_call import FIRST_FRAME, VIDEO, clock_skew, make_h264, summary  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from tests.browser import wait_call_state  # noqa: E402
@@ -74,20 +84,44 @@ def presses(remote: Any, page: Any, calls: int) -> tuple[list[float], list[float
     return presented, skews
 
 
+def camera_keys(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The station's ``[media.camera]`` for --camera and --encoder."""
+    keys: dict[str, Any] = {}
+    if args.camera == "file":
+        video = make_h264(folder / "door.h264")
+        keys = {"source": "file", "device": str(video), "width": VIDEO["width"],
+                "height": VIDEO["height"], "fps": VIDEO["fps"]}
+    if args.encoder == "per-device":
+        keys["vp8_per_device"] = True
+    return keys
+
+
 def lossy(args: argparse.Namespace) -> int:
+    rate = "no rate limit" if args.rate_kbps is None else (
+        f"a {args.rate_kbps:.0f} kbit/s bottleneck each way ({args.queue_ms:.0f} ms queue)")
     print(f"\n== remote: {args.lossy_calls} calls of {args.call_seconds:.0f} s through coturn, "
-          f"phone's RTT to coturn +{args.rtt_ms:.0f} ms, {args.loss:.1%} of its UDP lost ==")
+          f"phone's RTT to coturn +{args.rtt_ms:.0f} ms, {args.loss:.1%} of its UDP lost, "
+          f"{rate}; VP8 {args.encoder}, camera {args.camera} ==")
     freezes: list[int] = []
-    for n in range(args.lossy_calls):
-        with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
-            s, impaired = lossy_call(Path(folder), args.rtt_ms, args.loss, args.call_seconds)
-        if not impaired:
-            raise SystemExit("the delay and the losses were not on the media's path")
-        freezes.append(int(s["freezeCount"]))
-        print(f"call {n + 1}: freezeCount {s['freezeCount']}, totalFreezesDuration "
-              f"{s['totalFreezesDuration']:.3f} s, frames {s['framesDecoded']}, packetsLost "
-              f"{s['packetsLost']}, nackCount {s['nackCount']}, pliCount {s['pliCount']}, "
-              f"pair RTT {s.get('rtt')} s, {s.get('localCandidate')}/{s.get('remoteCandidate')}")
+    with tempfile.TemporaryDirectory(prefix="bench-remote-video-") as videos:
+        camera = camera_keys(args, Path(videos))
+        for n in range(args.lossy_calls):
+            with tempfile.TemporaryDirectory(prefix="bench-remote-") as folder:
+                s, impaired = lossy_call(Path(folder), args.rtt_ms, args.loss,
+                                         args.call_seconds, args.rate_kbps, args.queue_ms,
+                                         camera)
+            if not impaired:
+                raise SystemExit("the delay and the losses were not on the media's path")
+            freezes.append(int(s["freezeCount"]))
+            print(f"call {n + 1}: freezeCount {s['freezeCount']}, totalFreezesDuration "
+                  f"{s['totalFreezesDuration']:.3f} s, frames {s['framesDecoded']} "
+                  f"(fps now {s.get('framesPerSecond')}), framesDropped "
+                  f"{s.get('framesDropped')}, keyFramesDecoded {s.get('keyFramesDecoded')}, "
+                  f"packetsLost {s['packetsLost']}, nackCount {s['nackCount']}, pliCount "
+                  f"{s['pliCount']}, pair RTT {s.get('rtt')} s, "
+                  f"{s.get('localCandidate')}/{s.get('remoteCandidate')}")
+            for line in s.get("link", []):
+                print(f"  bottleneck {line}")
     print(f"freezes per call: {freezes} (most {max(freezes)})")
     return 0
 
@@ -101,6 +135,14 @@ def main() -> int:
                         help="instead: this many whole calls over a lossy path")
     parser.add_argument("--loss", type=float, default=0.02, help="share of UDP dropped")
     parser.add_argument("--call-seconds", type=float, default=60.0)
+    parser.add_argument("--rate-kbps", type=float, default=None,
+                        help="lossy calls: a bottleneck of this rate each way (default: none)")
+    parser.add_argument("--queue-ms", type=float, default=200.0,
+                        help="the bottleneck's drop-tail queue")
+    parser.add_argument("--encoder", choices=("shared", "per-device"), default="shared",
+                        help="lossy calls: the station's VP8 encoder")
+    parser.add_argument("--camera", choices=("synthetic", "file"), default="synthetic",
+                        help="lossy calls: the station's picture")
     args = parser.parse_args()
     if args.lossy_calls:
         return lossy(args)

@@ -668,14 +668,18 @@ class Lab:
         self.sh("mrouter", "iptables", "-w", "-t", "nat", "-R", "POSTROUTING", "1",
                 "-o", "wan", "-j", "MASQUERADE", *random)
 
-    def impair(self, rtt_ms: float, loss: float) -> None:
-        """Make the mobile's path to coturn long and lossy; ``impair(0, 0)`` undoes it.
+    def impair(self, rtt_ms: float, loss: float, rate_kbps: float | None = None,
+               queue_ms: float = 200.0) -> None:
+        """Make the mobile's path to coturn long, lossy and (``rate_kbps``) slow;
+        ``impair(0, 0)`` undoes it.
 
         ``loss`` drops that share of UDP datagrams arriving at the carrier NAT (``mrouter``)
         from either side. ``rtt_ms`` is added to the mobile's UDP flows to 203.0.113.1:3478
         by ``udpdelay.py`` in ``mrouter`` (10.77.0.1:3478); a DNAT in ``mobile`` sends them
         there, so nothing in the mobile is configured. It applies to flows that start after
         the call (conntrack keeps an existing flow's NAT); TURN over TCP is not delayed.
+        ``rate_kbps`` makes that relay a bottleneck of that rate each way, with a drop-tail
+        queue of ``queue_ms`` (a slow mobile link); None (the default): no limit.
         """
         self.sh("mrouter", "iptables", "-w", "-F", "LOSS")
         self.sh("mobile", "iptables", "-w", "-t", "nat", "-F", "OUTPUT")
@@ -685,17 +689,20 @@ class Lab:
         if loss > 0:
             self.sh("mrouter", "iptables", "-w", "-A", "LOSS", "-p", "udp", "-m", "statistic",
                     "--mode", "random", "--probability", f"{loss:.6f}", "-j", "DROP")
-        if rtt_ms > 0:
-            self._delay = self._start_delay(rtt_ms)
+        if rtt_ms > 0 or rate_kbps is not None:
+            self._delay = self._start_delay(rtt_ms, rate_kbps, queue_ms)
             self.sh("mobile", "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-d", A.public,
                     "-p", "udp", "--dport", str(TURN_PORT), "-j", "DNAT",
                     "--to-destination", f"{A.mrouter_lan}:{TURN_PORT}")
 
-    def _start_delay(self, rtt_ms: float, timeout: float = 10) -> subprocess.Popen[bytes]:
+    def _start_delay(self, rtt_ms: float, rate_kbps: float | None = None,
+                     queue_ms: float = 200.0, timeout: float = 10) -> subprocess.Popen[bytes]:
         log = (self.folder / "udpdelay.log").open("ab")
+        rate = [] if rate_kbps is None else ["--rate-kbps", str(rate_kbps),
+                                             "--queue-ms", str(queue_ms)]
         proc = self.run("mrouter", [
             sys.executable, str(UDPDELAY), "--listen", f"{A.mrouter_lan}:{TURN_PORT}",
-            "--upstream", f"{A.public}:{TURN_PORT}", "--rtt-ms", str(rtt_ms),
+            "--upstream", f"{A.public}:{TURN_PORT}", "--rtt-ms", str(rtt_ms), *rate,
         ], stdout=subprocess.PIPE, stderr=log)
         log.close()
         assert proc.stdout is not None

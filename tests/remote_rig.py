@@ -12,10 +12,11 @@ the station's CA. Used by tests/test_remote_call.py and scripts/bench_remote.py.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,11 @@ def documented_nginx_server() -> str:
     return block
 
 
-def station_config(folder: Path, turn: Coturn, secret: str, udp_only: bool = False) -> Path:
+def station_config(folder: Path, turn: Coturn, secret: str, udp_only: bool = False,
+                   camera: Mapping[str, object] | None = None) -> Path:
     """The station's config: public URL, the proxy trusted, coturn, relay only (over UDP
-    only with ``udp_only``)."""
+    only with ``udp_only``); ``camera``: keys of its ``[media.camera]`` (else the
+    simulated station's synthetic camera)."""
     secret_file = folder / "turn-secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
@@ -80,6 +83,10 @@ trusted_proxies = ["{ADDRESSES.public}"]
 urls = [{urls}]
 secret_file = "{secret_file}"
 """)
+    if camera:
+        with config.open("a") as out:
+            out.write("\n[media.camera]\n")
+            out.writelines(f"{key} = {json.dumps(value)}\n" for key, value in camera.items())
     return config
 
 
@@ -118,17 +125,19 @@ def first_page(context: BrowserContext) -> Page:
 
 
 @contextmanager
-def remote_station(folder: Path, udp_only: bool = False) -> Iterator[tuple[Remote, Path]]:
+def remote_station(folder: Path, udp_only: bool = False,
+                   camera: Mapping[str, object] | None = None) -> Iterator[tuple[Remote, Path]]:
     """The whole setup; yields it and a ``$HOME`` whose NSS trusts the proxy's public CA.
 
     ``udp_only``: the station hands out only coturn's UDP URL (the lab impairs UDP only,
-    and an unimpaired TCP relay would win the race).
+    and an unimpaired TCP relay would win the race). ``camera``: ``[media.camera]`` keys
+    (a file source's picture and ``vp8_per_device`` are kept by ``--simulate``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     with lab(folder / "lab") as net:
         secret = secrets.token_urlsafe(24)
         turn = net.coturn(secret, realm="turn.example.test")
-        config = station_config(folder, turn, secret, udp_only)
+        config = station_config(folder, turn, secret, udp_only, camera)
         station = SimStation(
             folder / "state", ("--config", str(config), "--lan"),
             command=net.argv("home", [sys.executable, "-m", "intercom"]),

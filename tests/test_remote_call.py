@@ -12,6 +12,7 @@ without pairing again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +99,21 @@ def counted(listing: str, target: str) -> int:
                if len(line.split()) > 2 and line.split()[2] == target)
 
 
-def lossy_call(folder: Path, rtt_ms: float, loss: float, seconds: float
-               ) -> tuple[dict[str, Any], bool]:
-    """A whole call from the mobile network, its phone's path to coturn ``rtt_ms`` long
-    and losing ``loss`` of its UDP, kept up ``seconds``: the page's statistics after it,
-    and whether the delay and the losses were on the media's path (also for the bench)."""
-    with remote_station(folder, udp_only=True) as (remote, home), sync_playwright() as p:
+def lossy_call(folder: Path, rtt_ms: float, loss: float, seconds: float,
+               rate_kbps: float | None = None, queue_ms: float = 200.0,
+               camera: Mapping[str, object] | None = None) -> tuple[dict[str, Any], bool]:
+    """A whole call from the mobile network, its phone's path to coturn ``rtt_ms`` long,
+    losing ``loss`` of its UDP and (``rate_kbps``) a bottleneck of that rate each way with
+    a ``queue_ms`` drop-tail queue, kept up ``seconds``: the page's statistics after it
+    (with the bottleneck's own counts, ``link``), and whether the delay and the losses
+    were on the media's path (also for the bench). ``camera``: the station's
+    ``[media.camera]`` keys."""
+    with remote_station(folder, udp_only=True, camera=camera) as (remote, home), \
+            sync_playwright() as p:
         profile = folder / "phone-profile"
         totp = pair_at_home(remote, p, profile, home)
-        remote.lab.impair(rtt_ms, loss)  # before the phone's flows start: they take it
+        # before the phone's flows start: they take it
+        remote.lab.impair(rtt_ms, loss, rate_kbps, queue_ms)
         context = remote.phone(p, "mobile", profile, home)
         try:
             page = first_page(context)
@@ -120,7 +127,12 @@ def lossy_call(folder: Path, rtt_ms: float, loss: float, seconds: float
             delayed = remote.lab.sh("mobile", "iptables", "-w", "-t", "nat", "-n", "-v", "-x",
                                     "-L", "OUTPUT")
             dropped = remote.lab.sh("mrouter", "iptables", "-w", "-n", "-v", "-x", "-L", "LOSS")
-            return after, counted(delayed, "DNAT") > 0 and counted(dropped, "DROP") > 0
+            lost = loss == 0 or counted(dropped, "DROP") > 0
+            remote.lab.impair(0, 0)  # the relay logs its bottleneck's counts as it stops
+            log = (remote.lab.folder / "udpdelay.log").read_text(errors="replace")
+            after["link"] = [line.removeprefix("udpdelay ") for line in log.splitlines()
+                             if "dropped at the queue" in line]
+            return after, counted(delayed, "DNAT") > 0 and lost
         finally:
             context.close()
 
