@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 import av
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRemoteInboundRtpStreamStats,
+    RTCSessionDescription,
+    RTCStatsReport,
+)
 from aiortc.mediastreams import MediaStreamError
 
 from intercom.calls.peer import DevicePeer, on_link, without_mdns
 from intercom.calls.tracks import MediaHub
 from intercom.media.audio import LevelSink, ToneSource
+from intercom.media.sharedvp8 import MIN_BITRATE, LossRate, bitrate_for
 from intercom.media.synthetic import SyntheticCamera
 from intercom.netaddr import local_networks
 
@@ -450,3 +458,84 @@ async def test_the_live_views_gate_reads_the_camera_not_the_devices_encoder():
         view.stop()
         hub.close()
         await camera.close()
+
+
+def remote_inbound(lost: int, received: int) -> Any:
+    """A receiver report's statistics as aiortc's ``RTCRtpSender.getStats`` gives them."""
+    return RTCRemoteInboundRtpStreamStats(
+        timestamp=dt.datetime.now(dt.UTC), type="remote-inbound-rtp",
+        id="remote-inbound-rtp_test", ssrc=1, kind="video", transportId="t",
+        packetsReceived=received, packetsLost=lost, jitter=0, roundTripTime=0.1,
+        fractionLost=0.0)
+
+
+class ScriptedReports:
+    """A device's receiver reports, in place of its sender's: ``share`` of the packets
+    lost in each (cumulative counts, as a browser sends them)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.lost = self.received = 0
+
+    async def __call__(self) -> Any:
+        self.lost += round(100 * self.share)
+        self.received += 100 - round(100 * self.share)
+        return RTCStatsReport({"r": remote_inbound(self.lost, self.received)})
+
+
+async def test_the_shared_encoder_follows_the_worst_watching_devices_loss():
+    """A device losing 40 % of its packets brings the shared encoder's bitrate down
+    (a new libvpx encoder, from a keyframe) for everyone watching; the devices still
+    decode; once it stops watching, the rate returns to the ceiling."""
+    camera = SyntheticCamera(640, 480, 15)
+    hub, *first = await station_end(camera)
+    ends = [tuple(first), local_peer(hub)]
+    clients = []
+    try:
+        encoder = hub.encoder
+        assert encoder is not None
+        for peer, device in ends:
+            clients.append((await connect(peer, device))[0])
+        (good, good_device), (bad, bad_device) = ends
+        good.video_sender.getStats = ScriptedReports(0.0)  # type: ignore[method-assign]
+        bad.video_sender.getStats = ScriptedReports(0.4)  # type: ignore[method-assign]
+        good.start_video()
+        await eventually(lambda: len(good_device.frames) >= 3, what="the good device")
+        ceiling = bitrate_for(640, 480, 15)
+        assert encoder.bitrate == ceiling  # a loss-free device leaves it where it starts
+        assert encoder.codecs_made == 1
+        bad.start_video()
+        # down by a fifth a report to the floor (the last step within 10 % of it: kept)
+        await eventually(lambda: encoder.bitrate <= MIN_BITRATE * 1.1, timeout=20,
+                         what="the lossy device's rate down to the floor")
+        assert encoder.codecs_made > 1
+        count = len(good_device.frames), len(bad_device.frames)
+        await eventually(lambda: len(good_device.frames) >= count[0] + 5
+                         and len(bad_device.frames) >= count[1] + 5, what="both still decode")
+        assert good_device.frames[-1].width == 640
+        bad.stop_video()
+        await eventually(lambda: encoder.bitrate == ceiling, timeout=10,
+                         what="the ceiling again without the lossy device")
+        count = len(good_device.frames), 0
+        await eventually(lambda: len(good_device.frames) >= count[0] + 5, what="still decodes")
+    finally:
+        for (peer, _device), client in zip(ends, clients, strict=False):
+            await peer.close()
+            await client.close()
+        hub.close()
+        await camera.close()
+
+
+def test_a_devices_rate_falls_by_half_its_loss_and_climbs_back_without_loss():
+    rate = LossRate(800_000)
+    assert rate.update(0, 0) == 800_000  # the first report: nothing to compare with yet
+    assert rate.update(30, 70) == 680_000  # 30 % lost: x (1 - 0.15)
+    assert rate.update(30, 70) == 680_000  # the same report again: nothing new
+    assert rate.update(35, 165) == 680_000  # 5 % lost: held
+    assert rate.update(35, 265) == 714_000  # none lost: + 5 %
+    for lost in range(1, 30):  # 100 % lost, report after report: the floor
+        rate.update(35 + 100 * lost, 265)
+    assert rate.rate == MIN_BITRATE
+    for received in range(1, 60):
+        rate.update(35 + 100 * 29, 265 + 100 * received)
+    assert rate.rate == 800_000  # and never above the ceiling

@@ -33,6 +33,7 @@ from aiortc import (
     RTCIceServer,
     RTCIceTransportPolicy,
     RTCPeerConnection,
+    RTCRemoteInboundRtpStreamStats,
     RTCRtpSender,
     RTCSessionDescription,
 )
@@ -41,6 +42,7 @@ from aiortc.rtp import RtcpSdesPacket, RtcpSrPacket
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.media.audio import LevelSink, rms_level
+from intercom.media.sharedvp8 import LossRate
 from intercom.netaddr import Network, on_networks
 from intercom.security import command
 from intercom.security.limits import RefusalLog, TokenBucket
@@ -55,6 +57,9 @@ AUDIBLE = LevelSink.SILENCE
 # frame has gone out (the renegotiation must not delay it), long before a person answers
 # (answered, the door audio then flows at once, with no round trip first).
 AUDIO_AFTER_RING_S = 0.15
+# How often a device's receiver reports are read for its loss (the shared VP8's rate);
+# browsers send one about every second.
+LOSS_POLL_S = 0.5
 PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay"
 # The playout delay (min, max, ms) the station asks a device's receiver for. At home:
 # none, a frame is shown the moment it is decoded. Away (a relay, a carrier's NAT): at
@@ -217,6 +222,7 @@ class DevicePeer:
         self._send_offer = send_offer
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._following = False  # a _follow_loss task runs (the shared VP8's rate)
         # The video is ready for a ring (its gate closed); the audio waits for an answer.
         self._video_tx = self.pc.addTransceiver(self.video, direction="sendonly")
         self.video_sender = self._video_tx.sender
@@ -347,6 +353,9 @@ class DevicePeer:
         """Send the camera to this device, newest frame first, from a keyframe."""
         self.rung = True
         self.video.open()
+        if self.media.encoder is not None and not self._following:
+            self._following = True  # one follower at a time (a gate reopened at once)
+            self._spawn(self._follow_loss(), "call-follow-loss")
         if not self.media_on:
             self._spawn(self._audio_after_ring(), "call-audio-after-ring")
         # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
@@ -356,6 +365,34 @@ class DevicePeer:
             force()
         else:
             self.media.request_keyframe()
+
+    async def _follow_loss(self) -> None:
+        """While the video gate is open, this device's loss sets its shared VP8 rate.
+
+        The loss comes from the device's receiver reports in aiortc's public
+        ``RTCRtpSender.getStats`` (``remote-inbound-rtp``); ``MediaHub.device_rate`` runs
+        the shared encoder at the lowest watching device's rate.
+        """
+        encoder = self.media.encoder
+        if encoder is None:
+            return
+        rate = LossRate(encoder.ceiling)
+        self._following = True
+        try:
+            while self.video.is_open:
+                report = await self.video_sender.getStats()
+                for stat in report.values():
+                    if isinstance(stat, RTCRemoteInboundRtpStreamStats):
+                        before = rate.rate
+                        now = rate.update(stat.packetsLost, stat.packetsReceived)
+                        if now != before:
+                            log.debug("calls: a device lost %.1f%%: its rate %d bit/s",
+                                      100 * (rate.loss or 0.0), now)
+                        self.media.device_rate(self, now)
+                await asyncio.sleep(LOSS_POLL_S)
+        finally:
+            self._following = False
+            self.media.device_rate(self, None)
 
     async def _audio_after_ring(self) -> None:
         await asyncio.sleep(AUDIO_AFTER_RING_S)

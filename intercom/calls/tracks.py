@@ -180,6 +180,7 @@ class MediaHub:
         self._watch: Callable[[int], None] | None = watch if callable(watch) else None
         self.watching = 0  # the devices' open video gates
         self.viewing = 0  # the live view's open gates on the camera itself
+        self._rates: dict[object, int] = {}  # each watching device's rate (shared VP8)
         self._tell_watchers()
 
     def start(self) -> None:
@@ -210,6 +211,18 @@ class MediaHub:
             self.encoder.watch(self.watching)
         elif self._watch is not None:
             self._watch(self.watching + self.viewing)
+
+    def device_rate(self, device: object, bitrate: int | None) -> None:
+        """A watching device's rate from its loss (None: it no longer watches).
+
+        The shared VP8 encoder runs at the lowest of them (``SharedVp8Encoder.limit``).
+        """
+        if bitrate is None:
+            self._rates.pop(device, None)
+        else:
+            self._rates[device] = bitrate
+        if self.encoder is not None:
+            self.encoder.limit(min(self._rates.values()) if self._rates else None)
 
     def audio_track(self) -> GatedTrack:
         """A closed audio gate on the shared microphone."""

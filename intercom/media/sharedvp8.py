@@ -12,7 +12,14 @@ device that joins does not wait for the camera's next frame.
 
 The cost: no per-device bitrate. aiortc adapts each sender's encoder to the device's
 congestion feedback (REMB, 250 kbit/s to 1.5 Mbit/s); one encoder for all has one
-bitrate: ``bitrate_for`` (800 kbit/s for 640x480 at 15 fps, ``docs/calls.md``).
+bitrate. It starts at ``bitrate_for`` (800 kbit/s for 640x480 at 15 fps, its ceiling) and
+follows the worst watching device: each device's receiver reports (``LossRate``, fed by
+``DevicePeer`` from aiortc's public ``RTCRtpSender.getStats``) lower its own rate on
+loss, and ``limit`` sets the encoder to the lowest of them, so a device on a link slower
+than the encoder's rate is sent less rather than losing packets (and so are the others
+watching with it). As aiortc's own encoder does, a change of more than 10 % opens a new
+libvpx encoder, whose first packet is a keyframe. On a link without loss nothing changes.
+``docs/calls.md`` and ``docs/benchmarks.md`` have the measurements.
 """
 
 from __future__ import annotations
@@ -30,9 +37,48 @@ BITS_PER_PIXEL = 800_000 / (640 * 480 * 15)
 MIN_BITRATE, MAX_BITRATE = 250_000, 1_500_000
 
 
+# The classic loss-based controller (RFC 3550 receiver reports, as in early WebRTC): above
+# 10 % loss cut the rate by half the loss, below 2 % raise it by 5 %, else hold it.
+HIGH_LOSS, LOW_LOSS, RAISE = 0.10, 0.02, 1.05
+RECREATE_CHANGE = 0.10  # a new libvpx encoder only for a change above this (aiortc's rule)
+
+
 def bitrate_for(width: int, height: int, fps: int) -> int:
     """The one bitrate of the shared encoder for frames of this size and rate."""
     return max(MIN_BITRATE, min(MAX_BITRATE, round(width * height * fps * BITS_PER_PIXEL)))
+
+
+class LossRate:
+    """One device's rate from its receiver reports' cumulative counts.
+
+    ``update`` takes a report's cumulative ``packetsLost`` and ``packetsReceived`` (a
+    ``remote-inbound-rtp`` stat); the loss between two reports moves the rate, within
+    ``MIN_BITRATE`` and ``ceiling``. A report with nothing new (the same counts) changes
+    nothing.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.rate = ceiling
+        self.loss: float | None = None  # the newest interval's share lost
+        self._counts: tuple[int, int] | None = None
+
+    def update(self, lost: int, received: int) -> int:
+        """The rate after a report with these cumulative counts."""
+        previous, self._counts = self._counts, (lost, received)
+        if previous is None:
+            return self.rate
+        new_lost, new_received = lost - previous[0], received - previous[1]
+        expected = new_lost + new_received
+        if expected <= 0:
+            return self.rate  # the same report again, or nothing sent since
+        self.loss = loss = min(1.0, max(0.0, new_lost / expected))
+        if loss > HIGH_LOSS:
+            self.rate = round(self.rate * (1 - 0.5 * loss))
+        elif loss < LOW_LOSS:
+            self.rate = round(self.rate * RAISE)
+        self.rate = max(MIN_BITRATE, min(self.ceiling, self.rate))
+        return self.rate
 
 
 class SharedVp8Encoder:
@@ -55,6 +101,8 @@ class SharedVp8Encoder:
         self._keyframe = True
         self._viewers = 0
         self._wake = asyncio.Event()
+        self._limit: int | None = None  # the worst watching device's rate (None: none)
+        self.bitrate = 0  # the open encoder's bitrate (0 before the first)
 
     def watch(self, viewers: int) -> None:
         """How many gates are open now; with none, nothing is encoded."""
@@ -62,6 +110,30 @@ class SharedVp8Encoder:
             self._keyframe = True  # the first packet after idling: the newest frame, whole
         self._viewers = viewers
         self._wake.set()
+
+    @property
+    def ceiling(self) -> int:
+        """The most a device can be given: ``bitrate_for`` the newest frame's size.
+
+        Before the first frame, ``MAX_BITRATE``.
+        """
+        if self._last is None:
+            return MAX_BITRATE
+        return bitrate_for(self._last.width, self._last.height, self.fps)
+
+    def limit(self, bitrate: int | None) -> None:
+        """At most this bitrate (the worst watching device's), or None: ``bitrate_for``.
+
+        Takes effect at the next frame, with a new libvpx encoder (its first packet a
+        keyframe) only when the bitrate moves by more than 10 %.
+        """
+        self._limit = bitrate
+
+    def _target(self, frame: Any) -> int:
+        nominal = bitrate_for(frame.width, frame.height, self.fps)
+        if self._limit is None:
+            return nominal
+        return max(MIN_BITRATE, min(nominal, self._limit))
 
     def request_keyframe(self) -> None:
         """Make the next packet a keyframe, from the newest frame, now (a device joined)."""
@@ -97,14 +169,13 @@ class SharedVp8Encoder:
             # A repeat of a frame already sent must still move forward in time.
             self._last_pts = pts = max(_ticks(frame), self._last_pts + 1)
             packet.pts, packet.dts, packet.time_base = pts, pts, TIME_BASE
-            if keyframe:
+            if packet.is_keyframe:  # asked for, or a new encoder's first
                 self.keyframes += 1
             return packet
 
-    def _make_codec(self, frame: Any) -> Any:
+    def _make_codec(self, frame: Any, bitrate: int) -> Any:
         import av  # noqa: PLC0415
 
-        bitrate = bitrate_for(frame.width, frame.height, self.fps)
         codec = av.CodecContext.create("libvpx", "w")
         codec.width, codec.height = frame.width, frame.height
         codec.pix_fmt = "yuv420p"
@@ -128,6 +199,7 @@ class SharedVp8Encoder:
             "undershoot-pct": "100",
         }
         self.codecs_made += 1
+        self.bitrate = bitrate
         return codec
 
     def _encode(self, frame: Any, keyframe: bool) -> Any:
@@ -138,10 +210,14 @@ class SharedVp8Encoder:
             frame = frame.reformat(format="yuv420p")
         with self._codec_lock:
             size = (frame.width, frame.height)
-            if self._codec is not None and (self._codec.width, self._codec.height) != size:
+            target = self._target(frame)
+            if self._codec is not None and (
+                (self._codec.width, self._codec.height) != size
+                or abs(target - self.bitrate) > RECREATE_CHANGE * self.bitrate
+            ):
                 self._codec, keyframe = None, True
             if self._codec is None:
-                self._codec = self._make_codec(frame)
+                self._codec = self._make_codec(frame, target)
             picture = av.video.frame.PictureType
             frame.pict_type = picture.I if keyframe else picture.NONE
             packets = self._codec.encode(frame)
