@@ -214,7 +214,8 @@ class CameraConfig(Model):
         default=False,
         description="Frame sources without encode_once: let aiortc encode VP8 separately "
         "for each rung device (each at the bitrate its congestion feedback allows) instead "
-        "of one shared VP8 encoder at a fixed bitrate for every device.",
+        "of one shared VP8 encoder for every device, at the rate the worst watching device's "
+        "loss allows.",
     )
 
     @model_validator(mode="after")
