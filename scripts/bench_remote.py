@@ -26,7 +26,8 @@ freezeCount, totalFreezesDuration, packetsLost, nackCount).
 A slow link (--rate-kbps K): the phone's path to coturn is also a bottleneck of K kbit/s
 each way with a drop-tail queue of --queue-ms (tests/udpdelay.py); its own counts of
 datagrams sent and dropped are printed. --encoder chooses the station's VP8: one shared
-encoder at a fixed bitrate (``shared``, the default) or aiortc's per device
+encoder whose rate follows the worst watching device's loss (``shared``, the default)
+or aiortc's per device
 (``per-device``: ``vp8_per_device = true``). --camera: the simulated station's
 synthetic colour bars (the default) or ``file``, bench_call's moving noisy test picture
 (an H.264 file, 640x480 at 15 fps), which needs the bitrate a real camera does.
