@@ -286,8 +286,8 @@ ring_timeout_s = 30
 class Station:
     """``intercom run --simulate --config`` as its own process."""
 
-    def __init__(self, work: Path, flats: int, camera: str, cpus: list[str]) -> None:
-        self.cpus = cpus
+    def __init__(self, work: Path, flats: int, camera: str, cpus: list[str] | None = None) -> None:
+        self.cpus = cpus or []  # a command prefix (taskset) for the station's process
         self.state_dir = work / "state"
         self.config = work / "intercom.toml"
         write_config(self.config, self.state_dir, flats, camera)
