@@ -377,9 +377,16 @@ async def test_alerts_and_health_reach_mqtt_with_diagnostic_entities(tmp_path, s
             # broker acknowledged it (the path of every event, seen end to end above).
             broker.kill()
             await until(lambda: "broker_unreachable" in raised(recorder), 10, "broker alert")
-            assert station.eventlog is not None
-            (seq,) = [e.seq for e in station.eventlog.read_after(0, 500)
-                      if e.type == "AlertRaised" and e.details["alert"] == "broker_unreachable"]
+            eventlog = station.eventlog
+            assert eventlog is not None
+
+            def logged() -> list[int]:
+                return [e.seq for e in eventlog.read_after(0, 500)
+                        if e.type == "AlertRaised" and e.details["alert"] == "broker_unreachable"]
+
+            # On the bus first, in the log once the writer has appended it.
+            await until(lambda: bool(logged()), 10, "the alert in the event log")
+            (seq,) = logged()
             assert bridge.cursor.seq < seq
             broker.start()
             await until(lambda: bridge.cursor.seq >= seq, 20, "the broker acked the alert")

@@ -156,14 +156,23 @@ async def test_every_adversarial_class_over_mqtt_pulses_nothing(broker, sim_sett
         bob_first = alice.token(kid="bob", jti="never-sent-1")  # alice's key under bob's id
         tokens = [make(alice, mallory) for make, _reason in ADVERSARIAL.values()]
         tokens += [bob_first, replayed, replayed]  # the first 'replayed' is valid
-        for token in tokens:  # bytes: one class is not even valid UTF-8
-            await attacker.publish(COMMAND, token.encode("utf-8", "surrogateescape"), qos=1)
         verifier = station.verifier
         assert verifier is not None
         bridge = bridge_of(station)
-        # Each is decided by the verifier, or dropped unread for naming no signer.
-        await until(lambda: verifier.granted + verifier.denied + bridge.refused == len(tokens),
-                    10, "decisions")
+
+        def decided() -> int:
+            return verifier.granted + verifier.denied + bridge.refused
+
+        # In batches of half the per-signer bound: all but a few name alice, and a flood
+        # of one signer (its oldest dropped unread, tests/test_mqtt_policy.py) is not
+        # what this test is about.
+        batch = PER_SIGNER // 2
+        for start in range(0, len(tokens), batch):
+            for token in tokens[start:start + batch]:  # bytes: one is not even valid UTF-8
+                await attacker.publish(COMMAND, token.encode("utf-8", "surrogateescape"), qos=1)
+            # Each is decided by the verifier, or dropped unread for naming no signer.
+            done = min(start + batch, len(tokens))
+            await until(lambda done=done: decided() == done, 10, "decisions")
         assert verifier.granted == 1  # the first 'replayed' only
         assert verifier.denied > 0
         assert energised(station) == 1
