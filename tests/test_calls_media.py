@@ -100,6 +100,15 @@ async def station_end(camera: Any) -> tuple[MediaHub, DevicePeer, LocalDevice]:
     return (hub, *local_peer(hub))
 
 
+async def close_all(ends: list[Any], clients: list[Any], hub: MediaHub, camera: Any) -> None:
+    """Close the station's peers and the devices' connections, then the hub and camera."""
+    for (peer, _device), client in zip(ends, clients, strict=False):
+        await peer.close()
+        await client.close()
+    hub.close()
+    await camera.close()
+
+
 async def connect(peer: DevicePeer, device: LocalDevice) -> tuple[RTCPeerConnection, list[Any]]:
     """The device answers the station's first offer; returns its connection and frames."""
     await device.answer(await peer.offer())
@@ -377,11 +386,7 @@ async def test_devices_rung_at_once_get_decodable_vp8_from_one_shared_encoder():
             peer.stop_video()
         assert hub.watching == 0
     finally:
-        for (peer, _device), client in zip(ends, clients, strict=False):
-            await peer.close()
-            await client.close()
-        hub.close()
-        await camera.close()
+        await close_all(ends, clients, hub, camera)
 
 
 async def test_a_device_joining_a_running_shared_encoder_gets_a_keyframe_at_once():
@@ -410,11 +415,7 @@ async def test_a_device_joining_a_running_shared_encoder_gets_a_keyframe_at_once
         count = len(early_device.frames)
         await eventually(lambda: len(early_device.frames) >= count + 5, what="the first goes on")
     finally:
-        for (peer, _device), client in zip(ends, clients, strict=False):
-            await peer.close()
-            await client.close()
-        hub.close()
-        await camera.close()
+        await close_all(ends, clients, hub, camera)
 
 
 async def test_vp8_per_device_is_still_there_when_asked_for():
@@ -519,11 +520,7 @@ async def test_the_shared_encoder_follows_the_worst_watching_devices_loss():
         count = len(good_device.frames), 0
         await eventually(lambda: len(good_device.frames) >= count[0] + 5, what="still decodes")
     finally:
-        for (peer, _device), client in zip(ends, clients, strict=False):
-            await peer.close()
-            await client.close()
-        hub.close()
-        await camera.close()
+        await close_all(ends, clients, hub, camera)
 
 
 def test_a_devices_rate_falls_by_half_its_loss_and_climbs_back_without_loss():
