@@ -42,7 +42,7 @@ from aiortc.rtp import RtcpSdesPacket, RtcpSrPacket
 
 from intercom.calls.tracks import GatedTrack, MediaHub
 from intercom.media.audio import LevelSink, rms_level
-from intercom.media.sharedvp8 import LossRate
+from intercom.media.sharedvp8 import LossRate, SharedVp8Encoder
 from intercom.netaddr import Network, on_networks
 from intercom.security import command
 from intercom.security.limits import RefusalLog, TokenBucket
@@ -355,7 +355,7 @@ class DevicePeer:
         self.video.open()
         if self.media.encoder is not None and not self._following:
             self._following = True  # one follower at a time (a gate reopened at once)
-            self._spawn(self._follow_loss(), "call-follow-loss")
+            self._spawn(self._follow_loss(self.media.encoder), "call-follow-loss")
         if not self.media_on:
             self._spawn(self._audio_after_ring(), "call-audio-after-ring")
         # aiortc's private hook (pinned: see _forward_keyframe_requests) is the only way
@@ -366,18 +366,14 @@ class DevicePeer:
         else:
             self.media.request_keyframe()
 
-    async def _follow_loss(self) -> None:
+    async def _follow_loss(self, encoder: SharedVp8Encoder) -> None:
         """While the video gate is open, this device's loss sets its shared VP8 rate.
 
         The loss comes from the device's receiver reports in aiortc's public
         ``RTCRtpSender.getStats`` (``remote-inbound-rtp``); ``MediaHub.device_rate`` runs
         the shared encoder at the lowest watching device's rate.
         """
-        encoder = self.media.encoder
-        if encoder is None:
-            return
         rate = LossRate(encoder.ceiling)
-        self._following = True
         try:
             while self.video.is_open:
                 report = await self.video_sender.getStats()
