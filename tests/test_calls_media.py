@@ -96,7 +96,6 @@ async def station_end(camera: Any) -> tuple[MediaHub, DevicePeer, LocalDevice]:
     microphone = ToneSource()
     await microphone.open()
     hub = MediaHub(camera, microphone, LevelSink())
-    hub.start()
     return (hub, *local_peer(hub))
 
 
@@ -156,6 +155,76 @@ async def test_an_idle_connection_carries_nothing_and_a_ring_turns_the_audio_on_
     finally:
         await peer.close()
         await client.close()
+        hub.close()
+        await camera.close()
+
+
+class CountedTone(ToneSource):
+    """The simulated door microphone, counting its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def next(self) -> Any:
+        self.reads += 1
+        return await super().next()
+
+
+async def test_the_door_microphone_is_read_only_while_a_device_listens():
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = CountedTone()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    ends = [local_peer(hub), local_peer(hub)]
+    clients = [(await connect(*end))[0] for end in ends]
+    (first, _), (second, _) = ends
+    try:
+        await asyncio.sleep(0.5)  # 25 frames' time, two devices connected and idle
+        assert microphone.reads == 0, "the microphone was read while nobody listened"
+        first.start_video()  # a ring: video only
+        await eventually(lambda: first.media_on, what="the audio renegotiated")
+        await asyncio.sleep(0.2)
+        assert microphone.reads == 0, "a ring alone read the microphone"
+        first.start_audio()  # the answer
+        await eventually(lambda: first.audio.frames >= 5, what="door audio to the device")
+        assert microphone.reads >= 5
+        assert second.audio.frames == 0, "the device not in the call got door audio"
+        first.stop_audio()
+        first.stop_video()  # the hang-up
+        await asyncio.sleep(0.1)  # a read in flight may finish
+        reads = microphone.reads
+        await asyncio.sleep(0.4)
+        assert microphone.reads == reads, "the microphone was read after the call"
+        second.start_video()
+        await eventually(lambda: second.media_on, what="the second device's audio on")
+        second.start_audio()
+        await eventually(lambda: second.audio.frames >= 1, what="door audio to the second")
+        assert microphone.reads > reads
+    finally:
+        await close_all(ends, clients, hub, camera)
+
+
+async def test_an_audio_gate_skips_the_frame_kept_from_the_last_call():
+    camera = SyntheticCamera(160, 120, 15)
+    await camera.open()
+    microphone = CountedTone()
+    await microphone.open()
+    hub = MediaHub(camera, microphone, LevelSink())
+    first, second = hub.audio_track(), hub.audio_track()
+    try:
+        first.open()
+        heard = [await first.recv() for _ in range(3)]
+        first.close()
+        await asyncio.sleep(0.2)  # the relay keeps the last frame for the second gate
+        second.open()
+        frame = await second.recv()
+        assert frame.opaque >= second.opened_at, "a frame from before the call was passed"
+        assert frame.pts > heard[-1].pts
+    finally:
+        first.stop()
+        second.stop()
         hub.close()
         await camera.close()
 
@@ -424,7 +493,6 @@ async def test_vp8_per_device_is_still_there_when_asked_for():
     microphone = ToneSource()
     await microphone.open()
     hub = MediaHub(camera, microphone, LevelSink(), shared_vp8=False)
-    hub.start()
     peer, device = local_peer(hub)
     client, frames = await connect(peer, device)
     try:

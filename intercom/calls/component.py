@@ -126,7 +126,6 @@ class Calls:
         self.pairing.open()
         self.media = MediaHub(devices.camera, devices.microphone, devices.speaker,
                               shared_vp8=self._shared_vp8, fps=self._fps)
-        self.media.start()
         self.signalling = Signalling(
             self.station_id,
             self.door,

@@ -4,8 +4,9 @@ One camera and one microphone feed every peer through an aiortc ``MediaRelay`` (
 frame only, no queue). Each device's peer connection gets a ``GatedTrack`` attached from
 the start: its ``recv`` blocks while the gate is closed, so nothing is sent and nothing
 is encoded, and returns the newest frame at once when the gate opens (a ring only opens
-the video's; the audio section is negotiated on while the device rings). Encoded camera packets
-(the Pi's hardware H.264) pass through unchanged; a camera of frames is encoded once, VP8,
+the video's; the audio section is negotiated on while the device rings). The microphone
+is read only while an audio gate is open (a call), not while devices wait. Encoded camera
+packets (the Pi's hardware H.264) pass through unchanged; a camera of frames is encoded once, VP8,
 for every device whose gate is open (``intercom.media.sharedvp8``), unless the hub is made
 with ``shared_vp8=False``: then each device's aiortc sender encodes its own.
 """
@@ -61,6 +62,7 @@ class GatedTrack(MediaStreamTrack):
         proxy: MediaStreamTrack,
         wait_keyframe: bool = False,
         on_gate: Callable[[bool], None] | None = None,
+        fresh_only: bool = False,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -73,6 +75,9 @@ class GatedTrack(MediaStreamTrack):
         # the device never got cannot be decoded), but never wait longer than a second.
         self._wait_keyframe = wait_keyframe
         self._need_keyframe = False
+        # Frames stamped (``opaque``) before this opening are skipped: the relay keeps
+        # the last frame of a source that was paused (the microphone between calls).
+        self._fresh_only = fresh_only
         self.opened_at: float | None = None
         self.first_frame_at: float | None = None
         self.frames = 0
@@ -122,7 +127,14 @@ class GatedTrack(MediaStreamTrack):
         return frame
 
     def _starts_well(self, frame: Any) -> bool:
-        """False for a packet to skip while waiting for the opening's keyframe."""
+        """False for a frame to skip: read before the opening, or not the keyframe.
+
+        Packets skipped while waiting for the opening's keyframe (never longer than
+        ``KEYFRAME_WAIT_S``).
+        """
+        stamp = getattr(frame, "opaque", None) if self._fresh_only else None
+        if isinstance(stamp, float) and stamp < (self.opened_at or 0.0):
+            return False
         if not self._need_keyframe:
             return True
         opened = self.opened_at or 0.0
@@ -161,8 +173,10 @@ class MediaHub:
         self.speaker = speaker
         self._relay = MediaRelay()
         self._camera = SourceTrack("video", camera.next)
-        self._microphone = SourceTrack("audio", microphone.next)
-        self._keepers: list[GatedTrack] = []
+        self._mic = microphone
+        self._microphone = SourceTrack("audio", self._heard)
+        self.listening = 0  # the devices' open audio gates
+        self._listened = asyncio.Event()  # set while one is open
         # A camera of frames, encoded once for every device (see intercom.media.sharedvp8),
         # reads the camera through a relay subscription of its own.
         self.encoder: SharedVp8Encoder | None = None
@@ -183,9 +197,18 @@ class MediaHub:
         self._rates: dict[object, int] = {}  # each watching device's rate (shared VP8)
         self._tell_watchers()
 
-    def start(self) -> None:
-        """Start reading the microphone (it must not fall behind while no one listens)."""
-        self._keepers.append(self.audio_track())
+    async def _heard(self) -> Any:
+        """The microphone's next frame; while no audio gate is open, nothing is read.
+
+        Every idle device's audio gate is subscribed to the relay, which would otherwise
+        read the microphone 50 times a second and hand each frame to every gate, for
+        nobody. The sources start from the present when read again (``ToneSource`` skips
+        ahead, ``PyAudioSource`` drops what the sound card kept meanwhile).
+        """
+        await self._listened.wait()
+        frame = await self._mic.next()
+        frame.opaque = time.time()  # read now: the gates skip a frame kept from before
+        return frame
 
     def video_track(self) -> GatedTrack:
         """A closed video gate for a device: the camera's packets, or the shared VP8."""
@@ -226,7 +249,15 @@ class MediaHub:
 
     def audio_track(self) -> GatedTrack:
         """A closed audio gate on the shared microphone."""
-        return GatedTrack("audio", self._relay.subscribe(self._microphone, buffered=False))
+        proxy = self._relay.subscribe(self._microphone, buffered=False)
+        return GatedTrack("audio", proxy, on_gate=self._audio_gate, fresh_only=True)
+
+    def _audio_gate(self, opened: bool) -> None:
+        self.listening += 1 if opened else -1
+        if self.listening:
+            self._listened.set()
+        else:
+            self._listened.clear()
 
     def request_keyframe(self) -> None:
         """Ask the encoder (the shared one, or an encoding camera's) for a keyframe now."""
@@ -259,8 +290,6 @@ class MediaHub:
 
     def close(self) -> None:
         """Stop the shared sources."""
-        for keeper in self._keepers:
-            keeper.stop()
         if self.encoder is not None:
             self._video.stop()
             self.encoder.close()

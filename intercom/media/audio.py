@@ -15,6 +15,7 @@ from intercom.errors import HardwareError
 SAMPLE_RATE = 48_000
 FRAME_SAMPLES = 960  # 20 ms
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+STALE_S = 0.1  # a microphone not read for this long starts again from the present
 
 
 def rms_level(frame: Any) -> float:
@@ -61,7 +62,7 @@ class ToneSource:
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        elif delay < -0.1:
+        elif delay < -STALE_S:
             # Nobody listened for a while: skip ahead rather than burst stale audio.
             self.frames = int((time.monotonic() - self._start) * SAMPLE_RATE / FRAME_SAMPLES)
         frame = make_frame(self._pcm, self.frames * FRAME_SAMPLES)
@@ -116,6 +117,7 @@ class PyAudioSource:
         self._audio: Any = None
         self._stream: Any = None
         self.frames = 0
+        self._read_at = 0.0  # time.monotonic() of the last read
 
     async def open(self) -> None:
         """Open the input device."""
@@ -134,14 +136,23 @@ class PyAudioSource:
             raise HardwareError(f"media.audio.input_device: cannot open: {exc}") from exc
 
     async def next(self) -> Any:
-        """The next 20 ms from the microphone."""
-        loop = asyncio.get_running_loop()
-        pcm = await loop.run_in_executor(
-            None, lambda: self._stream.read(FRAME_SAMPLES, exception_on_overflow=False)
-        )
+        """The next 20 ms from the microphone (what it kept while nobody read is dropped)."""
+        pcm = await asyncio.get_running_loop().run_in_executor(None, self._read)
         frame = make_frame(pcm, self.frames * FRAME_SAMPLES)
         self.frames += 1
         return frame
+
+    def _read(self) -> bytes:
+        stream = self._stream
+        if time.monotonic() - self._read_at > STALE_S:
+            # Nobody read for a while (no call): the sound card's buffer holds old audio
+            # (or overflowed); start from the present, as ToneSource does.
+            kept = stream.get_read_available()
+            if kept > 0:
+                stream.read(kept, exception_on_overflow=False)
+        pcm: bytes = stream.read(FRAME_SAMPLES, exception_on_overflow=False)
+        self._read_at = time.monotonic()
+        return pcm
 
     async def close(self) -> None:
         """Close the device."""
