@@ -90,13 +90,18 @@ def local_peer(hub: MediaHub, unlock: Any = None, networks: Any = None
 
 async def station_end(camera: Any) -> tuple[MediaHub, DevicePeer, LocalDevice]:
     """The station's end of one device's connection: the camera opened, a tone for the
-    door microphone, the hub started, a ``DevicePeer`` on it and the in-process device
+    door microphone, the hub, a ``DevicePeer`` on it and the in-process device
     that answers its offers."""
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera)
     return (hub, *local_peer(hub))
+
+
+async def open_hub(camera: Any, microphone: ToneSource | None = None, **kwargs: Any) -> MediaHub:
+    """A ``MediaHub`` on ``camera`` and ``microphone`` (a tone by default), both opened."""
+    microphone = microphone or ToneSource()
+    await camera.open()
+    await microphone.open()
+    return MediaHub(camera, microphone, LevelSink(), **kwargs)
 
 
 async def close_all(ends: list[Any], clients: list[Any], hub: MediaHub, camera: Any) -> None:
@@ -173,10 +178,8 @@ class CountedTone(ToneSource):
 
 async def test_the_door_microphone_is_read_only_while_a_device_listens():
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
     microphone = CountedTone()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera, microphone)
     ends = [local_peer(hub), local_peer(hub)]
     clients = [(await connect(*end))[0] for end in ends]
     (first, _), (second, _) = ends
@@ -208,10 +211,8 @@ async def test_the_door_microphone_is_read_only_while_a_device_listens():
 
 async def test_an_audio_gate_skips_the_frame_kept_from_the_last_call():
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
     microphone = CountedTone()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera, microphone)
     first, second = hub.audio_track(), hub.audio_track()
     try:
         first.open()
@@ -304,10 +305,7 @@ class KeepsNoKeyframe:
 
 async def test_an_opened_gate_on_packets_starts_at_a_keyframe():
     camera = KeepsNoKeyframe(H264Camera())
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera)
     track = hub.video_track()
     try:
         await asyncio.sleep(0.3)  # the relay runs; the newest packet is a P-frame
@@ -333,10 +331,7 @@ async def test_an_opened_gate_on_packets_starts_at_a_keyframe():
 
 async def test_a_ring_starts_from_the_keyframe_kept_ready_without_encoding_one():
     camera = H264Camera()
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera)
     tracks = [hub.video_track(), hub.video_track()]
     try:
         await asyncio.sleep(0.3)  # nobody watches: the newest packet is an IDR
@@ -489,10 +484,7 @@ async def test_a_device_joining_a_running_shared_encoder_gets_a_keyframe_at_once
 
 async def test_vp8_per_device_is_still_there_when_asked_for():
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink(), shared_vp8=False)
+    hub = await open_hub(camera, shared_vp8=False)
     peer, device = local_peer(hub)
     client, frames = await connect(peer, device)
     try:
@@ -511,10 +503,7 @@ async def test_vp8_per_device_is_still_there_when_asked_for():
 
 async def test_the_live_views_gate_reads_the_camera_not_the_devices_encoder():
     camera = SyntheticCamera(160, 120, 15)
-    await camera.open()
-    microphone = ToneSource()
-    await microphone.open()
-    hub = MediaHub(camera, microphone, LevelSink())
+    hub = await open_hub(camera)
     view = hub.camera_track()
     try:
         view.open()
