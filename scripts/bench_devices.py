@@ -481,15 +481,18 @@ async def start_workers(
     answerers = answerers_of(online)
     collector = Collector()
     procs = []
-    chunks = [online[i : i + args.per_process] for i in range(0, len(online), args.per_process)]
+    groups = [online]
     if args.split_cores:  # the answering devices in processes of their own, first in line
-        first = [d for d in online if answerers[d["flat"]] == d["index"]]
-        rest = [d for d in online if answerers[d["flat"]] != d["index"]]
-        chunks = [first[i : i + args.per_process] for i in range(0, len(first), args.per_process)]
-        chunks += [rest[i : i + args.per_process] for i in range(0, len(rest), args.per_process)]
+        groups = [
+            [d for d in online if answerers[d["flat"]] == d["index"]],
+            [d for d in online if answerers[d["flat"]] != d["index"]],
+        ]
+    size = args.per_process
+    chunks = [group[i : i + size] for group in groups for i in range(0, len(group), size)]
+    devices_prefix = cpu_split(args)[1]
     for number, chunk in enumerate(chunks):
         answering = all(answerers[d["flat"]] == d["index"] for d in chunk)
-        prefix = cpu_split(args)[1] + ([] if answering or not args.split_cores else NICE)
+        prefix = devices_prefix + ([] if answering or not args.split_cores else NICE)
         spec = {
             "url": station.url,
             "fp": station.fp,

@@ -6,9 +6,9 @@ the start: its ``recv`` blocks while the gate is closed, so nothing is sent and 
 is encoded, and returns the newest frame at once when the gate opens (a ring only opens
 the video's; the audio section is negotiated on while the device rings). The microphone
 is read only while an audio gate is open (a call), not while devices wait. Encoded camera
-packets (the Pi's hardware H.264) pass through unchanged; a camera of frames is encoded once, VP8,
-for every device whose gate is open (``intercom.media.sharedvp8``), unless the hub is made
-with ``shared_vp8=False``: then each device's aiortc sender encodes its own.
+packets (the Pi's hardware H.264) pass through unchanged; a camera of frames is encoded
+once, VP8, for every device whose gate is open (``intercom.media.sharedvp8``), unless the
+hub is made with ``shared_vp8=False``: then each device's aiortc sender encodes its own.
 """
 
 from __future__ import annotations
